@@ -1,0 +1,1 @@
+"""mlflow-stack: provision an MLflow demo platform over SSH and drive the ML work on it."""

@@ -1,0 +1,65 @@
+"""Glue between Invoke tasks and the engine: inventory, host selection, one-line errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from invoke.exceptions import Exit
+
+from mlflow_stack.engine.host import Host, HostError
+from mlflow_stack.inventory import (
+    ALL_ROLES,
+    DEFAULT_PATH,
+    Inventory,
+    InventoryError,
+    ResolvedHost,
+    resolve,
+)
+
+
+def fail(message: str, code: int = 1) -> Exit:
+    """An Invoke exit with a one-line message on stderr."""
+    return Exit(f"error: {message}", code=code)
+
+
+def load_inventory(path: str | None) -> Inventory:
+    try:
+        return Inventory.load(
+            Path(path) if path else Path(os.environ.get("MLFLOW_STACK_INVENTORY", DEFAULT_PATH))
+        )
+    except InventoryError as exc:
+        raise fail(str(exc)) from None
+
+
+def default_host_spec(inv: Inventory) -> str:
+    """The `server` group when it has members, else the local sandbox."""
+    server = inv.model.groups.get("server")
+    return "server" if server and server.hosts else "sandbox"
+
+
+def select_hosts(spec: str | None, inventory: str | None) -> tuple[Inventory, list[ResolvedHost]]:
+    inv = load_inventory(inventory)
+    try:
+        return inv, resolve(spec or default_host_spec(inv), inv)
+    except InventoryError as exc:
+        raise fail(str(exc)) from None
+
+
+def parse_roles(value: str | None) -> tuple[str, ...] | None:
+    if not value:
+        return None
+    names = tuple(r.strip() for r in value.split(",") if r.strip())
+    unknown = [r for r in names if r not in ALL_ROLES]
+    if unknown:
+        raise fail(f"--roles: unknown role {unknown[0]!r}; roles: {', '.join(ALL_ROLES)}")
+    return names
+
+
+def connect(resolved: ResolvedHost) -> Host:
+    host = Host(resolved.target)
+    try:
+        host.connect()
+    except HostError as exc:
+        raise fail(str(exc)) from None
+    return host

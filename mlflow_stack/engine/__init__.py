@@ -1,0 +1,1 @@
+"""The provisioning engine: hosts, facts, steps, handlers and the runner."""

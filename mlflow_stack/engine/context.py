@@ -1,0 +1,56 @@
+"""What a role sees while building its steps: the host's base facts, its vars, its secrets."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlflow_stack import secrets
+from mlflow_stack.engine import facts as F
+from mlflow_stack.engine.steps import PENDING_DIR, Directory, File, Step
+
+SECRETS_DIR = "/etc/mlflow-stack/secrets"
+
+
+@dataclass
+class RoleContext:
+    """Built once per host and run from the base probe; roles read it, never SSH."""
+
+    host: str
+    os: F.OsInfo
+    vars: Any
+    host_secrets: dict[str, str] = field(default_factory=dict)
+    check: bool = False
+    _secrets: dict[str, secrets.Secret] = field(default_factory=dict, repr=False)
+
+    def secret(self, name: str, env: str | None = None) -> secrets.Secret:
+        """A named secret: from `env` when set, else as stored on the host, else new."""
+        if name not in self._secrets:
+            given = os.environ.get(env) if env else None
+            stored = self.host_secrets.get(name, "").strip()
+            value = given or stored
+            self._secrets[name] = secrets.Secret(value) if value else secrets.generate()
+        return self._secrets[name]
+
+    def secret_steps(self, *names: str, env: dict[str, str] | None = None) -> list[Step]:
+        """Steps keeping the named secrets in 0600 files on the host (root only)."""
+        env = env or {}
+        steps: list[Step] = [Directory(SECRETS_DIR, mode=0o700)]
+        for name in names:
+            value = self.secret(name, env.get(name)).reveal()
+            steps.append(
+                File(
+                    f"{SECRETS_DIR}/{name}",
+                    value + "\n",
+                    mode=0o600,
+                    secret=True,
+                    label=f"secret {name}",
+                )
+            )
+        return steps
+
+
+def base_facts() -> list[F.Fact]:
+    """Facts every run needs before roles can build their steps."""
+    return [F.OsRelease(), F.DirListing(PENDING_DIR), F.FileContents(SECRETS_DIR)]

@@ -1,0 +1,413 @@
+"""Facts: what a step needs to know about a host.
+
+Each fact is a frozen dataclass with a shell `command()` and a pure `parse()` of that
+command's output, so parsing is unit-tested with recorded outputs. The engine gathers
+many facts in one SSH round-trip with `build_probe` / `split_probe`.
+"""
+
+from __future__ import annotations
+
+import secrets as _random
+import shlex
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class Fact:
+    """Base class: subclasses define `command` and `parse`."""
+
+    kind: ClassVar[str] = "fact"
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.arg()}"
+
+    def arg(self) -> str:
+        return ""
+
+    def command(self) -> str:
+        raise NotImplementedError
+
+    def parse(self, output: str, rc: int) -> Any:
+        raise NotImplementedError
+
+
+# --- value types -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OsInfo:
+    id: str
+    version_id: str
+    codename: str
+    id_like: tuple[str, ...] = ()
+
+    @property
+    def family(self) -> str:
+        """`debian` or `ubuntu` (Ubuntu is checked first: it is also Debian-like)."""
+        if self.id == "ubuntu" or "ubuntu" in self.id_like:
+            return "ubuntu"
+        if self.id == "debian" or "debian" in self.id_like:
+            return "debian"
+        return self.id
+
+
+@dataclass(frozen=True)
+class PathInfo:
+    kind: str  # "file", "directory", "link", "other"
+    mode: int
+    owner: str
+    group: str
+    size: int
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class UserInfo:
+    name: str
+    uid: int
+    gid: int
+    home: str
+    shell: str
+
+
+@dataclass(frozen=True)
+class UnitInfo:
+    load_state: str
+    active_state: str
+    sub_state: str
+    unit_file_state: str
+    need_daemon_reload: bool
+
+    @property
+    def exists(self) -> bool:
+        return self.load_state == "loaded"
+
+    @property
+    def active(self) -> bool:
+        return self.active_state in ("active", "reloading", "activating")
+
+    @property
+    def enabled(self) -> bool:
+        return self.unit_file_state in ("enabled", "enabled-runtime", "static", "alias")
+
+
+@dataclass(frozen=True)
+class ShellResult:
+    rc: int
+    output: str
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+
+# --- facts -----------------------------------------------------------------------------
+
+
+def parse_os_release(text: str) -> OsInfo:
+    """Parse /etc/os-release (KEY=value lines, values optionally quoted)."""
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, raw = line.partition("=")
+        try:
+            parts = shlex.split(raw)
+        except ValueError:
+            parts = [raw.strip("\"'")]
+        values[key] = parts[0] if parts else ""
+    return OsInfo(
+        id=values.get("ID", "").lower(),
+        version_id=values.get("VERSION_ID", ""),
+        codename=values.get("VERSION_CODENAME", "") or values.get("UBUNTU_CODENAME", ""),
+        id_like=tuple(values.get("ID_LIKE", "").lower().split()),
+    )
+
+
+@dataclass(frozen=True)
+class OsRelease(Fact):
+    kind: ClassVar[str] = "os"
+
+    def command(self) -> str:
+        return "cat /etc/os-release"
+
+    def parse(self, output: str, rc: int) -> OsInfo:
+        return parse_os_release(output)
+
+
+@dataclass(frozen=True)
+class Packages(Fact):
+    """Installed Debian packages among `names`: {name: version}."""
+
+    names: tuple[str, ...]
+    kind: ClassVar[str] = "packages"
+
+    def arg(self) -> str:
+        return ",".join(self.names)
+
+    def command(self) -> str:
+        quoted = " ".join(shlex.quote(n) for n in self.names)
+        return f"dpkg-query -W -f='${{Package}}\\t${{db:Status-Abbrev}}\\t${{Version}}\\n' {quoted}"
+
+    def parse(self, output: str, rc: int) -> dict[str, str]:
+        installed: dict[str, str] = {}
+        for line in output.splitlines():
+            parts = line.split("\t")
+            if len(parts) == 3 and parts[1].startswith("ii"):
+                installed[parts[0].split(":")[0]] = parts[2]
+        return installed
+
+
+@dataclass(frozen=True)
+class AptListsAge(Fact):
+    """Seconds since the apt package lists were last updated (None: never)."""
+
+    kind: ClassVar[str] = "apt-age"
+
+    def command(self) -> str:
+        return (
+            "ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1 && "
+            "echo $(( $(date +%s) - $(stat -c %Y /var/lib/apt/lists/partial) ))"
+        )
+
+    def parse(self, output: str, rc: int) -> int | None:
+        text = output.strip()
+        return int(text) if rc == 0 and text.lstrip("-").isdigit() else None
+
+
+def parse_path_info(output: str) -> PathInfo | None:
+    """Parse `stat -c '%F|%a|%U|%G|%s'` plus an optional sha256 line."""
+    lines = output.strip().splitlines()
+    if not lines or "|" not in lines[0]:
+        return None
+    kind, mode, owner, group, size = lines[0].split("|")
+    kinds = {"regular file": "file", "regular empty file": "file", "directory": "directory"}
+    digest = lines[1].split()[0] if len(lines) > 1 and lines[1].strip() else None
+    return PathInfo(
+        kind=kinds.get(kind, "link" if "link" in kind else "other"),
+        mode=int(mode, 8),
+        owner=owner,
+        group=group,
+        size=int(size),
+        sha256=digest,
+    )
+
+
+@dataclass(frozen=True)
+class PathState(Fact):
+    """Type, mode, owner, group, size and (for files) sha256 of a path; None if absent."""
+
+    path: str
+    kind: ClassVar[str] = "path"
+
+    def arg(self) -> str:
+        return self.path
+
+    def command(self) -> str:
+        p = shlex.quote(self.path)
+        return (
+            f"if [ -e {p} ] || [ -L {p} ]; then stat -c '%F|%a|%U|%G|%s' {p}; "
+            f"if [ -f {p} ] && [ ! -L {p} ]; then sha256sum {p}; fi; fi"
+        )
+
+    def parse(self, output: str, rc: int) -> PathInfo | None:
+        return parse_path_info(output)
+
+
+@dataclass(frozen=True)
+class User(Fact):
+    name: str
+    kind: ClassVar[str] = "user"
+
+    def arg(self) -> str:
+        return self.name
+
+    def command(self) -> str:
+        return f"getent passwd {shlex.quote(self.name)}"
+
+    def parse(self, output: str, rc: int) -> UserInfo | None:
+        line = output.strip()
+        if rc != 0 or not line:
+            return None
+        name, _pw, uid, gid, _gecos, home, shell = line.split(":", 6)
+        return UserInfo(name=name, uid=int(uid), gid=int(gid), home=home, shell=shell)
+
+
+@dataclass(frozen=True)
+class Group(Fact):
+    """Members of a group, or None if the group does not exist."""
+
+    name: str
+    kind: ClassVar[str] = "group"
+
+    def arg(self) -> str:
+        return self.name
+
+    def command(self) -> str:
+        return f"getent group {shlex.quote(self.name)}"
+
+    def parse(self, output: str, rc: int) -> tuple[str, ...] | None:
+        line = output.strip()
+        if rc != 0 or not line:
+            return None
+        members = line.split(":")[3] if line.count(":") >= 3 else ""
+        return tuple(m for m in members.split(",") if m)
+
+
+def parse_systemctl_show(output: str) -> UnitInfo:
+    values = dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
+    return UnitInfo(
+        load_state=values.get("LoadState", "not-found"),
+        active_state=values.get("ActiveState", "inactive"),
+        sub_state=values.get("SubState", "dead"),
+        unit_file_state=values.get("UnitFileState", ""),
+        need_daemon_reload=values.get("NeedDaemonReload", "no") == "yes",
+    )
+
+
+@dataclass(frozen=True)
+class Unit(Fact):
+    """State of a systemd unit."""
+
+    name: str
+    kind: ClassVar[str] = "unit"
+
+    def arg(self) -> str:
+        return self.name
+
+    def command(self) -> str:
+        props = "LoadState,ActiveState,SubState,UnitFileState,NeedDaemonReload"
+        return f"systemctl show --no-pager -p {props} {shlex.quote(self.name)}"
+
+    def parse(self, output: str, rc: int) -> UnitInfo:
+        return parse_systemctl_show(output)
+
+
+@dataclass(frozen=True)
+class Http(Fact):
+    """HTTP status of a GET on the host (0 when nothing answers)."""
+
+    url: str
+    kind: ClassVar[str] = "http"
+
+    def arg(self) -> str:
+        return self.url
+
+    def command(self) -> str:
+        return f"curl -s -o /dev/null -m 3 -w '%{{http_code}}' {shlex.quote(self.url)}"
+
+    def parse(self, output: str, rc: int) -> int:
+        text = output.strip()
+        return int(text) if text.isdigit() else 0
+
+
+@dataclass(frozen=True)
+class Shell(Fact):
+    """Exit code and stdout of a read-only shell snippet (a guard for a command step)."""
+
+    name: str
+    script: str = field(compare=False)
+    kind: ClassVar[str] = "shell"
+
+    def arg(self) -> str:
+        return self.name
+
+    def command(self) -> str:
+        return self.script
+
+    def parse(self, output: str, rc: int) -> ShellResult:
+        return ShellResult(rc=rc, output=output)
+
+
+@dataclass(frozen=True)
+class DirListing(Fact):
+    """Names of the entries of a directory (empty when it does not exist)."""
+
+    path: str
+    kind: ClassVar[str] = "ls"
+
+    def arg(self) -> str:
+        return self.path
+
+    def command(self) -> str:
+        return f"ls -1A {shlex.quote(self.path)} 2>/dev/null || true"
+
+    def parse(self, output: str, rc: int) -> tuple[str, ...]:
+        return tuple(sorted(line for line in output.splitlines() if line))
+
+
+@dataclass(frozen=True)
+class FileContents(Fact):
+    """Contents of the regular files directly in a directory: {name: text}."""
+
+    path: str
+    kind: ClassVar[str] = "contents"
+
+    def arg(self) -> str:
+        return self.path
+
+    def command(self) -> str:
+        p = shlex.quote(self.path)
+        return (
+            f'for f in {p}/*; do [ -f "$f" ] || continue; '
+            "printf '%s\\n' \"$(basename \"$f\")\" | base64 -w0; printf ' '; "
+            'base64 -w0 "$f"; echo; done'
+        )
+
+    def parse(self, output: str, rc: int) -> dict[str, str]:
+        import base64
+
+        files: dict[str, str] = {}
+        for line in output.splitlines():
+            if " " not in line:
+                continue
+            name_b64, _, data_b64 = line.partition(" ")
+            name = base64.b64decode(name_b64).decode().rstrip("\n")
+            files[name] = base64.b64decode(data_b64).decode(errors="replace")
+        return files
+
+
+# --- batching --------------------------------------------------------------------------
+
+
+def build_probe(facts: list[Fact], marker: str | None = None) -> tuple[str, str]:
+    """One shell script that runs every fact's command, with markers around each output."""
+    marker = marker or f"@@probe-{_random.token_hex(8)}"
+    lines = ["exec 2>/dev/null </dev/null", "export LC_ALL=C"]
+    for index, fact in enumerate(facts):
+        lines.append(f"echo '{marker} {index}'")
+        lines.append(f"{{ {fact.command()}\n}}")
+        lines.append(f"printf '\\n{marker} end %s\\n' $?")
+    return "\n".join(lines) + "\n", marker
+
+
+def split_probe(output: str, marker: str, count: int) -> list[tuple[str, int]]:
+    """Cut probe output back into (output, exit code) per fact, in order."""
+    results: list[tuple[str, int] | None] = [None] * count
+    current: int | None = None
+    buffer: list[str] = []
+    for line in output.split("\n"):
+        if line.startswith(marker + " "):
+            rest = line[len(marker) + 1 :]
+            if rest.startswith("end ") and current is not None:
+                results[current] = ("\n".join(buffer), int(rest[4:]))
+                current, buffer = None, []
+                continue
+            if rest.isdigit():
+                current, buffer = int(rest), []
+                continue
+        if current is not None:
+            buffer.append(line)
+    missing = [i for i, r in enumerate(results) if r is None]
+    if missing:
+        raise ValueError(f"probe output is incomplete: no result for fact(s) {missing}")
+    return [r for r in results if r is not None]
+
+
+def parse_probe(facts: list[Fact], output: str, marker: str) -> dict[str, Any]:
+    """Parsed values of `facts` from one probe run, keyed by `fact.key`."""
+    pieces = split_probe(output, marker, len(facts))
+    return {fact.key: fact.parse(text, rc) for fact, (text, rc) in zip(facts, pieces, strict=True)}

@@ -1,0 +1,235 @@
+"""The runner: probe facts in batches, plan each step, apply the differences, run handlers."""
+
+from __future__ import annotations
+
+import difflib
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlflow_stack.engine import facts as F
+from mlflow_stack.engine.context import RoleContext, base_facts
+from mlflow_stack.engine.host import CommandError, Host, HostError
+from mlflow_stack.engine.report import HostRecap, Reporter, Status, StepResult
+from mlflow_stack.engine.steps import (
+    PENDING_DIR,
+    Change,
+    PlanContext,
+    Step,
+    StepError,
+    q,
+)
+from mlflow_stack.secrets import mask
+
+
+@dataclass(frozen=True)
+class Role:
+    """A named list of steps, built from the host's context."""
+
+    name: str
+    build: Callable[[RoleContext], list[Step]]
+
+
+@dataclass
+class HostJob:
+    """One host to converge: where, which roles, with which variables."""
+
+    host: Host
+    roles: Sequence[Role]
+    vars: Any
+
+
+@dataclass
+class Options:
+    check: bool = False
+    diff: bool = False
+
+
+SUDO_PASSWORD_HINTS = ("a password is required", "a terminal is required")
+
+
+def probe(host: Host, facts: list[F.Fact]) -> dict[str, Any]:
+    """Gather `facts` in one SSH command (as root)."""
+    unique = list({f.key: f for f in facts}.values())
+    if not unique:
+        return {}
+    script, marker = F.build_probe(unique)
+    result = host.run("sh -s", stdin=script, timeout=120)
+    if not result.ok and any(h in result.stderr for h in SUDO_PASSWORD_HINTS):
+        raise HostError(
+            f"{host.name}: sudo needs a password for {host.target.user}; allow passwordless "
+            "sudo (NOPASSWD in /etc/sudoers.d) or log in as root"
+        )
+    try:
+        return F.parse_probe(unique, result.stdout, marker)
+    except ValueError as exc:
+        detail = result.stderr.strip().splitlines()[-1:] or ["no error output"]
+        raise HostError(f"{host.name}: gathering facts failed ({exc}): {detail[0]}") from None
+
+
+@dataclass
+class _HostRun:
+    """State of one host's run: facts, pending handlers, the recap being built."""
+
+    job: HostJob
+    options: Options
+    reporter: Reporter
+    recap: HostRecap
+    facts: dict[str, Any] = field(default_factory=dict)
+    pending: list[str] = field(default_factory=list)  # units to restart
+    reload_pending: bool = False
+    restarted: set[str] = field(default_factory=set)
+    dirty: bool = False
+
+    @property
+    def host(self) -> Host:
+        return self.job.host
+
+    def emit(
+        self,
+        role: str,
+        step: str,
+        status: Status,
+        summary: str = "",
+        seconds: float = 0.0,
+        diff: str | None = None,
+    ) -> None:
+        result = StepResult(
+            self.host.name, role, step, status, mask(summary), seconds, mask(diff) if diff else None
+        )
+        self.recap.results.append(result)
+        self.reporter.step(result)
+
+    def diff_for(self, change: Change) -> str | None:
+        if not self.options.diff or (change.new_text is None and not change.secret):
+            return None
+        target = change.path or "(new file)"
+        if change.secret:
+            return f"    (content of {target} hidden: it holds secrets)"
+        old = ""
+        if change.path:
+            old = self.host.run(f"cat {q(change.path)}").stdout
+        lines = difflib.unified_diff(
+            old.splitlines(keepends=True),
+            (change.new_text or "").splitlines(keepends=True),
+            fromfile=f"{target} (host)",
+            tofile=f"{target} (wanted)",
+        )
+        return "".join(
+            "    " + line if line.endswith("\n") else "    " + line + "\n" for line in lines
+        )
+
+    def apply(self, step: Step, change: Change) -> None:
+        for index, cmd in enumerate(change.commands):
+            script = cmd.script
+            if index == 0 and step.notify:
+                markers = " ".join(f"{PENDING_DIR}/{q(u)}" for u in step.notify)
+                script = f"mkdir -p {PENDING_DIR} && touch {markers} && {{ {script}\n}}"
+            self.host.check(script, step.name, stdin=cmd.stdin, user=cmd.user, timeout=cmd.timeout)
+
+    def run_step(self, role: str, step: Step) -> bool:
+        started = time.monotonic()
+        ctx = PlanContext(self.facts, self.reload_pending, self.restarted)
+        try:
+            change = step.plan(ctx)
+        except StepError as exc:
+            self.emit(role, step.name, Status.FAILED, str(exc), time.monotonic() - started)
+            return False
+        if change is None:
+            self.emit(role, step.name, Status.OK, seconds=time.monotonic() - started)
+            return True
+        diff = self.diff_for(change)
+        if not self.options.check:
+            try:
+                self.apply(step, change)
+            except (CommandError, HostError) as exc:
+                self.emit(role, step.name, Status.FAILED, str(exc), time.monotonic() - started)
+                return False
+            self.dirty = self.dirty or change.counts
+            if change.unit_file:
+                self.reload_pending = True
+            for unit in change.starts:
+                self.restarted.add(unit)
+                if unit in self.pending:
+                    self.pending.remove(unit)
+        if change.counts:
+            for unit in step.notify:
+                if unit not in self.pending and unit not in change.starts:
+                    self.pending.append(unit)
+        status = Status.CHANGED if change.counts else Status.OK
+        self.emit(role, step.name, status, change.summary, time.monotonic() - started, diff)
+        return True
+
+    def flush_handlers(self, role: str, units: list[str]) -> bool:
+        """Restart `units` (after one daemon-reload if a unit file changed)."""
+        units = [u for u in units if u in self.pending]
+        if not units:
+            return True
+        started = time.monotonic()
+        parts = ["systemctl daemon-reload"] if self.reload_pending else []
+        parts += [f"systemctl restart {q(u)}" for u in units]
+        parts.append("rm -f " + " ".join(f"{PENDING_DIR}/{q(u)}" for u in units))
+        name = "handler: restart " + ", ".join(units)
+        if not self.options.check:
+            try:
+                self.host.check(" && ".join(parts), name, timeout=300)
+            except (CommandError, HostError) as exc:
+                self.emit(role, name, Status.FAILED, str(exc), time.monotonic() - started)
+                return False
+            self.reload_pending = False
+            self.restarted.update(units)
+            self.dirty = True
+        for unit in units:
+            self.pending.remove(unit)
+        self.emit(role, name, Status.CHANGED, "restarted", time.monotonic() - started)
+        return True
+
+
+def _role_units(steps: list[Step]) -> list[str]:
+    units: list[str] = []
+    for step in steps:
+        units += [u for u in step.notify if u not in units]
+    return units
+
+
+def converge_host(job: HostJob, options: Options, reporter: Reporter) -> HostRecap:
+    """Converge one host: base probe, build steps, one facts probe, then role by role."""
+    started = time.monotonic()
+    recap = HostRecap(job.host.name)
+    run = _HostRun(job, options, reporter, recap)
+    try:
+        base = probe(job.host, base_facts())
+        os_info, pending, host_secrets = (base[f.key] for f in base_facts())
+        ctx = RoleContext(job.host.name, os_info, job.vars, host_secrets, options.check)
+        run.pending = list(pending)
+        plans = [(role, role.build(ctx)) for role in job.roles]
+        run.facts = probe(job.host, [f for _, steps in plans for s in steps for f in s.facts()])
+        for role, steps in plans:
+            role_started = time.monotonic()
+            if run.dirty:
+                run.facts.update(probe(job.host, [f for s in steps for f in s.facts()]))
+                run.dirty = False
+            ok = all(run.run_step(role.name, step) for step in steps)
+            if ok:
+                ok = run.flush_handlers(role.name, _role_units(steps))
+            recap.role_seconds[role.name] = time.monotonic() - role_started
+            if not ok:
+                break
+        else:
+            run.flush_handlers("handlers", list(run.pending))
+    except HostError as exc:
+        recap.error = mask(str(exc))
+    finally:
+        recap.ssh_commands = job.host.commands
+        recap.seconds = time.monotonic() - started
+    return recap
+
+
+def converge(jobs: list[HostJob], options: Options, reporter: Reporter) -> list[HostRecap]:
+    """Converge every host in parallel; the recap is printed once all are done."""
+    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), 16))) as pool:
+        recaps = list(pool.map(lambda job: converge_host(job, options, reporter), jobs))
+    reporter.recap(recaps)
+    return recaps

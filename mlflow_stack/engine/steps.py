@@ -1,0 +1,352 @@
+"""Steps: a wanted state, the facts needed to compare it, and the commands for the difference.
+
+`plan()` is pure: from gathered facts it returns None (already as wanted) or a `Change`
+listing the commands to run. The runner applies changes, handles notifications and
+reports; steps never touch SSH themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlflow_stack.engine import facts as F
+
+PENDING_DIR = "/var/lib/mlflow-stack/pending"
+
+
+@dataclass(frozen=True)
+class Cmd:
+    """One remote command: a shell script, run as root unless `user` is given."""
+
+    script: str
+    stdin: bytes | str | None = field(default=None, repr=False)
+    user: str | None = None
+    timeout: float | None = None
+
+
+@dataclass
+class Change:
+    """What a step would change, and how."""
+
+    summary: str
+    commands: list[Cmd]
+    path: str | None = None  # file whose old content a diff compares with `new_text`
+    new_text: str | None = field(default=None, repr=False)
+    secret: bool = False  # never show content
+    starts: tuple[str, ...] = ()  # units (re)started by these commands
+    unit_file: bool = False  # a systemd unit file changes: daemon-reload needed
+    counts: bool = True  # False for waits: running them is not a change
+
+
+@dataclass
+class PlanContext:
+    """Facts of one host, and what this run has done to it so far."""
+
+    facts: dict[str, Any]
+    reload_pending: bool = False
+    restarted: set[str] = field(default_factory=set)
+
+    def __getitem__(self, fact: F.Fact) -> Any:
+        return self.facts[fact.key]
+
+
+class Step:
+    """Base class of all steps."""
+
+    name: str = ""
+    notify: tuple[str, ...] = ()
+
+    def facts(self) -> list[F.Fact]:
+        return []
+
+    def plan(self, ctx: PlanContext) -> Change | None:
+        raise NotImplementedError
+
+
+def q(value: str) -> str:
+    return shlex.quote(value)
+
+
+# --- packages --------------------------------------------------------------------------
+
+APT_ENV = "DEBIAN_FRONTEND=noninteractive NEEDRESTART_MODE=a"
+APT_OPTS = "-o DPkg::Lock::Timeout=300 -o Dpkg::Options::=--force-confold -q -y"
+
+
+@dataclass
+class Apt(Step):
+    """Debian packages installed (apt-get, non-interactive, waits for the dpkg lock)."""
+
+    packages: tuple[str, ...]
+    max_list_age: int = 6 * 3600
+    notify: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.name = "packages " + " ".join(self.packages)
+
+    def facts(self) -> list[F.Fact]:
+        return [F.Packages(self.packages), F.AptListsAge()]
+
+    def plan(self, ctx: PlanContext) -> Change | None:
+        installed = ctx[F.Packages(self.packages)]
+        missing = [p for p in self.packages if p not in installed]
+        if not missing:
+            return None
+        script = ""
+        age = ctx[F.AptListsAge()]
+        if age is None or age > self.max_list_age:
+            script = f"{APT_ENV} apt-get {APT_OPTS} update && "
+        names = " ".join(q(p) for p in missing)
+        script += (
+            f"{APT_ENV} apt-get {APT_OPTS} install --no-install-recommends {names} && apt-get clean"
+        )
+        return Change(f"install {' '.join(missing)}", [Cmd(script, timeout=1800)])
+
+
+# --- users and directories -------------------------------------------------------------
+
+
+@dataclass
+class SystemUser(Step):
+    """A system user with its own group and no login shell."""
+
+    user: str
+    home: str
+    shell: str = "/usr/sbin/nologin"
+
+    def __post_init__(self) -> None:
+        self.name = f"user {self.user}"
+
+    def facts(self) -> list[F.Fact]:
+        return [F.User(self.user)]
+
+    def plan(self, ctx: PlanContext) -> Change | None:
+        info = ctx[F.User(self.user)]
+        if info is None:
+            script = (
+                f"useradd --system --user-group --home-dir {q(self.home)} --no-create-home "
+                f"--shell {q(self.shell)} {q(self.user)}"
+            )
+            return Change(f"create system user {self.user}", [Cmd(script)])
+        fixes = []
+        if info.home != self.home:
+            fixes.append(f"--home {q(self.home)}")
+        if info.shell != self.shell:
+            fixes.append(f"--shell {q(self.shell)}")
+        if not fixes:
+            return None
+        return Change(
+            f"update user {self.user}", [Cmd(f"usermod {' '.join(fixes)} {q(self.user)}")]
+        )
+
+
+def _ownership_fixes(path: str, info: F.PathInfo, owner: str, group: str, mode: int) -> list[str]:
+    fixes = []
+    if (info.owner, info.group) != (owner, group):
+        fixes.append(f"chown {q(owner)}:{q(group)} {q(path)}")
+    if info.mode != mode:
+        fixes.append(f"chmod {mode:o} {q(path)}")
+    return fixes
+
+
+@dataclass
+class Directory(Step):
+    """A directory with the given owner, group and mode."""
+
+    path: str
+    owner: str = "root"
+    group: str = "root"
+    mode: int = 0o755
+
+    def __post_init__(self) -> None:
+        self.name = f"directory {self.path}"
+
+    def facts(self) -> list[F.Fact]:
+        return [F.PathState(self.path)]
+
+    def plan(self, ctx: PlanContext) -> Change | None:
+        info = ctx[F.PathState(self.path)]
+        p = q(self.path)
+        own = f"chown {q(self.owner)}:{q(self.group)} {p} && chmod {self.mode:o} {p}"
+        if info is None:
+            return Change(f"create {self.path}", [Cmd(f"mkdir -p {p} && {own}")])
+        if info.kind != "directory":
+            raise StepError(f"{self.path} exists but is a {info.kind}, not a directory")
+        fixes = _ownership_fixes(self.path, info, self.owner, self.group, self.mode)
+        if not fixes:
+            return None
+        return Change(f"fix ownership/mode of {self.path}", [Cmd(" && ".join(fixes))])
+
+
+class StepError(Exception):
+    """A step cannot be planned: the host is in a state the step will not overwrite."""
+
+
+# --- files -----------------------------------------------------------------------------
+
+
+def install_file_script(path: str, owner: str, group: str, mode: int) -> str:
+    """Shell script that writes stdin to `path` atomically with owner, group and mode."""
+    p = q(path)
+    return (
+        f'set -e; tmp=$(mktemp "$(dirname {p})/.mlflow-stack.XXXXXX"); '
+        'trap \'rm -f "$tmp"\' EXIT; cat > "$tmp"; '
+        f'chown {q(owner)}:{q(group)} "$tmp"; chmod {mode:o} "$tmp"; '
+        f'mv -f "$tmp" {p}; trap - EXIT'
+    )
+
+
+@dataclass
+class File(Step):
+    """A file with exactly this content, owner, group and mode (written atomically)."""
+
+    path: str
+    content: str | bytes = field(repr=False)
+    owner: str = "root"
+    group: str = "root"
+    mode: int = 0o644
+    secret: bool = False
+    notify: tuple[str, ...] = ()
+    unit_file: bool = False
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        self.name = self.label or f"file {self.path}"
+
+    @property
+    def data(self) -> bytes:
+        return self.content.encode() if isinstance(self.content, str) else self.content
+
+    def facts(self) -> list[F.Fact]:
+        return [F.PathState(self.path)]
+
+    def plan(self, ctx: PlanContext) -> Change | None:
+        info = ctx[F.PathState(self.path)]
+        if info is not None and info.kind not in ("file",):
+            raise StepError(f"{self.path} exists but is a {info.kind}, not a regular file")
+        new_text = self.content if isinstance(self.content, str) else None
+        if info is None or info.sha256 != hashlib.sha256(self.data).hexdigest():
+            script = install_file_script(self.path, self.owner, self.group, self.mode)
+            return Change(
+                f"{'create' if info is None else 'update'} {self.path}",
+                [Cmd(script, stdin=self.data)],
+                path=self.path if info is not None else None,
+                new_text=new_text,
+                secret=self.secret,
+                unit_file=self.unit_file,
+            )
+        fixes = _ownership_fixes(self.path, info, self.owner, self.group, self.mode)
+        if not fixes:
+            return None
+        return Change(f"fix ownership/mode of {self.path}", [Cmd(" && ".join(fixes))])
+
+
+# --- services --------------------------------------------------------------------------
+
+
+@dataclass
+class Service(Step):
+    """A systemd unit enabled at boot and running."""
+
+    unit: str
+    enabled: bool = True
+    running: bool = True
+
+    def __post_init__(self) -> None:
+        self.name = f"service {self.unit}"
+
+    def facts(self) -> list[F.Fact]:
+        return [F.Unit(self.unit)]
+
+    def plan(self, ctx: PlanContext) -> Change | None:
+        info = ctx[F.Unit(self.unit)]
+        u = q(self.unit)
+        actions: list[str] = []
+        starts: tuple[str, ...] = ()
+        if self.enabled and not info.enabled:
+            actions.append("enable")
+        if self.running and not info.active:
+            actions.append("start")
+            starts = (self.unit,)
+        if not self.running and info.active:
+            actions.append("stop")
+        if not actions:
+            return None
+        parts = []
+        if ctx.reload_pending or info.need_daemon_reload or not info.exists:
+            parts.append("systemctl daemon-reload")
+        if "enable" in actions:
+            parts.append(f"systemctl enable {'--now ' if 'start' in actions else ''}{u}")
+        elif "start" in actions:
+            parts.append(f"systemctl start {u}")
+        if "stop" in actions:
+            parts.append(f"systemctl stop {u}")
+        if starts:
+            parts.append(f"rm -f {PENDING_DIR}/{u}")
+        return Change(f"{', '.join(actions)} {self.unit}", [Cmd(" && ".join(parts))], starts=starts)
+
+
+# --- commands and waits ----------------------------------------------------------------
+
+
+@dataclass
+class Run(Step):
+    """A command run only when `when(ctx)` says so, judged from the facts in `needs`."""
+
+    label: str
+    script: str
+    when: Callable[[PlanContext], bool]
+    needs: tuple[F.Fact, ...] = ()
+    stdin: bytes | str | None = field(default=None, repr=False)
+    user: str | None = None
+    timeout: float | None = 1800
+    notify: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.name = self.label
+
+    def facts(self) -> list[F.Fact]:
+        return list(self.needs)
+
+    def plan(self, ctx: PlanContext) -> Change | None:
+        if not self.when(ctx):
+            return None
+        cmd = Cmd(self.script, stdin=self.stdin, user=self.user, timeout=self.timeout)
+        return Change(self.label, [cmd])
+
+
+@dataclass
+class WaitHttp(Step):
+    """Wait until a URL on the host answers with an expected status."""
+
+    label: str
+    url: str
+    timeout: int = 90
+    expect: tuple[int, ...] = (200,)
+    after: tuple[str, ...] = ()  # units whose (re)start in this run forces a fresh wait
+
+    def __post_init__(self) -> None:
+        self.name = self.label
+
+    def facts(self) -> list[F.Fact]:
+        return [F.Http(self.url)]
+
+    def plan(self, ctx: PlanContext) -> Change | None:
+        fresh = any(unit in ctx.restarted for unit in self.after)
+        if ctx[F.Http(self.url)] in self.expect and not fresh:
+            return None
+        codes = "|".join(str(c) for c in self.expect)
+        script = (
+            f"end=$(( $(date +%s) + {self.timeout} )); while :; do "
+            f"code=$(curl -s -o /dev/null -m 3 -w '%{{http_code}}' {q(self.url)}); "
+            f'case "$code" in {codes}) exit 0;; esac; '
+            f'[ "$(date +%s)" -ge "$end" ] && {{ echo "last status $code" >&2; exit 1; }}; '
+            "sleep 0.3; done"
+        )
+        return Change(
+            f"wait for {self.url}", [Cmd(script, timeout=self.timeout + 10)], counts=False
+        )

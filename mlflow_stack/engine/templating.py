@@ -1,0 +1,28 @@
+"""Pure rendering of the files in `templates/` (StrictUndefined: a missing variable fails)."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "templates"
+
+
+@cache
+def environment(root: Path = TEMPLATES_DIR) -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(root)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+    )
+
+
+def render(name: str, **variables: Any) -> str:
+    """Render `templates/<name>` with `variables`."""
+    return environment().get_template(name).render(**variables)

@@ -1,0 +1,334 @@
+"""`inventory.yaml`: hosts, groups and variables, validated once into typed objects.
+
+`resolve()` turns a `--host` value into concrete targets: an inventory host or group, a
+running sandbox, an `~/.ssh/config` alias, or `user@address[:port]`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mlflow_stack.engine.host import Target
+from mlflow_stack.vars import StackVars
+
+ALL_ROLES = ("anaconda", "mysql", "mlflow_server", "jupyter", "demo_files")
+WORKER_ROLES = ("anaconda", "demo_files")
+RoleName = Literal["anaconda", "mysql", "mlflow_server", "jupyter", "demo_files"]
+DEFAULT_PATH = Path(__file__).resolve().parents[1] / "inventory.yaml"
+
+
+class InventoryError(Exception):
+    """A problem with the inventory or a `--host` value; the message is one line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HostEntry(_Strict):
+    address: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    user: str | None = None
+    key: Path | None = None
+    sandbox: str | None = None
+    roles: list[RoleName] | None = None
+    vars: dict[str, Any] = Field(default_factory=dict)
+
+
+class GroupEntry(_Strict):
+    hosts: list[str] = Field(default_factory=list)
+    vars: dict[str, Any] = Field(default_factory=dict)
+
+
+class Defaults(_Strict):
+    user: str = "ubuntu"
+    port: int = Field(default=22, ge=1, le=65535)
+    key: Path | None = None
+    roles: list[RoleName] | None = None
+    vars: dict[str, Any] = Field(default_factory=dict)
+
+
+class InventoryModel(_Strict):
+    defaults: Defaults = Field(default_factory=Defaults)
+    groups: dict[str, GroupEntry] = Field(default_factory=dict)
+    hosts: dict[str, HostEntry] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ResolvedHost:
+    """A host ready to converge: how to reach it, which roles, which variables."""
+
+    name: str
+    target: Target
+    roles: tuple[str, ...]
+    vars: StackVars
+    groups: tuple[str, ...] = ()
+
+
+# --- loading ---------------------------------------------------------------------------
+
+
+def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
+    """Key path → 1-based line, from a composed YAML node tree."""
+    out = {} if out is None else out
+    out.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            child = (*path, key_node.value)
+            out[child] = key_node.start_mark.line + 1
+            _line_map(value_node, child, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _line_map(item, (*path, index), out)
+    return out
+
+
+def _where(lines: dict[tuple, int], loc: tuple) -> str:
+    for cut in range(len(loc), -1, -1):
+        if loc[:cut] in lines:
+            return f" (line {lines[loc[:cut]]})"
+    return ""
+
+
+def _format_error(path: Path, lines: dict[tuple, int], err: dict) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    message = err["msg"]
+    if err["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"{path.name}: {dotted}: {message}{_where(lines, loc)}"
+
+
+def validation_message(path: Path, text: str, exc: ValidationError, prefix: tuple = ()) -> str:
+    """One line naming the file, key path, line and problem of the first validation error."""
+    try:
+        lines = _line_map(yaml.compose(text)) if text.strip() else {}
+    except yaml.YAMLError:
+        lines = {}
+    first = exc.errors()[0]
+    first = {**first, "loc": (*prefix, *first["loc"])}
+    extra = len(exc.errors()) - 1
+    more = f" (+{extra} more problem{'s' if extra > 1 else ''})" if extra else ""
+    return _format_error(path, lines, first) + more
+
+
+class Inventory:
+    """A loaded, validated inventory."""
+
+    def __init__(self, model: InventoryModel, path: Path, text: str = "") -> None:
+        self.model = model
+        self.path = path
+        self.text = text
+        for group, entry in model.groups.items():
+            for index, member in enumerate(entry.hosts):
+                if member not in model.hosts:
+                    lines = _line_map(yaml.compose(text)) if text.strip() else {}
+                    where = _where(lines, ("groups", group, "hosts", index))
+                    known = ", ".join(model.hosts) or "none"
+                    raise InventoryError(
+                        f"{path.name}: groups.{group}.hosts: unknown host {member!r}{where}; "
+                        f"hosts defined: {known}"
+                    )
+        for name in model.hosts:
+            self.vars_for(name)  # validate every host's merged vars up front
+
+    @classmethod
+    def load(cls, path: Path | str = DEFAULT_PATH) -> Inventory:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise InventoryError(
+                f"{path}: inventory file not found; create it or pass --inventory PATH"
+            ) from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise InventoryError(f"{path.name}: YAML syntax error{where}: {problem}") from None
+        if not isinstance(data, dict):
+            raise InventoryError(
+                f"{path.name}: the top level must be a mapping with defaults/groups/hosts"
+            )
+        try:
+            model = InventoryModel.model_validate(data)
+        except ValidationError as exc:
+            raise InventoryError(validation_message(path, text, exc)) from None
+        return cls(model, path, text)
+
+    def groups_of(self, name: str) -> tuple[str, ...]:
+        return tuple(g for g, entry in self.model.groups.items() if name in entry.hosts)
+
+    def vars_for(self, name: str | None) -> StackVars:
+        """Defaults' vars, then each group's, then the host's own, deep-merged and validated."""
+        layers: list[tuple[tuple, dict]] = [(("defaults", "vars"), self.model.defaults.vars)]
+        entry = self.model.hosts.get(name) if name else None
+        if name:
+            for group in self.groups_of(name):
+                layers.append((("groups", group, "vars"), self.model.groups[group].vars))
+        if entry is not None:
+            layers.append((("hosts", name, "vars"), entry.vars))
+        merged: dict[str, Any] = {}
+        for prefix, layer in layers:
+            try:
+                StackVars.model_validate(layer)
+            except ValidationError as exc:
+                raise InventoryError(
+                    validation_message(self.path, self.text, exc, prefix)
+                ) from None
+            merged = deep_merge(merged, layer)
+        return StackVars.model_validate(merged)
+
+    def roles_for(self, name: str, entry: HostEntry | None) -> tuple[str, ...]:
+        if entry is not None and entry.roles is not None:
+            return tuple(entry.roles)
+        if self.model.defaults.roles is not None:
+            return tuple(self.model.defaults.roles)
+        groups = self.groups_of(name)
+        if "workers" in groups and "server" not in groups:
+            return WORKER_ROLES
+        return ALL_ROLES
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# --- resolving --host ------------------------------------------------------------------
+
+_ADDRESS = re.compile(
+    r"^(?:(?P<user>[^@\s:]+)@)?(?P<address>\[[0-9a-fA-F:]+\]|[^@\s:]+)"
+    r"(?::(?P<port>\d+))?$"
+)
+
+
+def parse_address(spec: str) -> tuple[str | None, str, int | None]:
+    """`user@address:port` → (user, address, port); user and port optional."""
+    match = _ADDRESS.match(spec)
+    if not match:
+        raise InventoryError(
+            f"--host {spec!r}: not an inventory name, ssh_config alias or user@address[:port]"
+        )
+    port = int(match["port"]) if match["port"] else None
+    if port is not None and not 1 <= port <= 65535:
+        raise InventoryError(f"--host {spec!r}: port {port} is out of range (1-65535)")
+    return match["user"], match["address"].strip("[]"), port
+
+
+def _looks_like_address(spec: str) -> bool:
+    return "@" in spec or ":" in spec or "." in spec or spec == "localhost"
+
+
+def _ssh_config_alias(name: str, config_path: Path) -> dict | None:
+    import paramiko
+
+    if not config_path.exists():
+        return None
+    config = paramiko.SSHConfig.from_path(str(config_path))
+    if name not in config.get_hostnames():
+        return None
+    return config.lookup(name)
+
+
+def _sandbox_target(host_name: str, sandbox_name: str) -> Target:
+    from mlflow_stack import sandbox
+
+    info = sandbox.load(sandbox_name)
+    if info is None:
+        raise InventoryError(
+            f"host {host_name!r}: sandbox {sandbox_name!r} is not running; "
+            f"start it with: invoke sandbox.up --name {sandbox_name}"
+        )
+    return Target(host_name, info.address, info.port, info.user, info.key_file, info.known_hosts)
+
+
+def _entry_target(inv: Inventory, name: str, entry: HostEntry) -> Target:
+    if entry.sandbox:
+        return _sandbox_target(name, entry.sandbox)
+    d = inv.model.defaults
+    if not entry.address:
+        raise InventoryError(f"{inv.path.name}: hosts.{name}: needs an address (or sandbox: NAME)")
+    key = entry.key or d.key
+    return Target(
+        name,
+        entry.address,
+        entry.port or d.port,
+        entry.user or d.user,
+        key.expanduser() if key else None,
+    )
+
+
+def resolve(spec: str, inv: Inventory, *, ssh_config: Path | None = None) -> list[ResolvedHost]:
+    """Concrete hosts for a `--host` value (comma-separated values allowed)."""
+    ssh_config = ssh_config or Path("~/.ssh/config").expanduser()
+    out: list[ResolvedHost] = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        out += _resolve_one(part, inv, ssh_config)
+    if not out:
+        raise InventoryError("--host is empty: name an inventory host or group, or user@address")
+    names = [h.name for h in out]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise InventoryError(f"--host names {', '.join(sorted(dupes))} more than once")
+    return out
+
+
+def _resolve_one(part: str, inv: Inventory, ssh_config: Path) -> list[ResolvedHost]:
+    m = inv.model
+    if part in m.groups:
+        return [h for member in m.groups[part].hosts for h in _resolve_one(member, inv, ssh_config)]
+    if part in m.hosts:
+        entry = m.hosts[part]
+        return [
+            ResolvedHost(
+                part,
+                _entry_target(inv, part, entry),
+                inv.roles_for(part, entry),
+                inv.vars_for(part),
+                inv.groups_of(part),
+            )
+        ]
+    adhoc_roles = inv.roles_for(part, None)
+    alias = _ssh_config_alias(part, ssh_config)
+    if alias is not None:
+        keys = alias.get("identityfile") or []
+        target = Target(
+            part,
+            alias.get("hostname", part),
+            int(alias.get("port", m.defaults.port)),
+            alias.get("user", m.defaults.user),
+            Path(keys[0]).expanduser() if keys else None,
+        )
+        return [ResolvedHost(part, target, adhoc_roles, inv.vars_for(None))]
+    if not _looks_like_address(part):
+        from mlflow_stack import sandbox
+
+        if sandbox.load(part) is not None:
+            return [
+                ResolvedHost(part, _sandbox_target(part, part), adhoc_roles, inv.vars_for(None))
+            ]
+        known = ", ".join([*m.hosts, *m.groups]) or "none"
+        raise InventoryError(
+            f"unknown host {part!r}: not in {inv.path.name} (hosts and groups: {known}), "
+            "not an ~/.ssh/config alias, not a running sandbox; use user@address[:port]"
+        )
+    user, address, port = parse_address(part)
+    d = m.defaults
+    target = Target(
+        part, address, port or d.port, user or d.user, d.key.expanduser() if d.key else None
+    )
+    return [ResolvedHost(part, target, adhoc_roles, inv.vars_for(None))]
