@@ -135,8 +135,10 @@ class Inventory:
                         f"{path.name}: groups.{group}.hosts: unknown host {member!r}{where}; "
                         f"hosts defined: {known}"
                     )
-        for name in model.hosts:
-            self.vars_for(name)  # validate every host's merged vars up front
+        for name in (None, *model.hosts):
+            self.vars_for(name)  # validate defaults' and every host's merged vars up front
+        for group, entry in model.groups.items():
+            self._check_layer(("groups", group, "vars"), entry.vars)
 
     @classmethod
     def load(cls, path: Path | str = DEFAULT_PATH) -> Inventory:
@@ -178,14 +180,15 @@ class Inventory:
             layers.append((("hosts", name, "vars"), entry.vars))
         merged: dict[str, Any] = {}
         for prefix, layer in layers:
-            try:
-                StackVars.model_validate(layer)
-            except ValidationError as exc:
-                raise InventoryError(
-                    validation_message(self.path, self.text, exc, prefix)
-                ) from None
+            self._check_layer(prefix, layer)
             merged = deep_merge(merged, layer)
         return StackVars.model_validate(merged)
+
+    def _check_layer(self, prefix: tuple, layer: dict[str, Any]) -> None:
+        try:
+            StackVars.model_validate(layer)
+        except ValidationError as exc:
+            raise InventoryError(validation_message(self.path, self.text, exc, prefix)) from None
 
     def roles_for(self, name: str, entry: HostEntry | None) -> tuple[str, ...]:
         if entry is not None and entry.roles is not None:

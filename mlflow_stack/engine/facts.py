@@ -379,7 +379,7 @@ def build_probe(facts: list[Fact], marker: str | None = None) -> tuple[str, str]
     lines = ["exec 2>/dev/null </dev/null", "export LC_ALL=C"]
     for index, fact in enumerate(facts):
         lines.append(f"echo '{marker} {index}'")
-        lines.append(f"{{ {fact.command()}\n}}")
+        lines.append(f"( {fact.command()}\n)")
         lines.append(f"printf '\\n{marker} end %s\\n' $?")
     return "\n".join(lines) + "\n", marker
 

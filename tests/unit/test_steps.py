@@ -1,0 +1,134 @@
+"""Steps: facts → planned commands (nothing runs)."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+
+import pytest
+
+from mlflow_stack.engine import facts as F
+from mlflow_stack.engine.steps import (
+    Apt,
+    Directory,
+    File,
+    PlanContext,
+    Run,
+    Service,
+    StepError,
+    SystemUser,
+    WaitHttp,
+    install_file_script,
+)
+
+
+def ctx(**facts) -> PlanContext:
+    return PlanContext({key: value for key, value in facts.items()})
+
+
+def plan(step, values: dict, **kwargs):
+    return step.plan(PlanContext({f.key: values[f.key] for f in step.facts()}, **kwargs))
+
+
+def test_apt_noop_when_installed():
+    step = Apt(("mariadb-server", "curl"))
+    values = {
+        F.Packages(step.packages).key: {"mariadb-server": "1", "curl": "2"},
+        F.AptListsAge().key: 10,
+    }
+    assert plan(step, values) is None
+
+
+def test_apt_installs_only_missing_and_updates_stale_lists():
+    step = Apt(("mariadb-server", "curl"))
+    values = {F.Packages(step.packages).key: {"curl": "2"}, F.AptListsAge().key: None}
+    change = plan(step, values)
+    (cmd,) = change.commands
+    assert change.summary == "install mariadb-server"
+    assert "apt-get -o DPkg::Lock::Timeout=300" in cmd.script
+    assert " update && " in cmd.script and "install --no-install-recommends mariadb-server" in (
+        cmd.script
+    )
+    assert "DEBIAN_FRONTEND=noninteractive" in cmd.script
+    values[F.AptListsAge().key] = 60
+    assert " update " not in plan(step, values).commands[0].script
+
+
+def test_file_absent_present_and_perms():
+    step = File("/etc/x.conf", "a=1\n", owner="root", group="mlflow", mode=0o640)
+    key = F.PathState("/etc/x.conf").key
+    created = plan(step, {key: None})
+    assert created.summary == "create /etc/x.conf"
+    assert created.commands[0].stdin == b"a=1\n"
+    same = F.PathInfo("file", 0o640, "root", "mlflow", 4, hashlib.sha256(b"a=1\n").hexdigest())
+    assert plan(step, {key: same}) is None
+    wrong_mode = F.PathInfo("file", 0o644, "root", "root", 4, same.sha256)
+    fix = plan(step, {key: wrong_mode})
+    assert fix.commands[0].script == "chown root:mlflow /etc/x.conf && chmod 640 /etc/x.conf"
+    other = F.PathInfo("file", 0o640, "root", "mlflow", 4, "0" * 64)
+    assert plan(step, {key: other}).summary == "update /etc/x.conf"
+    with pytest.raises(StepError, match="not a regular file"):
+        plan(step, {key: F.PathInfo("directory", 0o755, "root", "root", 0)})
+
+
+def test_install_file_script_is_atomic_and_keeps_mode(tmp_path):
+    target = tmp_path / "out.txt"
+    script = install_file_script(str(target), "root", "root", 0o600)
+    subprocess.run(["sh", "-c", script], input=b"secret\n", check=True)
+    assert target.read_bytes() == b"secret\n"
+    assert oct(target.stat().st_mode & 0o777) == "0o600"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]  # no temp file left
+
+
+def test_directory_and_user():
+    d = Directory("/opt/mlflow", owner="mlflow", group="mlflow", mode=0o750)
+    key = F.PathState("/opt/mlflow").key
+    assert "mkdir -p /opt/mlflow" in plan(d, {key: None}).commands[0].script
+    ok = F.PathInfo("directory", 0o750, "mlflow", "mlflow", 4096)
+    assert plan(d, {key: ok}) is None
+    u = SystemUser("mlflow", home="/opt/mlflow")
+    ukey = F.User("mlflow").key
+    assert "useradd --system --user-group" in plan(u, {ukey: None}).commands[0].script
+    same = F.UserInfo("mlflow", 998, 998, "/opt/mlflow", "/usr/sbin/nologin")
+    assert plan(u, {ukey: same}) is None
+
+
+def unit(load="loaded", active="active", enabled="enabled", reload=False):
+    return F.UnitInfo(load, active, "running", enabled, reload)
+
+
+def test_service_plans():
+    s = Service("mlflow-server.service")
+    key = F.Unit(s.unit).key
+    assert plan(s, {key: unit()}) is None
+    fresh = plan(s, {key: unit("not-found", "inactive", "")})
+    assert fresh.commands[0].script.startswith("systemctl daemon-reload && systemctl enable --now")
+    assert fresh.starts == ("mlflow-server.service",)
+    start = plan(s, {key: unit(active="failed")})
+    assert start.commands[0].script.startswith("systemctl start mlflow-server.service")
+    reload = plan(s, {key: unit(active="inactive")}, reload_pending=True)
+    assert reload.commands[0].script.startswith("systemctl daemon-reload && ")
+
+
+def test_guarded_command():
+    guard = F.Shell("db exists", "mysql -e 'use mlflow'")
+    step = Run(
+        "create db",
+        "mysql",
+        when=lambda c: not c[guard].ok,
+        needs=(guard,),
+        stdin="CREATE DATABASE mlflow;",
+    )
+    assert plan(step, {guard.key: F.ShellResult(0, "")}) is None
+    change = plan(step, {guard.key: F.ShellResult(1, "")})
+    assert change.commands[0].stdin == "CREATE DATABASE mlflow;"
+    assert "CREATE" not in change.commands[0].script  # SQL travels on stdin only
+
+
+def test_wait_http_is_not_a_change_and_rewaits_after_restart():
+    w = WaitHttp("mlflow healthy", "http://127.0.0.1:5000/health", after=("mlflow.service",))
+    key = F.Http(w.url).key
+    assert plan(w, {key: 200}) is None
+    again = plan(w, {key: 200}, restarted={"mlflow.service"})
+    assert again is not None and again.counts is False
+    assert plan(w, {key: 0}).counts is False
