@@ -139,6 +139,6 @@ def test_probe_runs_in_one_shell_and_splits_exactly(tmp_path):
 
 def test_probe_output_cut_short_is_an_error():
     facts = [F.Shell("x", "echo hi")]
-    script, marker = F.build_probe(facts)
+    _, marker = F.build_probe(facts)
     with pytest.raises(ValueError, match="incomplete"):
         F.parse_probe(facts, f"{marker} 0\nhi\n", marker)
