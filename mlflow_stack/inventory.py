@@ -182,11 +182,19 @@ class Inventory:
         for prefix, layer in layers:
             self._check_layer(prefix, layer)
             merged = deep_merge(merged, layer)
-        return StackVars.model_validate(merged)
+        try:
+            return StackVars.model_validate(merged)
+        except ValidationError as exc:
+            where = f"host {name}" if name else "defaults"
+            problem = exc.errors()[0]
+            dotted = ".".join(str(p) for p in problem["loc"])
+            raise InventoryError(
+                f"{self.path.name}: vars of {where}: {dotted}: {problem['msg']}"
+            ) from None
 
     def _check_layer(self, prefix: tuple, layer: dict[str, Any]) -> None:
         try:
-            StackVars.model_validate(layer)
+            StackVars.model_validate(layer, context={"partial": True})
         except ValidationError as exc:
             raise InventoryError(validation_message(self.path, self.text, exc, prefix)) from None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 WINE_SHA256 = "76c3f809815c17c07212622f776311faeb31e87610d52c26d87d6e361b169836"
 WINE_URL = (
@@ -16,9 +16,28 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+MINIFORGE_VERSION = "24.11.3-0"
+
+
 class PythonVars(_Section):
     manager: Literal["uv", "conda"] = "uv"
-    prefix: str = "/opt/anaconda"
+    prefix: str = Field(default="/opt/anaconda", pattern=r"^/[\w./-]+$")
+    # conda only: the Miniforge installer ({arch} is `uname -m`) and its sha256 (required).
+    miniforge_url: str = (
+        "https://github.com/conda-forge/miniforge/releases/download/"
+        f"{MINIFORGE_VERSION}/Miniforge3-{MINIFORGE_VERSION}-Linux-{{arch}}.sh"
+    )
+    miniforge_sha256: dict[str, str] = Field(default_factory=dict)  # {x86_64: …, aarch64: …}
+
+    @model_validator(mode="after")
+    def _conda_needs_checksums(self, info: ValidationInfo) -> PythonVars:
+        partial = bool(info.context and info.context.get("partial"))
+        if self.manager == "conda" and not self.miniforge_sha256 and not partial:
+            raise ValueError(
+                "manager conda needs miniforge_sha256 ({x86_64: <sha256>, ...}) "
+                "from the Miniforge release page"
+            )
+        return self
 
 
 class MysqlVars(_Section):

@@ -298,7 +298,7 @@ class Run(Step):
     """A command run only when `when(ctx)` says so, judged from the facts in `needs`."""
 
     label: str
-    script: str
+    script: str | Callable[[PlanContext], str]  # a callable builds the script from facts
     when: Callable[[PlanContext], bool]
     needs: tuple[F.Fact, ...] = ()
     stdin: bytes | str | None = field(default=None, repr=False)
@@ -315,7 +315,8 @@ class Run(Step):
     def plan(self, ctx: PlanContext) -> Change | None:
         if not self.when(ctx):
             return None
-        cmd = Cmd(self.script, stdin=self.stdin, user=self.user, timeout=self.timeout)
+        script = self.script(ctx) if callable(self.script) else self.script
+        cmd = Cmd(script, stdin=self.stdin, user=self.user, timeout=self.timeout)
         return Change(self.label, [cmd])
 
 

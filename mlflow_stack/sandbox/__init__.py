@@ -1,0 +1,41 @@
+"""A local systemd test host reachable over SSH: Debian 12 booted with systemd-nspawn.
+
+It looks like a fresh EC2 Ubuntu instance to the engine: user `ubuntu` with passwordless sudo,
+key-only SSH on 127.0.0.1:<port>, systemd as PID 1. The debootstrapped root filesystem is cached
+as a tarball under $MLFLOW_STACK_CACHE (default /var/cache/mlflow-stack); each instance lives in
+$MLFLOW_STACK_STATE/sandboxes/<name> (default /var/lib/mlflow-stack/sandboxes/<name>).
+"""
+
+from .base import (
+    SandboxError,
+    SandboxInfo,
+    cache_dir,
+    instance_dir,
+    preflight,
+    preflight_problem,
+    state_root,
+)
+from .machine import down, list_sandboxes, load, prune, status, up
+from .rootfs import cache_key, tarball_path
+from .ssh import Result, connect, run
+
+__all__ = [
+    "Result",
+    "SandboxError",
+    "SandboxInfo",
+    "cache_dir",
+    "cache_key",
+    "connect",
+    "down",
+    "instance_dir",
+    "list_sandboxes",
+    "load",
+    "preflight",
+    "preflight_problem",
+    "prune",
+    "run",
+    "state_root",
+    "status",
+    "tarball_path",
+    "up",
+]

@@ -1,0 +1,344 @@
+"""Lifecycle of sandbox instances: up, down, load, status, list."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import paramiko
+
+from . import ssh
+from .base import (
+    ADDRESS,
+    USER,
+    SandboxError,
+    SandboxInfo,
+    check_name,
+    check_port,
+    instance_dir,
+    preflight,
+    state_root,
+    which,
+)
+from .instance import CONFIGURED, configure, set_port
+from .render import parse_failed_units
+from .rootfs import ensure_tarball, extract, locked, remove_tree, tarball_path
+
+log = logging.getLogger("mlflow_stack.sandbox")
+
+BOOT_TIMEOUT = float(os.environ.get("MLFLOW_STACK_BOOT_TIMEOUT", "120"))
+STOP_TIMEOUT = 30.0
+META = "instance.json"
+_children: dict[int, subprocess.Popen[bytes]] = {}  # nspawn processes started here, to reap
+
+
+def up(
+    name: str = "sandbox", port: int = 2222, *, fresh: bool = False, timeout: float | None = None
+) -> SandboxInfo:
+    """Boot sandbox `name` with sshd on 127.0.0.1:`port`; no-op if it already runs.
+
+    A stopped instance kept by `down(keep=True)` is booted again as is; `fresh` rebuilds the
+    cached root filesystem and starts from a pristine copy.
+    """
+    check_name(name)
+    check_port(port)
+    preflight(need_debootstrap=fresh or not tarball_path().exists())
+    state = instance_dir(name)
+    with locked(state_root() / f".{name}.lock"):
+        current = load(name)
+        if current:
+            if current.port != port or fresh:
+                log.warning("sandbox %s already runs on port %d; left as is", name, current.port)
+            return current
+        check_port_free(port)
+        tarball = ensure_tarball(fresh=fresh)
+        if state.exists() and (fresh or not (state / CONFIGURED).exists()):
+            remove_tree(state)
+        if state.exists():
+            set_port(state, name, port)
+        else:
+            state.mkdir(mode=0o700, parents=True)
+            extract(tarball, state / "rootfs")
+            configure(state, name, port)
+        check_port_free(port)
+        return _boot(state, name, port, BOOT_TIMEOUT if timeout is None else timeout)
+
+
+def down(name: str = "sandbox", *, keep: bool = False) -> bool:
+    """Stop sandbox `name` and delete its state (`keep`: keep it for a later `up`).
+
+    Returns False when there was no such sandbox.
+    """
+    check_name(name)
+    preflight(need_debootstrap=False)
+    state = instance_dir(name)
+    with locked(state_root() / f".{name}.lock"):
+        if not state.exists():
+            return False
+        meta = read_meta(state)
+        pid = meta.get("pid")
+        if isinstance(pid, int) and _is_nspawn_of(pid, state):
+            stop_pid(pid)
+        if keep:
+            write_meta(state, {**meta, "pid": None})
+        else:
+            remove_tree(state)
+        return True
+
+
+def prune(prefix: str) -> list[str]:
+    """Delete stopped instances whose name starts with `prefix`; return their names."""
+    removed = []
+    for state in sorted(state_root().glob(f"{prefix}*")):
+        if state.is_dir():
+            with locked(state_root() / f".{state.name}.lock"):
+                if state.exists() and load(state.name) is None:
+                    remove_tree(state)
+                    removed.append(state.name)
+    return removed
+
+
+def load(name: str) -> SandboxInfo | None:
+    """The running sandbox `name`, or None (never created, stopped, or stale pid)."""
+    state = instance_dir(name)
+    try:
+        meta = read_meta(state)
+    except PermissionError:
+        return None
+    pid = meta.get("pid")
+    if not isinstance(pid, int) or not _is_nspawn_of(pid, state):
+        return None
+    return _info(state, name, int(meta["port"]), pid)
+
+
+def status(name: str) -> dict[str, object]:
+    """Facts about sandbox `name`: running, pid, port, uptime, systemd state, failed units."""
+    state = instance_dir(name)
+    meta = read_meta(state) if state.exists() else {}
+    info = load(name)
+    result: dict[str, object] = {
+        "name": name,
+        "exists": state.exists(),
+        "running": info is not None,
+        "pid": info.pid if info else None,
+        "address": ADDRESS,
+        "port": meta.get("port"),
+        "user": USER,
+        "state_dir": str(state),
+        "log": str(state / "nspawn.log"),
+        "uptime_s": None,
+        "system_state": None,
+        "failed_units": [],
+    }
+    if info:
+        result["uptime_s"] = round(time.time() - float(meta.get("started", time.time())), 1)
+        try:
+            client = ssh.connect(info, timeout=10)
+            try:
+                system = ssh.exec_command(client, "systemctl is-system-running", 10).stdout
+                result["system_state"] = system.strip()
+                failed = ssh.exec_command(client, "systemctl --failed --plain --no-legend", 10)
+                result["failed_units"] = parse_failed_units(failed.stdout)
+            finally:
+                client.close()
+        except (OSError, paramiko.SSHException, TimeoutError) as exc:
+            result["system_state"] = f"unreachable over SSH: {exc}"
+    return result
+
+
+def list_sandboxes() -> list[SandboxInfo]:
+    """Every running sandbox, by name."""
+    root = state_root()
+    names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    return [info for info in map(load, names) if info is not None]
+
+
+def check_port_free(port: int) -> None:
+    """Raise SandboxError if 127.0.0.1:`port` cannot be bound (as sshd would)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((ADDRESS, port))
+        except OSError as exc:
+            raise SandboxError(
+                f"port {port} on {ADDRESS} is in use ({exc.strerror}): pick another with --port"
+            ) from None
+
+
+def read_meta(state: Path) -> dict[str, object]:
+    """The instance's recorded metadata ({} if none)."""
+    try:
+        return json.loads((state / META).read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return {}
+
+
+def write_meta(state: Path, meta: dict[str, object]) -> None:
+    """Atomically record the instance's metadata."""
+    tmp = state / f".{META}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, state / META)
+
+
+def _info(state: Path, name: str, port: int, pid: int) -> SandboxInfo:
+    return SandboxInfo(
+        name=name, address=ADDRESS, port=port, user=USER, key_file=state / "id_ed25519",
+        known_hosts=state / "known_hosts", pid=pid, state_dir=state,
+    )  # fmt: skip
+
+
+def _boot(state: Path, name: str, port: int, timeout: float) -> SandboxInfo:
+    argv = [
+        which("systemd-nspawn") or "systemd-nspawn", "-D", str(state / "rootfs"), "-b",
+        "-M", name, "--register=no", "--keep-unit", "--console=passive",
+    ]  # fmt: skip
+    log.info("booting sandbox %s (ssh on %s:%d)", name, ADDRESS, port)
+    with open(state / "nspawn.log", "ab") as out:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    _children[proc.pid] = proc
+    write_meta(state, {"name": name, "port": port, "pid": proc.pid, "started": time.time()})
+    info = _info(state, name, port, proc.pid)
+    try:
+        _wait_ready(info, proc, time.monotonic() + timeout)
+    except BaseException:
+        stop_pid(proc.pid)
+        write_meta(state, {"name": name, "port": port, "pid": None})
+        raise
+    return info
+
+
+def _wait_ready(info: SandboxInfo, proc: subprocess.Popen[bytes], deadline: float) -> None:
+    """Wait for sshd, a key login, then `systemctl is-system-running --wait`."""
+    where = f"see {info.log_file}"
+
+    def check(what: str) -> None:
+        if proc.poll() is not None:
+            raise SandboxError(
+                f"systemd-nspawn exited (code {proc.returncode}) while booting {info.name}; {where}"
+            )
+        if time.monotonic() > deadline:
+            raise SandboxError(f"sandbox {info.name} timed out waiting for {what}; {where}")
+
+    while ssh.banner(info.address, info.port) is None:
+        check("sshd")
+        time.sleep(0.1)
+    while True:
+        try:
+            client = ssh.connect(info, timeout=5)
+            break
+        except paramiko.BadHostKeyException:
+            raise SandboxError(
+                f"port {info.port} answers with a foreign host key: pick another --port"
+            ) from None
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            check(f"an SSH login as {info.user} (last error: {exc})")
+            time.sleep(0.25)
+    try:
+        left = max(1.0, deadline - time.monotonic())
+        state = ssh.exec_command(client, "systemctl is-system-running --wait", left).stdout.strip()
+        if state == "degraded":
+            out = ssh.exec_command(client, "systemctl --failed --plain --no-legend").stdout
+            units = ", ".join(parse_failed_units(out)) or "unknown"
+            log.warning("sandbox %s is degraded; failed units: %s", info.name, units)
+        elif state != "running":
+            raise SandboxError(f"sandbox {info.name} booted into state {state!r}; {where}")
+    except TimeoutError:
+        raise SandboxError(f"sandbox {info.name} timed out waiting for systemd; {where}") from None
+    finally:
+        client.close()
+
+
+def stop_pid(pid: int, timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM a systemd-nspawn process (clean shutdown), SIGKILL after `timeout`."""
+    if not _alive(pid):
+        return
+    _signal(pid, signal.SIGTERM)
+    if _wait_gone(pid, timeout):
+        return
+    log.warning("sandbox process %d did not shut down in %.0f s; killing it", pid, timeout)
+    for init in _container_inits(pid):
+        _signal(init, signal.SIGKILL)
+    if _wait_gone(pid, 5):
+        return
+    _signal(pid, signal.SIGKILL)
+    if not _wait_gone(pid, 5):
+        raise SandboxError(f"cannot stop systemd-nspawn pid {pid}: kill it by hand")
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (zombies count as gone and are reaped if ours)."""
+    proc = _children.get(pid)
+    if proc is not None and proc.poll() is not None:
+        del _children[pid]
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _is_nspawn_of(pid: int, state: Path) -> bool:
+    """True if `pid` is a live systemd-nspawn running `state/rootfs` (guards pid reuse)."""
+    if not _alive(pid):
+        return False
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return (
+        bool(args)
+        and os.path.basename(args[0]) == b"systemd-nspawn"
+        and str(state / "rootfs").encode() in args
+    )
+
+
+def _container_inits(pid: int) -> list[int]:
+    """Descendants of `pid` that are PID 1 of their own PID namespace."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, todo = [], [pid]
+    while todo:
+        cur = todo.pop()
+        for child, parent in parents.items():
+            if parent == cur:
+                todo.append(child)
+                try:
+                    status = Path(f"/proc/{child}/status").read_text()
+                except OSError:
+                    continue
+                nspids = next((ln.split()[1:] for ln in status.splitlines()
+                               if ln.startswith("NSpid:")), [])  # fmt: skip
+                if len(nspids) > 1 and nspids[-1] == "1":
+                    found.append(child)
+    return found

@@ -1,0 +1,201 @@
+"""The cached Debian 12 root filesystem: build once with debootstrap, extract per instance."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from . import render
+from .base import USER, SandboxError, cache_dir, preflight, which
+
+log = logging.getLogger("mlflow_stack.sandbox")
+
+SUITE = "bookworm"
+MIRROR = "http://deb.debian.org/debian"
+VARIANT = "minbase"
+PACKAGES = (
+    "systemd", "systemd-sysv", "dbus", "libpam-systemd", "openssh-server", "python3", "sudo",
+    "ca-certificates", "curl", "iproute2", "procps",
+)  # fmt: skip
+RECIPE_VERSION = 1
+MASKED_UNITS = (
+    "getty@.service", "serial-getty@.service", "console-getty.service",
+    "container-getty@.service", "getty.target",
+)  # fmt: skip
+CUSTOMIZE = f"""set -eu
+useradd --create-home --shell /bin/bash --uid 1000 --user-group --groups adm,sudo {USER}
+install -d -m 0700 -o {USER} -g {USER} /home/{USER}/.ssh
+chmod 0440 /etc/sudoers.d/90-{USER}
+visudo -cq -f /etc/sudoers.d/90-{USER}
+systemctl mask --quiet {" ".join(MASKED_UNITS)}
+rm -f /etc/ssh/ssh_host_*
+apt-get clean
+rm -rf /var/lib/apt/lists/* && mkdir -p /var/lib/apt/lists/partial
+ln -sf /etc/machine-id /var/lib/dbus/machine-id
+: > /etc/machine-id
+"""
+TAR_FLAGS = ("--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls")
+
+
+def recipe_files() -> dict[str, str]:
+    """Files written into the image before CUSTOMIZE runs (path -> content)."""
+    return {
+        f"/etc/sudoers.d/90-{USER}": render.sudoers(USER),
+        "/etc/environment": render.environment(),
+        "/etc/systemd/system.conf.d/90-sandbox-ca.conf": render.systemd_environment(),
+        "/etc/default/locale": "LANG=C.UTF-8\n",
+    }
+
+
+def cache_key() -> str:
+    """Short hash of the whole build recipe: any change to it means a rebuild."""
+    recipe = {
+        "version": RECIPE_VERSION,
+        "suite": SUITE,
+        "mirror": MIRROR,
+        "variant": VARIANT,
+        "packages": sorted(PACKAGES),
+        "files": recipe_files(),
+        "customize": CUSTOMIZE,
+    }
+    blob = json.dumps(recipe, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def tarball_path() -> Path:
+    """Where the tarball for the current recipe lives."""
+    return cache_dir() / f"debian12-rootfs-{cache_key()}.tar"
+
+
+def debootstrap_argv(target: Path) -> list[str]:
+    """The debootstrap command line of the recipe."""
+    return [
+        "debootstrap", f"--variant={VARIANT}", f"--include={','.join(PACKAGES)}",
+        SUITE, str(target), MIRROR,
+    ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created if missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_tarball(*, fresh: bool = False) -> Path:
+    """Return the cached tarball, building it first if missing (or if `fresh`)."""
+    target = tarball_path()
+    if target.exists() and not fresh:
+        return target
+    preflight(need_debootstrap=True)
+    with locked(cache_dir() / ".build.lock"):
+        if target.exists() and not fresh:  # built meanwhile by another process
+            return target
+        _build(target)
+    return target
+
+
+def _build(target: Path) -> None:
+    cache = target.parent
+    for stale in cache.glob(".build-*"):  # left by an interrupted build; we hold the lock
+        remove_tree(stale)
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
+    root, build_log = work / "root", cache / "debootstrap.log"
+    started = time.monotonic()
+    log.info("building the Debian 12 root filesystem (about a minute); log: %s", build_log)
+    try:
+        with open(build_log, "wb") as out:
+            rc = subprocess.call(debootstrap_argv(root), stdout=out, stderr=subprocess.STDOUT)
+        if rc != 0:
+            raise SandboxError(
+                f"debootstrap failed (exit {rc}); see {build_log} "
+                f"(needs {MIRROR} reachable; retry with --fresh)"
+            )
+        for path, content in recipe_files().items():
+            write(root, path, content)
+        chroot(root, CUSTOMIZE)
+        tmp_tar = work / "rootfs.tar"
+        run(["tar", *TAR_FLAGS, "-C", str(root), "-cf", str(tmp_tar), "."])
+        os.replace(tmp_tar, target)
+    finally:
+        remove_tree(work)
+    for old in cache.glob("debian12-rootfs-*.tar"):
+        if old != target:
+            old.unlink(missing_ok=True)
+    log.info("root filesystem cached in %s (%.0f s)", target, time.monotonic() - started)
+
+
+def extract(tarball: Path, root: Path) -> None:
+    """Unpack the cached tarball into a new directory `root`."""
+    root.mkdir(mode=0o755, parents=True)
+    run(["tar", *TAR_FLAGS, "-C", str(root), "-xpf", str(tarball)])
+
+
+def write(root: Path, path: str, content: str, mode: int = 0o644) -> Path:
+    """Write `content` to `path` inside the tree `root` (parents created)."""
+    dest = root / path.lstrip("/")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(content)
+    dest.chmod(mode)
+    return dest
+
+
+def chroot(root: Path, script: str) -> None:
+    """Run a shell script inside `root` with chroot (nothing is mounted)."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/root"}
+    proc = subprocess.run(
+        [which("chroot") or "chroot", str(root), "/bin/sh", "-c", script],
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SandboxError(f"command in the sandbox root {root} failed: {last}")
+
+
+def run(argv: list[str]) -> str:
+    """Run a controller command; SandboxError with its last stderr line on failure."""
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SandboxError(f"`{' '.join(argv[:2])} …` failed (exit {proc.returncode}): {last}")
+    return proc.stdout
+
+
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below `path`, deepest first."""
+    prefix = str(path.resolve())
+    found = []
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point == prefix or point.startswith(prefix + "/"):
+                found.append(point)
+    return sorted(found, key=len, reverse=True)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete `path`, first unmounting anything left below it (e.g. by debootstrap)."""
+    if not path.exists():
+        return
+    for point in mounts_under(path):
+        if subprocess.call(["umount", point], stderr=subprocess.DEVNULL) != 0:
+            subprocess.call(["umount", "-l", point], stderr=subprocess.DEVNULL)
+    left = mounts_under(path)
+    if left:
+        raise SandboxError(f"refusing to delete {path}: still mounted at {left[0]}; unmount it")
+    shutil.rmtree(path)

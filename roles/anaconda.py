@@ -1,0 +1,207 @@
+"""Role `anaconda`: the `mlflow` and `demo` Python environments under /opt/anaconda/envs.
+
+`manager: uv` (default) installs a pinned, checksum-verified uv and syncs each env from a
+hashed requirements file; `manager: conda` installs Miniforge and builds the envs from
+environment files. Either way an env is rebuilt only when its requirements changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from mlflow_stack.engine import facts as F
+from mlflow_stack.engine.context import RoleContext
+from mlflow_stack.engine.runner import Role
+from mlflow_stack.engine.steps import Apt, Directory, File, Run, Step, q
+
+FILES = Path(__file__).parent / "files"
+ENVS = {"mlflow": "mlflow-server.service", "demo": "jupyter.service"}  # env → unit to restart
+STAMP = ".mlflow-stack-requirements.sha256"
+UV_VERSION = "0.13.9"
+UV_WHEELS = {
+    "x86_64": (
+        "https://files.pythonhosted.org/packages/3d/aa/"
+        "26d64642d808de4a652579ef950d7cd2d37f080a8babf9c67c6b75fc4c3f/"
+        f"uv-{UV_VERSION}-py3-none-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+        "d7f459fe4fd247d830351c75686d3996ace3c6f3f728eb0e85a30b7ada0cef19",
+    ),
+    "aarch64": (
+        "https://files.pythonhosted.org/packages/fe/2f/"
+        "51a5de367c602592c018a42a23d57fba5f2689fe6c3bf025dcf043b39c61/"
+        f"uv-{UV_VERSION}-py3-none-manylinux_2_28_aarch64.whl",
+        "ecb6028d79dc96fbeafffe5c8af62a7099487ebc05a701e76714eebcffd06375",
+    ),
+}
+UV_ENV = (
+    "export SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt UV_PYTHON_DOWNLOADS=never "
+    "UV_CACHE_DIR=/var/cache/mlflow-stack/uv UV_LINK_MODE=hardlink UV_NO_PROGRESS=1"
+)
+
+
+def requirements(env: str, manager: str = "uv") -> str:
+    """The pinned requirement (uv) or environment (conda) file of an env."""
+    if manager == "conda":
+        return (FILES / "environments" / f"{env}.yml").read_text()
+    return (FILES / "requirements" / f"{env}.txt").read_text()
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def stamp_fact(prefix: str, env: str) -> F.Shell:
+    """The requirements hash recorded in an env after its last successful sync."""
+    path = f"{prefix}/envs/{env}"
+    return F.Shell(f"env {env} stamp", f"[ -x {q(path)}/bin/python ] && cat {q(path)}/{STAMP}")
+
+
+def env_is_current(result: F.ShellResult, text: str) -> bool:
+    return result.ok and result.output.strip() == digest(text)
+
+
+def install_uv_script(prefix: str) -> str:
+    """Download the pinned uv wheel, verify its sha256, extract the binary."""
+    cases = " ".join(f"{arch}) url={q(url)}; sha={sha};;" for arch, (url, sha) in UV_WHEELS.items())
+    member = f"uv-{UV_VERSION}.data/scripts/uv"
+    extract = (
+        "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); "
+        "open(sys.argv[3], 'wb').write(z.read(sys.argv[2]))"
+    )
+    return (
+        f'set -e; case "$(uname -m)" in {cases} '
+        '*) echo "no pinned uv wheel for $(uname -m)" >&2; exit 1;; esac; '
+        "tmp=$(mktemp -d); trap 'rm -rf \"$tmp\"' EXIT; "
+        'curl -fsSL --retry 3 -o "$tmp/uv.whl" "$url"; '
+        'echo "$sha  $tmp/uv.whl" | sha256sum -c --quiet -; '
+        f'python3 -c {q(extract)} "$tmp/uv.whl" {member} "$tmp/uv"; '
+        f'install -m 0755 "$tmp/uv" {q(prefix)}/bin/uv'
+    )
+
+
+def sync_env_script(prefix: str, env: str) -> str:
+    """Create the env if needed, sync it exactly to the hashed requirements, stamp it."""
+    path, req = f"{prefix}/envs/{env}", f"{prefix}/requirements/{env}.txt"
+    return (
+        f"set -e; {UV_ENV}; "
+        f"[ -x {path}/bin/python ] || {prefix}/bin/uv venv -q --python /usr/bin/python3 {path}; "
+        f"{prefix}/bin/uv pip sync -q --python {path}/bin/python --require-hashes {req}; "
+        f"sha256sum < {req} | cut -d' ' -f1 > {path}/{STAMP}"
+    )
+
+
+def uv_steps(ctx: RoleContext, prefix: str) -> list[Step]:
+    version = F.Shell("uv version", f"{q(prefix)}/bin/uv --version")
+    steps: list[Step] = [
+        Apt(("python3", "ca-certificates", "curl")),
+        *(Directory(f"{prefix}{sub}") for sub in ("", "/bin", "/requirements", "/envs")),
+        Run(
+            f"uv {UV_VERSION}",
+            install_uv_script(prefix),
+            when=lambda c: c[version].output.split()[1:2] != [UV_VERSION],
+            needs=(version,),
+        ),
+    ]
+    for env, unit in ENVS.items():
+        text = requirements(env)
+        stamp = stamp_fact(prefix, env)
+        steps += [
+            File(f"{prefix}/requirements/{env}.txt", text, label=f"requirements of env {env}"),
+            Run(
+                f"env {env}",
+                sync_env_script(prefix, env),
+                when=lambda c, stamp=stamp, text=text: not env_is_current(c[stamp], text),
+                needs=(stamp,),
+                notify=(unit,),
+            ),
+        ]
+    cache = F.PathState("/var/cache/mlflow-stack/uv")
+    steps.append(
+        Run(
+            "prune uv cache",
+            "rm -rf /var/cache/mlflow-stack/uv",
+            when=lambda c: c[cache] is not None,
+            needs=(cache,),
+        )
+    )
+    return steps
+
+
+# --- conda (verified as a plan only: conda channels are unreachable from CI) -----------
+
+
+def parse_conda_envs(output: str) -> tuple[str, ...]:
+    """Env prefixes from `conda env list --json` (empty when conda is absent)."""
+    try:
+        return tuple(json.loads(output).get("envs", ()))
+    except (json.JSONDecodeError, AttributeError):
+        return ()
+
+
+def install_miniforge_script(prefix: str, url: str, sha256: dict[str, str]) -> str:
+    cases = " ".join(f"{arch}) sha={sha};;" for arch, sha in sha256.items())
+    return (
+        f'set -e; arch=$(uname -m); case "$arch" in {cases} '
+        '*) echo "no Miniforge checksum for $arch in python.miniforge_sha256" >&2; exit 1;; '
+        "esac; tmp=$(mktemp -d); trap 'rm -rf \"$tmp\"' EXIT; "
+        f'url=$(echo {q(url)} | sed "s/{{arch}}/$arch/"); '
+        'curl -fsSL --retry 3 -o "$tmp/miniforge.sh" "$url"; '
+        'echo "$sha  $tmp/miniforge.sh" | sha256sum -c --quiet -; '
+        f'bash "$tmp/miniforge.sh" -b -u -p {q(prefix)}; '
+        f"{q(prefix)}/bin/conda config --system --remove-key channels 2>/dev/null || true; "
+        f"{q(prefix)}/bin/conda config --system --add channels conda-forge"
+    )
+
+
+def sync_conda_env_script(prefix: str, env: str, exists: bool) -> str:
+    path, spec = f"{prefix}/envs/{env}", f"{prefix}/requirements/{env}.yml"
+    verb = f"env update --prune -p {path}" if exists else f"env create -p {path}"
+    return (
+        f"set -e; {prefix}/bin/conda {verb} -f {spec} --quiet; "
+        f"{prefix}/bin/conda clean --all --yes --quiet; "
+        f"sha256sum < {spec} | cut -d' ' -f1 > {path}/{STAMP}"
+    )
+
+
+def conda_steps(ctx: RoleContext, prefix: str) -> list[Step]:
+    pv = ctx.vars.python
+    conda = F.PathState(f"{prefix}/bin/conda")
+    envs = F.Shell("conda envs", f"{q(prefix)}/bin/conda env list --json")
+    steps: list[Step] = [
+        Apt(("ca-certificates", "curl", "bzip2")),
+        Run(
+            "Miniforge",
+            install_miniforge_script(prefix, pv.miniforge_url, pv.miniforge_sha256),
+            when=lambda c: c[conda] is None,
+            needs=(conda,),
+        ),
+        Directory(f"{prefix}/requirements"),
+    ]
+    for env, unit in ENVS.items():
+        text = requirements(env, "conda")
+        stamp = stamp_fact(prefix, env)
+        path = f"{prefix}/envs/{env}"
+        steps += [
+            File(f"{prefix}/requirements/{env}.yml", text, label=f"environment of env {env}"),
+            Run(
+                f"env {env}",
+                lambda c, path=path, env=env: sync_conda_env_script(
+                    prefix, env, exists=path in parse_conda_envs(c[envs].output)
+                ),
+                when=lambda c, stamp=stamp, text=text: not env_is_current(c[stamp], text),
+                needs=(stamp, envs),
+                notify=(unit,),
+            ),
+        ]
+    return steps
+
+
+def build(ctx: RoleContext) -> list[Step]:
+    prefix = ctx.vars.python.prefix
+    if ctx.vars.python.manager == "conda":
+        return conda_steps(ctx, prefix)
+    return uv_steps(ctx, prefix)
+
+
+role = Role("anaconda", build)

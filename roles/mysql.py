@@ -1,0 +1,210 @@
+"""Role `mysql`: MariaDB (Debian) or MySQL (Ubuntu), secured, with MLflow's databases and user.
+
+The database's users, grants and schemas are read in one query and compared with the wanted
+state by pure functions; only the missing SQL is sent, on stdin (never on a command line).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from mlflow_stack.engine import facts as F
+from mlflow_stack.engine.context import RoleContext
+from mlflow_stack.engine.runner import Role
+from mlflow_stack.engine.steps import Apt, Change, Cmd, File, PlanContext, Service, Step
+from mlflow_stack.engine.templating import render
+
+DATABASES = ("mlflow", "optuna")
+DB_USER = "mlflow"
+CHARSET, COLLATION = "utf8mb4", "utf8mb4_bin"
+REQUIRED_PRIVILEGES = frozenset(
+    {"SELECT", "INSERT", "UPDATE", "DELETE", "CREATE", "DROP", "ALTER", "INDEX", "REFERENCES"}
+)
+PASSWORD_ENV = "MLFLOW_DB_PASSWORD"
+
+
+@dataclass(frozen=True)
+class Flavor:
+    package: str
+    service: str
+    conf_dir: str
+    native_clause: str  # how CREATE/ALTER USER asks for mysql_native_password
+
+    @property
+    def conf_file(self) -> str:
+        return f"{self.conf_dir}/60-mlflow-stack.cnf"
+
+
+MARIADB = Flavor("mariadb-server", "mariadb.service", "/etc/mysql/mariadb.conf.d", "")
+MYSQL = Flavor(
+    "mysql-server", "mysql.service", "/etc/mysql/mysql.conf.d", " WITH mysql_native_password"
+)
+
+
+def flavor(os_info: F.OsInfo) -> Flavor:
+    """Ubuntu gets MySQL, Debian (and the rest) MariaDB."""
+    return MYSQL if os_info.family == "ubuntu" else MARIADB
+
+
+def native_password_hash(password: str) -> str:
+    """The `mysql_native_password` hash: '*' + SHA1(SHA1(password)), upper-case hex."""
+    inner = hashlib.sha1(password.encode()).digest()
+    return "*" + hashlib.sha1(inner).hexdigest().upper()
+
+
+def sql_string(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def account(user: str, host: str) -> str:
+    return f"{sql_string(user)}@{sql_string(host)}"
+
+
+# --- state of the database server ------------------------------------------------------
+
+STATE_QUERY = (
+    "SELECT 'user', User, Host, IFNULL(authentication_string, '') FROM mysql.user; "
+    "SELECT 'db', schema_name, default_character_set_name, default_collation_name "
+    "FROM information_schema.schemata; "
+    "SELECT 'dbpriv', grantee, table_schema, privilege_type "
+    "FROM information_schema.schema_privileges; "
+    "SELECT 'globalpriv', grantee, privilege_type FROM information_schema.user_privileges "
+    "WHERE privilege_type <> 'USAGE';"
+)
+
+
+@dataclass
+class DbState:
+    """Users, databases and privileges as the server reports them."""
+
+    users: dict[tuple[str, str], str] = field(default_factory=dict)  # (user, host) → auth
+    databases: dict[str, tuple[str, str]] = field(default_factory=dict)  # name → (cs, coll)
+    db_privileges: dict[tuple[str, str], set[str]] = field(default_factory=dict)
+    global_privileges: dict[str, set[str]] = field(default_factory=dict)  # grantee → privs
+
+
+def grantee(user: str, host: str) -> str:
+    return f"'{user}'@'{host}'"
+
+
+def parse_state(output: str) -> DbState:
+    """Parse the tab-separated rows of `STATE_QUERY` (mysql -N -B)."""
+    state = DbState()
+    for line in output.splitlines():
+        row = line.split("\t")
+        kind = row[0]
+        if kind == "user" and len(row) == 4:
+            state.users[(row[1], row[2])] = row[3]
+        elif kind == "db" and len(row) == 4:
+            state.databases[row[1]] = (row[2], row[3])
+        elif kind == "dbpriv" and len(row) == 4:
+            state.db_privileges.setdefault((row[1], row[2]), set()).add(row[3])
+        elif kind == "globalpriv" and len(row) == 3:
+            state.global_privileges.setdefault(row[1], set()).add(row[2])
+    return state
+
+
+def state_fact() -> F.Shell:
+    return F.Shell("mysql state", f'mysql -N -B -e "{STATE_QUERY}"')
+
+
+@dataclass(frozen=True)
+class Wanted:
+    password: str
+    hosts: tuple[str, ...]
+    flavor: Flavor
+
+
+def _privileges_ok(state: DbState, host: str) -> bool:
+    who = grantee(DB_USER, host)
+    if state.global_privileges.get(who):
+        return False
+    schemas = {schema for (g, schema) in state.db_privileges if g == who}
+    if schemas != set(DATABASES):
+        return False
+    return all(state.db_privileges[(who, db)] >= REQUIRED_PRIVILEGES for db in DATABASES)
+
+
+def plan_sql(state: DbState, wanted: Wanted) -> list[tuple[str, str]]:
+    """(what, statement) pairs that bring the server to the wanted state; [] when it is."""
+    out: list[tuple[str, str]] = []
+    for user, host in sorted(state.users):
+        if user == "":
+            out.append((f"drop anonymous user @{host}", f"DROP USER {account('', host)};"))
+        elif user == "root" and host != "localhost":
+            out.append((f"drop remote root@{host}", f"DROP USER {account('root', host)};"))
+        elif user == DB_USER and host not in wanted.hosts:
+            out.append((f"drop {DB_USER}@{host}", f"DROP USER {account(DB_USER, host)};"))
+    if "test" in state.databases:
+        out.append(("drop database test", "DROP DATABASE test;"))
+    if any(schema in ("test", "test\\_%") for (_, schema) in state.db_privileges):
+        out.append(
+            ("remove test grants", "DELETE FROM mysql.db WHERE Db='test' OR Db='test\\\\_%';")
+        )
+    for db in DATABASES:
+        spec = f"CHARACTER SET {CHARSET} COLLATE {COLLATION}"
+        if db not in state.databases:
+            out.append((f"create database {db}", f"CREATE DATABASE `{db}` {spec};"))
+        elif state.databases[db] != (CHARSET, COLLATION):
+            out.append((f"set {db} to {CHARSET}", f"ALTER DATABASE `{db}` {spec};"))
+    digest = native_password_hash(wanted.password)
+    identified = f"IDENTIFIED{wanted.flavor.native_clause} BY {sql_string(wanted.password)}"
+    for host in wanted.hosts:
+        who = account(DB_USER, host)
+        if (DB_USER, host) not in state.users:
+            out.append((f"create user {DB_USER}@{host}", f"CREATE USER {who} {identified};"))
+        elif state.users[(DB_USER, host)] != digest:
+            out.append((f"set password of {DB_USER}@{host}", f"ALTER USER {who} {identified};"))
+        if not _privileges_ok(state, host):
+            out.append(
+                (
+                    f"grant {DB_USER}@{host} rights on {', '.join(DATABASES)} only",
+                    f"REVOKE ALL PRIVILEGES, GRANT OPTION FROM {who}; "
+                    + " ".join(f"GRANT ALL PRIVILEGES ON `{db}`.* TO {who};" for db in DATABASES),
+                )
+            )
+    if out:
+        out.append(("flush privileges", "FLUSH PRIVILEGES;"))
+    return out
+
+
+@dataclass
+class SecureDatabase(Step):
+    """Anonymous users, test database and remote root gone; MLflow's databases and user."""
+
+    wanted: Wanted
+
+    def __post_init__(self) -> None:
+        self.name = f"databases {', '.join(DATABASES)} and user {DB_USER}"
+
+    def facts(self) -> list[F.Fact]:
+        return [state_fact()]
+
+    def plan(self, ctx: PlanContext) -> Change | None:
+        result = ctx[state_fact()]
+        state = parse_state(result.output) if result.ok else DbState()
+        statements = plan_sql(state, self.wanted)
+        if not statements:
+            return None
+        summary = "; ".join(what for what, _ in statements if what != "flush privileges")
+        sql = "\n".join(stmt for _, stmt in statements) + "\n"
+        return Change(summary, [Cmd("mysql --batch", stdin=sql)], secret=True)
+
+
+def build(ctx: RoleContext) -> list[Step]:
+    mv = ctx.vars.mysql
+    fl = flavor(ctx.os)
+    password = ctx.secret("db_password", env=PASSWORD_ENV)
+    hosts = tuple(dict.fromkeys(("localhost", "127.0.0.1", *mv.allow_from)))
+    conf = render("mysql/60-mlflow-stack.cnf.j2", bind_address=mv.bind_address, port=mv.port)
+    return [
+        Apt((fl.package,)),
+        File(fl.conf_file, conf, notify=(fl.service,)),
+        Service(fl.service),
+        *ctx.secret_steps("db_password", env={"db_password": PASSWORD_ENV}),
+        SecureDatabase(Wanted(password.reveal(), hosts, fl)),
+    ]
+
+
+role = Role("mysql", build)
