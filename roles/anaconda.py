@@ -34,9 +34,16 @@ UV_WHEELS = {
         "ecb6028d79dc96fbeafffe5c8af62a7099487ebc05a701e76714eebcffd06375",
     ),
 }
+UV_CACHE = "/var/cache/mlflow-stack/uv"
 UV_ENV = (
     "export SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt UV_PYTHON_DOWNLOADS=never "
-    "UV_CACHE_DIR=/var/cache/mlflow-stack/uv UV_LINK_MODE=hardlink UV_NO_PROGRESS=1"
+    f"UV_CACHE_DIR={UV_CACHE} UV_LINK_MODE=hardlink UV_NO_PROGRESS=1"
+)
+# The envs hardlink into the cache, so removing it frees only what no env uses; it holds
+# ~100k small files, so it is moved aside at once and deleted in the background.
+PRUNE_CACHE = (
+    f"[ -d {UV_CACHE} ] || exit 0; trash={UV_CACHE}.trash-$$; mv {UV_CACHE} $trash && "
+    "systemd-run --quiet --no-block --collect --unit=mlflow-stack-prune-$$ rm -rf $trash"
 )
 
 
@@ -86,7 +93,7 @@ def sync_env_script(prefix: str, env: str) -> str:
     return (
         f"set -e; {UV_ENV}; "
         f"[ -x {path}/bin/python ] || {prefix}/bin/uv venv -q --python /usr/bin/python3 {path}; "
-        f"{prefix}/bin/uv pip sync -q --python {path}/bin/python --require-hashes {req}; "
+        f"{prefix}/bin/uv pip sync -q --compile-bytecode --python {path}/bin/python --require-hashes {req}; "
         f"sha256sum < {req} | cut -d' ' -f1 > {path}/{STAMP}"
     )
 
@@ -116,12 +123,12 @@ def uv_steps(ctx: RoleContext, prefix: str) -> list[Step]:
                 notify=(unit,),
             ),
         ]
-    cache = F.PathState("/var/cache/mlflow-stack/uv")
+    cache = F.PathState(UV_CACHE)
     steps.append(
         Run(
             "prune uv cache",
-            "rm -rf /var/cache/mlflow-stack/uv",
-            when=lambda c: c[cache] is not None,
+            PRUNE_CACHE,
+            when=lambda c: c[cache] is not None or bool({"env mlflow", "env demo"} & c.changed),
             needs=(cache,),
         )
     )

@@ -22,6 +22,7 @@ class RoleContext:
     vars: Any
     host_secrets: dict[str, str] = field(default_factory=dict)
     check: bool = False
+    address: str = ""  # how the controller reaches the host (for allowed hosts, URLs)
     _secrets: dict[str, secrets.Secret] = field(default_factory=dict, repr=False)
 
     def secret(self, name: str, env: str | None = None) -> secrets.Secret:

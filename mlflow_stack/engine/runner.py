@@ -17,6 +17,7 @@ from mlflow_stack.engine.steps import (
     PENDING_DIR,
     Change,
     PlanContext,
+    Service,
     Step,
     StepError,
     q,
@@ -69,6 +70,12 @@ def probe(host: Host, facts: list[F.Fact]) -> dict[str, Any]:
         raise HostError(f"{host.name}: gathering facts failed ({exc}): {detail[0]}") from None
 
 
+def as_user(script: str, user: str) -> str:
+    """Run `script` (from a root shell) as `user`, with that user's home as HOME."""
+    home = f'"$(getent passwd {q(user)} | cut -d: -f6)"'
+    return f"cd / && HOME={home} runuser -u {q(user)} -- sh -c {q(script)}"
+
+
 @dataclass
 class _HostRun:
     """State of one host's run: facts, pending handlers, the recap being built."""
@@ -81,6 +88,7 @@ class _HostRun:
     pending: list[str] = field(default_factory=list)  # units to restart
     reload_pending: bool = False
     restarted: set[str] = field(default_factory=set)
+    changed: set[str] = field(default_factory=set)  # names of steps that changed this run
     dirty: bool = False
 
     @property
@@ -123,15 +131,15 @@ class _HostRun:
 
     def apply(self, step: Step, change: Change) -> None:
         for index, cmd in enumerate(change.commands):
-            script = cmd.script
+            script = as_user(cmd.script, cmd.user) if cmd.user else cmd.script
             if index == 0 and step.notify:
                 markers = " ".join(f"{PENDING_DIR}/{q(u)}" for u in step.notify)
                 script = f"mkdir -p {PENDING_DIR} && touch {markers} && {{ {script}\n}}"
-            self.host.check(script, step.name, stdin=cmd.stdin, user=cmd.user, timeout=cmd.timeout)
+            self.host.check(script, step.name, stdin=cmd.stdin, timeout=cmd.timeout)
 
     def run_step(self, role: str, step: Step) -> bool:
         started = time.monotonic()
-        ctx = PlanContext(self.facts, self.reload_pending, self.restarted)
+        ctx = PlanContext(self.facts, self.reload_pending, self.restarted, self.changed)
         try:
             change = step.plan(ctx)
         except StepError as exc:
@@ -155,6 +163,7 @@ class _HostRun:
                 if unit in self.pending:
                     self.pending.remove(unit)
         if change.counts:
+            self.changed.add(step.name)
             for unit in step.notify:
                 if unit not in self.pending and unit not in change.starts:
                     self.pending.append(unit)
@@ -162,14 +171,22 @@ class _HostRun:
         self.emit(role, step.name, status, change.summary, time.monotonic() - started, diff)
         return True
 
-    def flush_handlers(self, role: str, units: list[str]) -> bool:
-        """Restart `units` (after one daemon-reload if a unit file changed)."""
+    def flush_handlers(self, role: str, units: list[str], *, only_active: bool = False) -> bool:
+        """Restart `units` (after one daemon-reload if a unit file changed).
+
+        `only_active`: units no role of this run manages are restarted only if running.
+        """
         units = [u for u in units if u in self.pending]
         if not units:
             return True
         started = time.monotonic()
         parts = ["systemctl daemon-reload"] if self.reload_pending else []
-        parts += [f"systemctl restart {q(u)}" for u in units]
+        if only_active:
+            parts += [
+                f"{{ ! systemctl -q is-active {q(u)} || systemctl restart {q(u)}; }}" for u in units
+            ]
+        else:
+            parts += [f"systemctl restart {q(u)}" for u in units]
         parts.append("rm -f " + " ".join(f"{PENDING_DIR}/{q(u)}" for u in units))
         name = "handler: restart " + ", ".join(units)
         if not self.options.check:
@@ -187,11 +204,9 @@ class _HostRun:
         return True
 
 
-def _role_units(steps: list[Step]) -> list[str]:
-    units: list[str] = []
-    for step in steps:
-        units += [u for u in step.notify if u not in units]
-    return units
+def owned_units(steps: list[Step]) -> list[str]:
+    """Units a role manages (it has a `Service` step for them): their handlers run with it."""
+    return [s.unit for s in steps if isinstance(s, Service)]
 
 
 def converge_host(job: HostJob, options: Options, reporter: Reporter) -> HostRecap:
@@ -202,7 +217,14 @@ def converge_host(job: HostJob, options: Options, reporter: Reporter) -> HostRec
     try:
         base = probe(job.host, base_facts())
         os_info, pending, host_secrets = (base[f.key] for f in base_facts())
-        ctx = RoleContext(job.host.name, os_info, job.vars, host_secrets, options.check)
+        ctx = RoleContext(
+            job.host.name,
+            os_info,
+            job.vars,
+            host_secrets,
+            options.check,
+            address=job.host.target.address,
+        )
         run.pending = list(pending)
         plans = [(role, role.build(ctx)) for role in job.roles]
         run.facts = probe(job.host, [f for _, steps in plans for s in steps for f in s.facts()])
@@ -213,12 +235,12 @@ def converge_host(job: HostJob, options: Options, reporter: Reporter) -> HostRec
                 run.dirty = False
             ok = all(run.run_step(role.name, step) for step in steps)
             if ok:
-                ok = run.flush_handlers(role.name, _role_units(steps))
+                ok = run.flush_handlers(role.name, owned_units(steps))
             recap.role_seconds[role.name] = time.monotonic() - role_started
             if not ok:
                 break
         else:
-            run.flush_handlers("handlers", list(run.pending))
+            run.flush_handlers("handlers", list(run.pending), only_active=True)
     except HostError as exc:
         recap.error = mask(str(exc))
     finally:

@@ -49,6 +49,7 @@ class PlanContext:
     facts: dict[str, Any]
     reload_pending: bool = False
     restarted: set[str] = field(default_factory=set)
+    changed: set[str] = field(default_factory=set)  # names of the steps changed so far
 
     def __getitem__(self, fact: F.Fact) -> Any:
         return self.facts[fact.key]
@@ -131,7 +132,7 @@ class SystemUser(Step):
                 f"useradd --system --user-group --home-dir {q(self.home)} --no-create-home "
                 f"--shell {q(self.shell)} {q(self.user)}"
             )
-            return Change(f"create system user {self.user}", [Cmd(script)])
+            return Change("created", [Cmd(script)])
         fixes = []
         if info.home != self.home:
             fixes.append(f"--home {q(self.home)}")
@@ -139,9 +140,7 @@ class SystemUser(Step):
             fixes.append(f"--shell {q(self.shell)}")
         if not fixes:
             return None
-        return Change(
-            f"update user {self.user}", [Cmd(f"usermod {' '.join(fixes)} {q(self.user)}")]
-        )
+        return Change("updated", [Cmd(f"usermod {' '.join(fixes)} {q(self.user)}")])
 
 
 def _ownership_fixes(path: str, info: F.PathInfo, owner: str, group: str, mode: int) -> list[str]:
@@ -173,13 +172,13 @@ class Directory(Step):
         p = q(self.path)
         own = f"chown {q(self.owner)}:{q(self.group)} {p} && chmod {self.mode:o} {p}"
         if info is None:
-            return Change(f"create {self.path}", [Cmd(f"mkdir -p {p} && {own}")])
+            return Change("created", [Cmd(f"mkdir -p {p} && {own}")])
         if info.kind != "directory":
             raise StepError(f"{self.path} exists but is a {info.kind}, not a directory")
         fixes = _ownership_fixes(self.path, info, self.owner, self.group, self.mode)
         if not fixes:
             return None
-        return Change(f"fix ownership/mode of {self.path}", [Cmd(" && ".join(fixes))])
+        return Change("fixed owner/mode", [Cmd(" && ".join(fixes))])
 
 
 class StepError(Exception):
@@ -232,7 +231,7 @@ class File(Step):
         if info is None or info.sha256 != hashlib.sha256(self.data).hexdigest():
             script = install_file_script(self.path, self.owner, self.group, self.mode)
             return Change(
-                f"{'create' if info is None else 'update'} {self.path}",
+                "created" if info is None else "updated",
                 [Cmd(script, stdin=self.data)],
                 path=self.path if info is not None else None,
                 new_text=new_text,
@@ -242,7 +241,7 @@ class File(Step):
         fixes = _ownership_fixes(self.path, info, self.owner, self.group, self.mode)
         if not fixes:
             return None
-        return Change(f"fix ownership/mode of {self.path}", [Cmd(" && ".join(fixes))])
+        return Change("fixed owner/mode", [Cmd(" && ".join(fixes))])
 
 
 # --- services --------------------------------------------------------------------------
@@ -287,7 +286,7 @@ class Service(Step):
             parts.append(f"systemctl stop {u}")
         if starts:
             parts.append(f"rm -f {PENDING_DIR}/{u}")
-        return Change(f"{', '.join(actions)} {self.unit}", [Cmd(" && ".join(parts))], starts=starts)
+        return Change(", ".join(actions), [Cmd(" && ".join(parts))], starts=starts)
 
 
 # --- commands and waits ----------------------------------------------------------------
@@ -317,7 +316,7 @@ class Run(Step):
             return None
         script = self.script(ctx) if callable(self.script) else self.script
         cmd = Cmd(script, stdin=self.stdin, user=self.user, timeout=self.timeout)
-        return Change(self.label, [cmd])
+        return Change("ran", [cmd])
 
 
 @dataclass

@@ -58,7 +58,7 @@ def test_file_absent_present_and_perms():
     step = File("/etc/x.conf", "a=1\n", owner="root", group="mlflow", mode=0o640)
     key = F.PathState("/etc/x.conf").key
     created = plan(step, {key: None})
-    assert created.summary == "create /etc/x.conf"
+    assert created.summary == "created"
     assert created.commands[0].stdin == b"a=1\n"
     same = F.PathInfo("file", 0o640, "root", "mlflow", 4, hashlib.sha256(b"a=1\n").hexdigest())
     assert plan(step, {key: same}) is None
@@ -66,7 +66,7 @@ def test_file_absent_present_and_perms():
     fix = plan(step, {key: wrong_mode})
     assert fix.commands[0].script == "chown root:mlflow /etc/x.conf && chmod 640 /etc/x.conf"
     other = F.PathInfo("file", 0o640, "root", "mlflow", 4, "0" * 64)
-    assert plan(step, {key: other}).summary == "update /etc/x.conf"
+    assert plan(step, {key: other}).summary == "updated"
     with pytest.raises(StepError, match="not a regular file"):
         plan(step, {key: F.PathInfo("directory", 0o755, "root", "root", 0)})
 

@@ -1,0 +1,139 @@
+"""Role `mlflow_server`: the MLflow tracking server as a hardened systemd unit.
+
+The backend URI (with the database password) lives only in a 0600 env file; the schema is
+created or migrated explicitly before the first start; the role ends when /health answers.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from mlflow_stack.engine import facts as F
+from mlflow_stack.engine.context import RoleContext
+from mlflow_stack.engine.runner import Role
+from mlflow_stack.engine.steps import (
+    Directory,
+    File,
+    Run,
+    Service,
+    Step,
+    SystemUser,
+    WaitHttp,
+    q,
+)
+from mlflow_stack.engine.templating import TEMPLATES_DIR, render
+from roles import mysql
+
+USER = "mlflow"
+HOME = "/opt/mlflow"
+ARTIFACTS = f"{HOME}/artifacts"
+CONF_DIR = "/etc/mlflow"
+ENV_FILE = f"{CONF_DIR}/mlflow.env"
+UNIT = "mlflow-server.service"
+SQLITE_PATH = f"{HOME}/mlflow.db"
+# Alembic head of the pinned mlflow (3.17.2); tests check it against the installed mlflow.
+SCHEMA_HEAD = "dc11669786a5"
+
+
+def backend_uri(backend: str, password: str, port: int) -> str:
+    if backend == "sqlite":
+        return f"sqlite:///{SQLITE_PATH}"
+    return f"mysql+pymysql://{mysql.DB_USER}:{quote(password, safe='')}@127.0.0.1:{port}/mlflow"
+
+
+def schema_fact(backend: str) -> F.Shell:
+    """The schema revision recorded in the tracking database (empty when none)."""
+    if backend == "sqlite":
+        read = (
+            "import sqlite3; c = sqlite3.connect('file:" + SQLITE_PATH + "?mode=ro', uri=True); "
+            "print(c.execute('select version_num from alembic_version').fetchone()[0])"
+        )
+        return F.Shell("mlflow schema", f"python3 -c {q(read)}")
+    return F.Shell(
+        "mlflow schema", 'mysql -N -B -e "SELECT version_num FROM mlflow.alembic_version"'
+    )
+
+
+def allowed_hosts(ctx: RoleContext) -> list[str]:
+    mv = ctx.vars.mlflow
+    if not mv.public:
+        return list(mv.allowed_hosts)
+    names = mv.allowed_hosts or [n for n in (ctx.address, ctx.host) if n]
+    names = [*names, "localhost", "127.0.0.1"]
+    return list(dict.fromkeys(h for n in names for h in (n, f"{n}:{mv.port}")))
+
+
+def build(ctx: RoleContext) -> list[Step]:
+    mv = ctx.vars.mlflow
+    env_prefix = f"{ctx.vars.python.prefix}/envs/mlflow"
+    uses_mysql = mv.backend == "mysql"
+    password = ctx.secret("db_password", env=mysql.PASSWORD_ENV) if uses_mysql else None
+    env_vars = {
+        "backend_uri": backend_uri(
+            mv.backend, password.reveal() if password else "", ctx.vars.mysql.port
+        ),
+        "public": mv.public,
+    }
+    steps: list[Step] = [
+        SystemUser(USER, home=HOME),
+        Directory(HOME, USER, USER, 0o750),
+        Directory(ARTIFACTS, USER, USER, 0o750),
+        Directory(CONF_DIR, "root", USER, 0o750),
+    ]
+    if mv.public:
+        admin = ctx.secret("mlflow_admin_password", env="MLFLOW_ADMIN_PASSWORD")
+        env_vars["flask_secret_key"] = ctx.secret("mlflow_flask_secret_key").reveal()
+        steps += ctx.secret_steps(
+            "mlflow_admin_password",
+            "mlflow_flask_secret_key",
+            env={"mlflow_admin_password": "MLFLOW_ADMIN_PASSWORD"},
+        )
+        auth = render(
+            "mlflow/basic_auth.ini.j2", home=HOME, admin_user="admin", admin_password=admin.reveal()
+        )
+        steps.append(
+            File(f"{CONF_DIR}/basic_auth.ini", auth, USER, USER, 0o600, secret=True, notify=(UNIT,))
+        )
+    schema = schema_fact(mv.backend)
+    unit = render(
+        "systemd/mlflow-server.service.j2",
+        user=USER,
+        home=HOME,
+        env_file=ENV_FILE,
+        env_prefix=env_prefix,
+        bind="0.0.0.0" if mv.public else "127.0.0.1",
+        port=mv.port,
+        workers=mv.workers,
+        artifacts=ARTIFACTS,
+        allowed_hosts=allowed_hosts(ctx),
+        public=mv.public,
+        db_unit=mysql.flavor(ctx.os).service if uses_mysql else "",
+    )
+    upgrade = (TEMPLATES_DIR / "mlflow" / "db_upgrade.py").read_text()
+    steps += [
+        File(
+            ENV_FILE,
+            render("mlflow/mlflow.env.j2", **env_vars),
+            USER,
+            USER,
+            0o600,
+            secret=True,
+            notify=(UNIT,),
+        ),
+        File(f"{HOME}/db_upgrade.py", upgrade, "root", USER, 0o640),
+        Run(
+            "tracking schema",
+            f"{env_prefix}/bin/python {HOME}/db_upgrade.py {ENV_FILE}",
+            when=lambda c: c[schema].output.strip() != SCHEMA_HEAD,
+            needs=(schema,),
+            user=USER,
+            notify=(UNIT,),
+        ),
+        File(f"/etc/systemd/system/{UNIT}", unit, notify=(UNIT,), unit_file=True),
+        Service(UNIT),
+        WaitHttp("mlflow answers /health", f"http://127.0.0.1:{mv.port}/health", after=(UNIT,)),
+    ]
+    return steps
+
+
+role = Role("mlflow_server", build)
