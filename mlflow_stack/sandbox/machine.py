@@ -14,7 +14,7 @@ from pathlib import Path
 
 import paramiko
 
-from . import ssh
+from . import cgroup, ssh
 from .base import (
     ADDRESS,
     USER,
@@ -84,8 +84,10 @@ def down(name: str = "sandbox", *, keep: bool = False) -> bool:
             return False
         meta = read_meta(state)
         pid = meta.get("pid")
+        groups = [Path(g) for g in meta.get("cgroups") or []]  # type: ignore[attr-defined]
         if isinstance(pid, int) and _is_nspawn_of(pid, state):
-            stop_pid(pid)
+            stop_pid(pid, groups)
+        cgroup.remove(groups)
         if keep:
             write_meta(state, {**meta, "pid": None})
         else:
@@ -200,19 +202,22 @@ def _boot(state: Path, name: str, port: int, timeout: float) -> SandboxInfo:
         "-M", name, "--register=no", "--keep-unit", "--console=passive",
     ]  # fmt: skip
     log.info("booting sandbox %s (ssh on %s:%d)", name, ADDRESS, port)
+    groups = cgroup.create(name)
     with open(state / "nspawn.log", "ab") as out:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            cgroup.wrap(groups, argv), stdin=subprocess.DEVNULL, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     _children[proc.pid] = proc
-    write_meta(state, {"name": name, "port": port, "pid": proc.pid, "started": time.time()})
+    meta = {"name": name, "port": port, "pid": proc.pid, "cgroups": [str(g) for g in groups]}
+    write_meta(state, {**meta, "started": time.time()})
     info = _info(state, name, port, proc.pid)
     try:
         _wait_ready(info, proc, time.monotonic() + timeout)
     except BaseException:
-        stop_pid(proc.pid)
-        write_meta(state, {"name": name, "port": port, "pid": None})
+        stop_pid(proc.pid, groups)
+        cgroup.remove(groups)
+        write_meta(state, {**meta, "pid": None})
         raise
     return info
 
@@ -258,7 +263,7 @@ def _wait_ready(info: SandboxInfo, proc: subprocess.Popen[bytes], deadline: floa
         client.close()
 
 
-def stop_pid(pid: int, timeout: float = STOP_TIMEOUT) -> None:
+def stop_pid(pid: int, groups: list[Path] | None = None, timeout: float = STOP_TIMEOUT) -> None:
     """SIGTERM a systemd-nspawn process (clean shutdown), SIGKILL after `timeout`."""
     if not _alive(pid):
         return
@@ -266,6 +271,7 @@ def stop_pid(pid: int, timeout: float = STOP_TIMEOUT) -> None:
     if _wait_gone(pid, timeout):
         return
     log.warning("sandbox process %d did not shut down in %.0f s; killing it", pid, timeout)
+    cgroup.kill(groups or [])
     for init in _container_inits(pid):
         _signal(init, signal.SIGKILL)
     if _wait_gone(pid, 5):

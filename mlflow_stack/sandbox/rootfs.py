@@ -37,6 +37,9 @@ useradd --create-home --shell /bin/bash --uid 1000 --user-group --groups adm,sud
 install -d -m 0700 -o {USER} -g {USER} /home/{USER}/.ssh
 chmod 0440 /etc/sudoers.d/90-{USER}
 visudo -cq -f /etc/sudoers.d/90-{USER}
+for f in /etc/pam.d/sudo /etc/pam.d/sudo-i; do  # as on Ubuntu: sudo reads /etc/environment
+    echo 'session required pam_env.so readenv=1 user_readenv=0' >> "$f"
+done
 systemctl mask --quiet {" ".join(MASKED_UNITS)}
 rm -f /etc/ssh/ssh_host_*
 apt-get clean
