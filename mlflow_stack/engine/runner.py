@@ -226,7 +226,10 @@ def converge_host(job: HostJob, options: Options, reporter: Reporter) -> HostRec
             address=job.host.target.address,
         )
         run.pending = list(pending)
-        plans = [(role, role.build(ctx)) for role in job.roles]
+        try:
+            plans = [(role, role.build(ctx)) for role in job.roles]
+        except StepError as exc:
+            raise HostError(f"{job.host.name}: {exc}") from None
         run.facts = probe(job.host, [f for _, steps in plans for s in steps for f in s.facts()])
         for role, steps in plans:
             role_started = time.monotonic()

@@ -1,0 +1,75 @@
+"""A local directory mirrored to the host: only differing files are sent, extras removed."""
+
+from __future__ import annotations
+
+import fnmatch
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow_stack.engine import facts as F
+from mlflow_stack.engine.steps import Change, Cmd, Directory, File, PlanContext, Step
+
+EXCLUDE = ("__pycache__", "*.pyc", ".ipynb_checkpoints", "mlruns", "mlflow.db", ".DS_Store")
+
+
+def local_files(root: Path, exclude: tuple[str, ...] = EXCLUDE) -> list[Path]:
+    """Files under `root` (relative paths, sorted), skipping excluded names at any depth."""
+    found = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if any(fnmatch.fnmatch(part, pat) for part in rel.parts for pat in exclude):
+            continue
+        if path.is_file():
+            found.append(rel)
+    return found
+
+
+@dataclass
+class PruneExtra(Step):
+    """Remove files under `remote` that the local tree no longer has."""
+
+    remote: str
+    keep: frozenset[str]
+    exclude: tuple[str, ...] = EXCLUDE
+
+    def __post_init__(self) -> None:
+        self.name = f"prune {self.remote}"
+
+    def fact(self) -> F.Shell:
+        r = shlex.quote(self.remote)
+        return F.Shell(
+            f"files under {self.remote}",
+            f"[ -d {r} ] && cd {r} && find . -type f | sed 's|^\\./||' | sort",
+        )
+
+    def facts(self) -> list[F.Fact]:
+        return [self.fact()]
+
+    def plan(self, ctx: PlanContext) -> Change | None:
+        present = [line for line in ctx[self.fact()].output.splitlines() if line]
+        extra = [
+            p
+            for p in present
+            if p not in self.keep
+            and not any(fnmatch.fnmatch(part, pat) for part in p.split("/") for pat in self.exclude)
+        ]
+        if not extra:
+            return None
+        paths = " ".join(shlex.quote(f"{self.remote}/{p}") for p in extra)
+        return Change(
+            f"removed {len(extra)} file(s): {', '.join(extra[:5])}", [Cmd(f"rm -f {paths}")]
+        )
+
+
+def tree_steps(local: Path, remote: str, owner: str, group: str) -> list[Step]:
+    """Directories, files and a prune step making `remote` mirror `local`."""
+    files = local_files(local)
+    dirs = sorted({str(p.parent) for p in files if str(p.parent) != "."})
+    steps: list[Step] = [Directory(remote, owner, group, 0o755)]
+    steps += [Directory(f"{remote}/{d}", owner, group, 0o755) for d in dirs]
+    for rel in files:
+        mode = 0o755 if (local / rel).stat().st_mode & 0o100 else 0o644
+        steps.append(File(f"{remote}/{rel}", (local / rel).read_bytes(), owner, group, mode))
+    steps.append(PruneExtra(remote, frozenset(str(p) for p in files)))
+    return steps
