@@ -54,8 +54,9 @@ def up(
     with locked(state_root() / f".{name}.lock"):
         current = load(name)
         if current:
-            if current.port != port or fresh:
-                log.warning("sandbox %s already runs on port %d; left as is", name, current.port)
+            log.info("sandbox %s already runs (ssh port %d)", name, current.port)
+            if fresh:
+                log.warning("sandbox %s runs: --fresh ignored; `down` it first", name)
             return current
         check_port_free(port)
         tarball = ensure_tarball(fresh=fresh)

@@ -1,0 +1,102 @@
+"""Invoke tasks for the local sandbox host: `sandbox.up`, `.down`, `.ssh`, `.status`, `.list`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from invoke import Collection, task
+from invoke.exceptions import Exit
+
+from mlflow_stack import sandbox as sb
+
+T = TypeVar("T")
+NAME_HELP = "sandbox name, also its hostname (default: sandbox)"
+
+
+def _call(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+    """Run a sandbox function with progress on stderr; SandboxError -> one line, exit 1."""
+    logger = logging.getLogger("mlflow_stack.sandbox")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("sandbox: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    try:
+        return fn(*args, **kwargs)
+    except sb.SandboxError as exc:
+        raise Exit(f"sandbox: {exc}", code=1) from None
+
+
+def _loaded(name: str) -> sb.SandboxInfo:
+    info = _call(sb.load, name)
+    if info is None:
+        hint = f"start it with `invoke sandbox.up --name {name}`"
+        raise Exit(f"sandbox: {name} is not running: {hint}")
+    return info
+
+
+@task(
+    help={
+        "name": NAME_HELP,
+        "port": "SSH port on 127.0.0.1 (default: 2222)",
+        "fresh": "rebuild the cached Debian root filesystem and start from a pristine host",
+    }
+)
+def up(c, name="sandbox", port=2222, fresh=False):
+    """Boot a local systemd test host (Debian 12, user ubuntu) reachable over SSH."""
+    started = time.monotonic()
+    info = _call(sb.up, name, int(port), fresh=fresh)
+    print(f"{info.name} is up ({time.monotonic() - started:.1f} s): ssh {info.host_string}")
+    print(f"  key {info.key_file}, known_hosts {info.known_hosts}, pid {info.pid}")
+    print(f"  ssh -F {info.ssh_config} {info.name}   or   invoke sandbox.ssh --name {info.name}")
+
+
+@task(help={"name": NAME_HELP, "keep": "keep the root filesystem for a later `up`"})
+def down(c, name="sandbox", keep=False):
+    """Stop a sandbox and delete its root filesystem and state."""
+    started = time.monotonic()
+    if _call(sb.down, name, keep=keep):
+        print(f"{name} is down ({time.monotonic() - started:.1f} s)")
+    else:
+        print(f"{name}: no such sandbox")
+
+
+@task(help={"name": NAME_HELP, "command": "run this command instead of an interactive shell"})
+def ssh(c, name="sandbox", command=None):
+    """Open a shell (or run a command) on a sandbox as ubuntu, host key pinned."""
+    argv = _loaded(name).ssh_command(command)
+    rc = subprocess.call(argv)
+    if rc != 0:
+        raise Exit(code=rc)
+
+
+@task(help={"name": NAME_HELP, "json": "print the status as one JSON object"})
+def status(c, name="sandbox", json_=False):
+    """Show whether a sandbox runs, its pid, port, uptime and systemd state."""
+    facts = _call(sb.status, name)
+    if json_:
+        print(json.dumps(facts))
+    else:
+        for key, value in facts.items():
+            print(f"{key:13} {value}")
+    if not facts["running"]:
+        raise Exit(code=3)
+
+
+@task(name="list")
+def list_(c):
+    """List the running sandboxes."""
+    for info in _call(sb.list_sandboxes):
+        print(f"{info.name:20} {info.host_string:24} pid {info.pid}")
+
+
+ns = Collection("sandbox")
+for _task in (up, down, ssh, status, list_):
+    ns.add_task(_task)
