@@ -17,7 +17,7 @@ from .base import (
 )
 from .machine import down, list_sandboxes, load, prune, status, up
 from .rootfs import cache_key, tarball_path
-from .ssh import Result, connect, run
+from .ssh import Result, connect, exec_command, run
 
 __all__ = [
     "Result",
@@ -27,6 +27,7 @@ __all__ = [
     "cache_key",
     "connect",
     "down",
+    "exec_command",
     "instance_dir",
     "list_sandboxes",
     "load",

@@ -97,9 +97,14 @@ def instance_dir(name: str) -> Path:
     return state_root() / check_name(name)
 
 
+def is_valid_name(name: str) -> bool:
+    """True if `name` can name a sandbox (a hostname label)."""
+    return bool(_NAME_RE.match(name))
+
+
 def check_name(name: str) -> str:
     """Return `name` if it is a valid sandbox (host)name, else raise SandboxError."""
-    if not _NAME_RE.match(name):
+    if not is_valid_name(name):
         raise SandboxError(
             f"invalid sandbox name {name!r}: use 1-63 lowercase letters, digits and '-' "
             "(it becomes the hostname)"

@@ -23,6 +23,7 @@ from .base import (
     check_name,
     check_port,
     instance_dir,
+    is_valid_name,
     preflight,
     state_root,
     which,
@@ -100,7 +101,7 @@ def prune(prefix: str) -> list[str]:
     """Delete stopped instances whose name starts with `prefix`; return their names."""
     removed = []
     for state in sorted(state_root().glob(f"{prefix}*")):
-        if state.is_dir():
+        if state.is_dir() and is_valid_name(state.name):
             with locked(state_root() / f".{state.name}.lock"):
                 if state.exists() and load(state.name) is None:
                     remove_tree(state)
@@ -159,7 +160,8 @@ def status(name: str) -> dict[str, object]:
 def list_sandboxes() -> list[SandboxInfo]:
     """Every running sandbox, by name."""
     root = state_root()
-    names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    dirs = root.iterdir() if root.is_dir() else []
+    names = sorted(p.name for p in dirs if p.is_dir() and is_valid_name(p.name))
     return [info for info in map(load, names) if info is not None]
 
 

@@ -1,0 +1,101 @@
+"""End-to-end fixtures: a real sandbox host (systemd-nspawn) reached over SSH.
+
+`sandbox` boots one pristine host per test session (skipped with the reason when this machine
+cannot run it); `fresh_sandbox` makes extra pristine hosts for tests that need their own.
+Every test in tests/e2e is marked `e2e`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from mlflow_stack import sandbox as sb
+
+HERE = Path(__file__).parent
+OWNER = "e2e-owner"  # file in a sandbox's state dir: pid of the pytest session that made it
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def unique_name() -> str:
+    """A sandbox name no other session uses."""
+    return f"e2e-{uuid.uuid4().hex[:10]}"
+
+
+def skip_reason() -> str | None:
+    """Why e2e tests cannot run on this machine, or None."""
+    problem = sb.preflight_problem(need_debootstrap=not sb.tarball_path().exists())
+    return f"no sandbox host here: {problem}" if problem else None
+
+
+def boot(name: str | None = None) -> sb.SandboxInfo:
+    """Boot a new pristine sandbox owned by this pytest process."""
+    info = sb.up(name or unique_name(), free_port())
+    (info.state_dir / OWNER).write_text(f"{os.getpid()}\n")
+    return info
+
+
+def prune_orphans() -> None:
+    """Remove e2e sandboxes left by sessions that died (stopped, or owner pid gone)."""
+    for info in sb.list_sandboxes():
+        owner = info.state_dir / OWNER
+        if info.name.startswith("e2e-") and owner.exists():
+            pid = int(owner.read_text() or 0)
+            if pid and not Path(f"/proc/{pid}").exists():
+                sb.down(info.name)
+    sb.prune("e2e-")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test under tests/e2e `e2e`, and skip them when no sandbox can run."""
+    reason = skip_reason()
+    for item in items:
+        if HERE in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.e2e)
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Iterator[sb.SandboxInfo]:
+    """A running pristine sandbox for the whole session; always removed at the end."""
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    prune_orphans()
+    info = boot()
+    try:
+        yield info
+    finally:
+        sb.down(info.name)
+
+
+@pytest.fixture
+def fresh_sandbox() -> Iterator[Callable[[], sb.SandboxInfo]]:
+    """Factory of extra pristine sandboxes (a few seconds each), removed after the test."""
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    made: list[str] = []
+
+    def make() -> sb.SandboxInfo:
+        info = boot()
+        made.append(info.name)
+        return info
+
+    try:
+        yield make
+    finally:
+        for name in made:
+            sb.down(name)
