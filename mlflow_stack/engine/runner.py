@@ -171,6 +171,16 @@ class _HostRun:
         self.emit(role, step.name, status, change.summary, time.monotonic() - started, diff)
         return True
 
+    def run_role(self, role: str, steps: list[Step]) -> bool:
+        """Each step in order; handlers run before a step that waits for them and at the end."""
+        units = owned_units(steps)
+        for step in steps:
+            if step.flush_before and not self.flush_handlers(role, units):
+                return False
+            if not self.run_step(role, step):
+                return False
+        return self.flush_handlers(role, units)
+
     def flush_handlers(self, role: str, units: list[str], *, only_active: bool = False) -> bool:
         """Restart `units` (after one daemon-reload if a unit file changed).
 
@@ -226,6 +236,8 @@ def converge_host(job: HostJob, options: Options, reporter: Reporter) -> HostRec
             address=job.host.target.address,
         )
         run.pending = list(pending)
+        # A run that died after changing a unit file may not have reloaded systemd either.
+        run.reload_pending = bool(pending)
         try:
             plans = [(role, role.build(ctx)) for role in job.roles]
         except StepError as exc:
@@ -236,9 +248,7 @@ def converge_host(job: HostJob, options: Options, reporter: Reporter) -> HostRec
             if run.dirty:
                 run.facts.update(probe(job.host, [f for s in steps for f in s.facts()]))
                 run.dirty = False
-            ok = all(run.run_step(role.name, step) for step in steps)
-            if ok:
-                ok = run.flush_handlers(role.name, owned_units(steps))
+            ok = run.run_role(role.name, steps)
             recap.role_seconds[role.name] = time.monotonic() - role_started
             if not ok:
                 break

@@ -60,6 +60,7 @@ class Step:
 
     name: str = ""
     notify: tuple[str, ...] = ()
+    flush_before: bool = False  # pending handlers of the role run before this step
 
     def facts(self) -> list[F.Fact]:
         return []
@@ -328,6 +329,7 @@ class WaitHttp(Step):
     timeout: int = 90
     expect: tuple[int, ...] = (200,)
     after: tuple[str, ...] = ()  # units whose (re)start in this run forces a fresh wait
+    flush_before: bool = True
 
     def __post_init__(self) -> None:
         self.name = self.label
