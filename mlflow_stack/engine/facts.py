@@ -376,10 +376,12 @@ class FileContents(Fact):
 def build_probe(facts: list[Fact], marker: str | None = None) -> tuple[str, str]:
     """One shell script that runs every fact's command, with markers around each output."""
     marker = marker or f"@@probe-{_random.token_hex(8)}"
-    lines = ["exec 2>/dev/null </dev/null", "export LC_ALL=C"]
+    # The script itself arrives on stdin (`sh -s`): each fact gets /dev/null as its stdin so
+    # that no command can swallow the rest of the script.
+    lines = ["exec 2>/dev/null", "export LC_ALL=C"]
     for index, fact in enumerate(facts):
         lines.append(f"echo '{marker} {index}'")
-        lines.append(f"( {fact.command()}\n)")
+        lines.append(f"( {fact.command()}\n) </dev/null")
         lines.append(f"printf '\\n{marker} end %s\\n' $?")
     return "\n".join(lines) + "\n", marker
 

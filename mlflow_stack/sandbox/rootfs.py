@@ -166,17 +166,21 @@ def chroot(root: Path, script: str) -> None:
         env=env, capture_output=True, text=True, check=False,
     )  # fmt: skip
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise SandboxError(f"command in the sandbox root {root} failed: {last}")
+        raise SandboxError(f"command in the sandbox root {root} failed: {first_line(proc.stderr)}")
 
 
 def run(argv: list[str]) -> str:
     """Run a controller command; SandboxError with its last stderr line on failure."""
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise SandboxError(f"`{' '.join(argv[:2])} …` failed (exit {proc.returncode}): {last}")
+        what = f"`{' '.join(argv[:2])} …` failed (exit {proc.returncode})"
+        raise SandboxError(f"{what}: {first_line(proc.stderr)}")
     return proc.stdout
+
+
+def first_line(text: str) -> str:
+    """The first non-empty line of a command's stderr (the cause, usually)."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "no output")
 
 
 def mounts_under(path: Path) -> list[str]:

@@ -142,3 +142,12 @@ def test_probe_output_cut_short_is_an_error():
     _, marker = F.build_probe(facts)
     with pytest.raises(ValueError, match="incomplete"):
         F.parse_probe(facts, f"{marker} 0\nhi\n", marker)
+
+
+def test_long_probe_read_from_stdin_is_not_cut_short(tmp_path):
+    """Hundreds of facts (a script far beyond one read buffer), one reading stdin itself."""
+    facts = [F.Shell(f"n{i}", f"echo {i}") for i in range(400)]
+    facts.insert(7, F.Shell("reads stdin", "cat"))
+    values = run_local_probe(facts)
+    assert values[facts[-1].key] == F.ShellResult(0, "399\n")
+    assert values[facts[7].key] == F.ShellResult(0, "")

@@ -5,7 +5,10 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -156,8 +159,6 @@ def test_status_of_an_unknown_sandbox():
 
 
 def test_busy_port_message():
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
@@ -231,3 +232,23 @@ def test_tasks_have_help_for_every_flag():
         for param in params:
             assert param.rstrip("_") in task.help, (task.name, param)
     assert set(sandbox_tasks.ns.tasks) >= {"up", "down", "ssh", "status"}
+
+
+def test_boot_failures_point_at_the_log(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens there once closed
+    info = sb.SandboxInfo("demo", "127.0.0.1", port, "ubuntu", tmp_path / "k", tmp_path / "kh",
+                          0, tmp_path)  # fmt: skip
+    log = re.escape(str(tmp_path / "nspawn.log"))
+    crashed = subprocess.Popen(["sh", "-c", "exit 1"])
+    crashed.wait()
+    with pytest.raises(sb.SandboxError, match=rf"exited \(code 1\) while booting demo; see {log}"):
+        machine._wait_ready(info, crashed, time.monotonic() + 5)
+    hung = subprocess.Popen(["sleep", "5"])
+    try:
+        with pytest.raises(sb.SandboxError, match=rf"timed out waiting for sshd; see {log}"):
+            machine._wait_ready(info, hung, time.monotonic() + 0.3)
+    finally:
+        hung.kill()
+        hung.wait()

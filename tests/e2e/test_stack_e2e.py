@@ -1,0 +1,243 @@
+"""The whole stack on a fresh sandbox: five roles converge, converge again with no change,
+every service answers, secrets stay secret, and one variable change restarts exactly one unit.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pymysql
+import pytest
+
+from mlflow_stack.vars import WINE_SHA256
+from tests.data import SHARED_CSV, download_wine_csv
+from tests.e2e.helpers import changed_steps, host, inventory, provision_json, sh
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def wine_csv(tmp_path_factory) -> Path:
+    if SHARED_CSV.exists():
+        return SHARED_CSV
+    return download_wine_csv(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def data_server(wine_csv):
+    """A local HTTP server the sandbox downloads the data from (loopback is shared)."""
+    directory = str(wine_csv.parent)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=directory, **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/{wine_csv.name}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def stack(sandbox, tmp_path_factory, data_server):
+    """The sandbox converged once with all roles (data downloaded from the local server)."""
+    tmp = tmp_path_factory.mktemp("stack")
+    inv = inventory(tmp, sandbox, vars_yaml=f"demo: {{data_url: '{data_server}'}}")
+    code, report, proc = provision_json(inv)
+    assert code == 0 and report, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"inv": inv, "info": sandbox, "report": report, "proc": proc}
+
+
+def db_password(h) -> str:
+    return sh(h, "cat /etc/mlflow-stack/secrets/db_password").strip()
+
+
+def test_cold_converge_then_no_change(stack):
+    recap = stack["report"]["recap"]["e2e"]
+    assert recap["failed"] == 0 and recap["changed"] > 20
+    code, again, proc = provision_json(stack["inv"])
+    assert code == 0, proc.stderr
+    assert changed_steps(again) == [], "changed on the second converge"
+    assert again["recap"]["e2e"]["ssh_commands"] <= 5
+
+
+def test_tracking_server_roundtrip_from_the_controller(stack, tmp_path):
+    import mlflow
+
+    mlflow.set_tracking_uri("http://127.0.0.1:5000")
+    exp = mlflow.set_experiment(f"e2e-{time.time_ns()}")
+    (tmp_path / "note.txt").write_text("artifact through the proxy\n")
+    with mlflow.start_run(experiment_id=exp.experiment_id) as run:
+        mlflow.log_param("alpha", 0.42)
+        mlflow.log_metric("rmse", 0.78)
+        mlflow.log_artifact(str(tmp_path / "note.txt"))
+    fetched = mlflow.get_run(run.info.run_id)
+    assert fetched.data.params["alpha"] == "0.42" and fetched.data.metrics["rmse"] == 0.78
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="note.txt", dst_path=str(tmp_path / "dl")
+    )
+    assert Path(local).read_text() == "artifact through the proxy\n"
+    h = host_of(stack)
+    stored = sh(h, "find /opt/mlflow/artifacts -name note.txt | head -1").strip()
+    assert stored and sh(h, f"stat -c %U {stored}").strip() == "mlflow"
+
+
+def host_of(stack):
+    return host(stack["info"])
+
+
+def test_database_is_utf8mb4_and_user_is_least_privileged(stack):
+    h = host_of(stack)
+    charset = sh(
+        h,
+        'mysql -N -B -e "SELECT default_character_set_name, default_collation_name '
+        "FROM information_schema.schemata WHERE schema_name='mlflow'\"",
+    )
+    assert charset.split() == ["utf8mb4", "utf8mb4_bin"]
+    conn = pymysql.connect(host="127.0.0.1", port=3306, user="mlflow", password=db_password(h))
+    with conn.cursor() as cur:
+        cur.execute("SHOW DATABASES")
+        assert {r[0] for r in cur.fetchall()} == {"information_schema", "mlflow", "optuna"}
+        cur.execute("SELECT COUNT(*) FROM mlflow.experiments")
+        assert cur.fetchone()[0] >= 1
+        with pytest.raises(pymysql.err.OperationalError):
+            cur.execute("CREATE DATABASE e2e_forbidden")
+    conn.close()
+    anon = sh(h, "mysql -N -B -e \"SELECT COUNT(*) FROM mysql.user WHERE user=''\"")
+    assert anon.strip() == "0"
+    assert sh(h, "mysql -N -B -e \"SHOW DATABASES LIKE 'test'\"").strip() == ""
+
+
+def test_secrets_never_leak(stack):
+    h = host_of(stack)
+    password = db_password(h)
+    token = sh(h, "cat /etc/mlflow-stack/secrets/jupyter_token").strip()
+    outputs = stack["proc"].stdout + stack["proc"].stderr
+    for secret in (password, token):
+        assert len(secret) >= 16
+        assert secret not in outputs
+        assert secret not in sh(h, "ps -eo args")
+        assert secret not in sh(h, "journalctl --no-pager -q")
+    modes = sh(
+        h,
+        "stat -c '%a %U %n' /etc/mlflow/mlflow.env /etc/mlflow-stack/secrets/* "
+        "/etc/jupyter-demo/jupyter_server_config.json",
+    )
+    for line in modes.splitlines():
+        assert line.startswith("600 "), line
+
+
+def test_jupyter_auth_and_notebook_logs_to_mlflow(stack):
+    import urllib.error
+    import urllib.request
+
+    h = host_of(stack)
+    token = sh(h, "cat /etc/mlflow-stack/secrets/jupyter_token").strip()
+    assert urllib.request.urlopen("http://127.0.0.1:8888/api").status == 200
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen("http://127.0.0.1:8888/api/status")
+    assert refused.value.code == 403
+    req = urllib.request.Request(
+        "http://127.0.0.1:8888/api/status", headers={"Authorization": f"token {token}"}
+    )
+    assert urllib.request.urlopen(req).status == 200
+    marker = f"nb-{time.time_ns()}"
+    notebook = {
+        "cells": [
+            {
+                "cell_type": "code",
+                "metadata": {},
+                "execution_count": None,
+                "outputs": [],
+                "source": [
+                    "import mlflow\n",
+                    f"mlflow.set_experiment('{marker}')\n",
+                    "with mlflow.start_run():\n",
+                    "    mlflow.log_metric('x', 1.0)\n",
+                ],
+            }
+        ],
+        "metadata": {
+            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}
+        },
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
+    sh(
+        h,
+        "cat > /opt/demo/e2e.ipynb && chown demo:demo /opt/demo/e2e.ipynb",
+        stdin=json.dumps(notebook),
+    )
+    sh(
+        h,
+        "cd /opt/demo && runuser -u demo -- env HOME=/opt/demo "
+        "MLFLOW_TRACKING_URI=http://127.0.0.1:5000 /opt/anaconda/envs/demo/bin/jupyter "
+        "nbconvert --to notebook --execute --inplace e2e.ipynb",
+        timeout=300,
+    )
+    import mlflow
+
+    mlflow.set_tracking_uri("http://127.0.0.1:5000")
+    exp = mlflow.get_experiment_by_name(marker)
+    assert exp is not None and len(mlflow.search_runs([exp.experiment_id])) == 1
+
+
+def test_demo_files_and_data(stack):
+    h = host_of(stack)
+    owners = sh(h, "stat -c '%U' /opt/demo/demo_wine /opt/demo/data/winequality-white.csv")
+    assert set(owners.split()) == {"demo"}
+    digest = sh(h, "sha256sum /opt/demo/data/winequality-white.csv").split()[0]
+    assert digest == WINE_SHA256
+    assert "MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in sh(h, "cat /opt/demo/setenv.sh")
+    assert sh(h, "test -f /opt/demo/demo_wine/MLproject && echo yes").strip() == "yes"
+
+
+def test_corrupt_data_file_fails_clearly_and_keeps_the_old_one(stack, tmp_path):
+    bad = tmp_path / "winequality-white.csv"
+    bad.write_text("fixed acidity;quality\n1;2\n")
+    inv = Path(stack["inv"])
+    text = inv.read_text().replace("data_url:", f"data_file: '{bad}', data_url:")
+    bad_inv = tmp_path / "inventory.yaml"
+    bad_inv.write_text(text)
+    code, report, proc = provision_json(bad_inv)
+    assert code != 0
+    assert "checksum mismatch" in proc.stderr and str(bad) in proc.stderr
+    h = host_of(stack)
+    digest = sh(h, "sha256sum /opt/demo/data/winequality-white.csv").split()[0]
+    assert digest == WINE_SHA256
+    good_inv = tmp_path / "good.yaml"
+    good_inv.write_text(
+        inv.read_text().replace("data_url:", f"data_file: '{SHARED_CSV}', data_url:")
+    )
+    if SHARED_CSV.exists():
+        code, report, proc = provision_json(good_inv)
+        assert code == 0 and changed_steps(report) == []  # same bytes: nothing re-uploaded
+
+
+def test_changing_workers_restarts_only_mlflow(stack, tmp_path):
+    h = host_of(stack)
+    pid = sh(h, "systemctl show -p MainPID --value mlflow-server.service").strip()
+    jpid = sh(h, "systemctl show -p MainPID --value jupyter.service").strip()
+    inv = tmp_path / "inventory.yaml"
+    inv.write_text(
+        Path(stack["inv"]).read_text().replace("demo: {", "mlflow: {workers: 2}\n      demo: {")
+    )
+    code, report, proc = provision_json(inv)
+    assert code == 0, proc.stderr
+    assert changed_steps(report) == [
+        "mlflow_server: file /etc/systemd/system/mlflow-server.service",
+        "mlflow_server: handler: restart mlflow-server.service",
+    ]
+    assert sh(h, "systemctl show -p MainPID --value mlflow-server.service").strip() != pid
+    assert sh(h, "systemctl show -p MainPID --value jupyter.service").strip() == jpid
+    assert "--workers 2" in sh(h, "systemctl cat mlflow-server.service")
+    with socket.create_connection(("127.0.0.1", 5000), timeout=5):
+        pass
