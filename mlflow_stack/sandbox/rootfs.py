@@ -25,7 +25,7 @@ MIRROR = "http://deb.debian.org/debian"
 VARIANT = "minbase"
 PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "libpam-systemd", "openssh-server", "python3", "sudo",
-    "ca-certificates", "curl", "iproute2", "procps",
+    "ca-certificates", "curl", "iproute2", "procps", "netbase",
 )  # fmt: skip
 RECIPE_VERSION = 1
 MASKED_UNITS = (
