@@ -1,0 +1,289 @@
+"""Roles as plans: OS facts → packages, database state → SQL, vars → rendered files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mlflow_stack.engine import facts as F
+from mlflow_stack.engine.context import RoleContext
+from mlflow_stack.engine.steps import File, PlanContext, Run
+from mlflow_stack.vars import StackVars
+from roles import anaconda, jupyter, mlflow_server, mysql
+from tests.unit.test_facts import DEBIAN_12, UBUNTU_2204, UBUNTU_2404
+
+DEBIAN = F.OsRelease().parse(DEBIAN_12, 0)
+
+
+def context(os_text: str = DEBIAN_12, **vars) -> RoleContext:
+    return RoleContext(
+        "h",
+        F.OsRelease().parse(os_text, 0),
+        StackVars.model_validate(vars),
+        {"db_password": "pw-from-host\n", "jupyter_token": "tok-from-host"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("os_text", "package", "service"),
+    [
+        (DEBIAN_12, "mariadb-server", "mariadb.service"),
+        (UBUNTU_2204, "mysql-server", "mysql.service"),
+        (UBUNTU_2404, "mysql-server", "mysql.service"),
+    ],
+)
+def test_database_flavor_from_os(os_text, package, service):
+    fl = mysql.flavor(F.OsRelease().parse(os_text, 0))
+    assert (fl.package, fl.service) == (package, service)
+    steps = mysql.build(context(os_text))
+    assert steps[0].packages == (package,)
+
+
+def test_native_password_hash_matches_mysql():
+    # recorded from MariaDB 10.11 on the sandbox: SELECT PASSWORD('mlflow')
+    assert mysql.native_password_hash("mlflow") == "*AC2B0B9B71979126F965FAF297BF132698E1BB53"
+
+
+FRESH_MARIADB = "\n".join(
+    [
+        "user\troot\tlocalhost\tinvalid",
+        "user\tmariadb.sys\tlocalhost\t",
+        "user\t\tlocalhost\t",
+        "db\tinformation_schema\tutf8mb3\tutf8mb3_general_ci",
+        "db\tmysql\tutf8mb4\tutf8mb4_general_ci",
+        "db\ttest\tlatin1\tlatin1_swedish_ci",
+        "dbpriv\t''@'%'\ttest\\_%\tSELECT",
+    ]
+)
+
+
+def wanted(password="s3cret", hosts=("localhost", "127.0.0.1")):
+    return mysql.Wanted(password, hosts, mysql.MARIADB)
+
+
+def test_fresh_server_gets_secured_and_provisioned():
+    statements = mysql.plan_sql(mysql.parse_state(FRESH_MARIADB), wanted())
+    sql = "\n".join(s for _, s in statements)
+    assert "DROP USER ''@'localhost';" in sql
+    assert "DROP DATABASE test;" in sql and "DELETE FROM mysql.db WHERE Db='test'" in sql
+    assert "CREATE DATABASE `mlflow` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin;" in sql
+    assert "CREATE DATABASE `optuna` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin;" in sql
+    assert "CREATE USER 'mlflow'@'localhost' IDENTIFIED BY 's3cret';" in sql
+    assert "GRANT ALL PRIVILEGES ON `mlflow`.* TO 'mlflow'@'127.0.0.1';" in sql
+    assert "*.*" not in sql and "WITH GRANT OPTION" not in sql
+    assert statements[-1] == ("flush privileges", "FLUSH PRIVILEGES;")
+
+
+def converged_state(password="s3cret", hosts=("localhost", "127.0.0.1"), extra=()):
+    rows = [
+        "user\troot\tlocalhost\tinvalid",
+        "db\tmlflow\tutf8mb4\tutf8mb4_bin",
+        "db\toptuna\tutf8mb4\tutf8mb4_bin",
+    ]
+    for host in hosts:
+        rows.append(f"user\tmlflow\t{host}\t{mysql.native_password_hash(password)}")
+        for db in mysql.DATABASES:
+            rows += [f"dbpriv\t'mlflow'@'{host}'\t{db}\t{p}" for p in mysql.REQUIRED_PRIVILEGES]
+    return mysql.parse_state("\n".join([*rows, *extra]))
+
+
+def test_converged_server_needs_no_sql():
+    assert mysql.plan_sql(converged_state(), wanted()) == []
+
+
+def test_new_password_is_applied_with_alter_user():
+    statements = mysql.plan_sql(converged_state("old"), wanted("new"))
+    assert [w for w, _ in statements][:2] == [
+        "set password of mlflow@localhost",
+        "set password of mlflow@127.0.0.1",
+    ]
+    assert "ALTER USER 'mlflow'@'localhost' IDENTIFIED BY 'new';" in statements[0][1]
+
+
+def test_original_global_grant_is_revoked():
+    state = converged_state(extra=["globalpriv\t'mlflow'@'localhost'\tSUPER"])
+    whats = [w for w, _ in mysql.plan_sql(state, wanted())]
+    assert whats == ["grant mlflow@localhost rights on mlflow, optuna only", "flush privileges"]
+
+
+def test_latin1_database_is_switched_and_stale_hosts_dropped():
+    state = converged_state(hosts=("localhost", "127.0.0.1", "10.0.0.9"))
+    state.databases["mlflow"] = ("latin1", "latin1_swedish_ci")
+    whats = [w for w, _ in mysql.plan_sql(state, wanted())]
+    assert "drop mlflow@10.0.0.9" in whats and "set mlflow to utf8mb4" in whats
+
+
+def test_password_quotes_are_escaped():
+    sql = "".join(s for _, s in mysql.plan_sql(mysql.DbState(), wanted("it's\\x")))
+    assert "BY 'it\\'s\\\\x'" in sql
+
+
+def test_ubuntu_users_use_native_password():
+    w = mysql.Wanted("pw", ("localhost",), mysql.MYSQL)
+    sql = "".join(s for _, s in mysql.plan_sql(mysql.DbState(), w))
+    assert "IDENTIFIED WITH mysql_native_password BY 'pw'" in sql
+
+
+def test_sql_goes_on_stdin_only():
+    step = mysql.SecureDatabase(wanted())
+    change = step.plan(PlanContext({mysql.state_fact().key: F.ShellResult(0, FRESH_MARIADB)}))
+    (cmd,) = change.commands
+    assert cmd.script == "mysql --batch" and "s3cret" in cmd.stdin
+    assert "s3cret" not in change.summary and change.secret
+
+
+def test_secrets_come_from_host_then_env(monkeypatch):
+    ctx = context()
+    assert ctx.secret("db_password", env="MLFLOW_DB_PASSWORD").reveal() == "pw-from-host"
+    monkeypatch.setenv("MLFLOW_DB_PASSWORD", "from-env-var")
+    assert context().secret("db_password", env="MLFLOW_DB_PASSWORD").reveal() == "from-env-var"
+    fresh = RoleContext("h", DEBIAN, StackVars())
+    assert len(fresh.secret("db_password").reveal()) >= 30
+
+
+def find(steps, name):
+    return next(s for s in steps if s.name == name)
+
+
+def test_mlflow_server_env_file_unit_and_schema():
+    steps = mlflow_server.build(context())
+    env = find(steps, "file /etc/mlflow/mlflow.env")
+    assert env.mode == 0o600 and env.owner == "mlflow" and env.secret
+    assert "MLFLOW_BACKEND_STORE_URI=mysql+pymysql://mlflow:pw-from-host@127.0.0.1:3306/mlflow" in (
+        env.content
+    )
+    unit = find(steps, "file /etc/systemd/system/mlflow-server.service").content
+    assert "pw-from-host" not in unit and "EnvironmentFile=/etc/mlflow/mlflow.env" in unit
+    assert "--host 127.0.0.1 --port 5000 --workers 1 --artifacts-destination /opt/mlflow/art" in (
+        unit
+    )
+    assert "User=mlflow" in unit and "ProtectSystem=strict" in unit and "Restart=on-failure" in unit
+    assert "After=network-online.target mariadb.service" in unit and "basic-auth" not in unit
+    schema = find(steps, "tracking schema")
+    assert isinstance(schema, Run) and schema.user == "mlflow"
+    fact = schema.needs[0]
+    assert schema.plan(PlanContext({fact.key: F.ShellResult(0, "dc11669786a5\n")})) is None
+    assert schema.plan(PlanContext({fact.key: F.ShellResult(1, "")})) is not None
+
+
+def test_schema_head_is_the_installed_mlflows():
+    utils = pytest.importorskip("mlflow.store.db.utils")
+    assert utils._get_latest_schema_revision() == mlflow_server.SCHEMA_HEAD
+
+
+def test_password_is_url_quoted_in_the_uri():
+    assert mlflow_server.backend_uri("mysql", "a/b@c:d", 3306) == (
+        "mysql+pymysql://mlflow:a%2Fb%40c%3Ad@127.0.0.1:3306/mlflow"
+    )
+    assert mlflow_server.backend_uri("sqlite", "", 0) == "sqlite:////opt/mlflow/mlflow.db"
+
+
+def test_public_mlflow_turns_on_auth_and_allowed_hosts():
+    ctx = context(mlflow={"public": True})
+    ctx.address = "203.0.113.10"
+    steps = mlflow_server.build(ctx)
+    unit = find(steps, "file /etc/systemd/system/mlflow-server.service").content
+    assert "--host 0.0.0.0" in unit and "--app-name basic-auth" in unit
+    assert "--allowed-hosts 203.0.113.10,203.0.113.10:5000," in unit
+    env = find(steps, "file /etc/mlflow/mlflow.env").content
+    assert "MLFLOW_FLASK_SERVER_SECRET_KEY=" in env
+    ini = find(steps, "file /etc/mlflow/basic_auth.ini")
+    assert ini.mode == 0o600 and "admin_password = " in ini.content
+
+
+def test_sqlite_backend_needs_no_database_password():
+    steps = mlflow_server.build(context(mlflow={"backend": "sqlite"}))
+    unit = find(steps, "file /etc/systemd/system/mlflow-server.service").content
+    assert "mariadb" not in unit
+    assert "sqlite:////opt/mlflow/mlflow.db" in find(steps, "file /etc/mlflow/mlflow.env").content
+
+
+def test_anaconda_uv_plan():
+    steps = anaconda.build(context())
+    sync = find(steps, "env mlflow")
+    stamp = sync.needs[0]
+    text = anaconda.requirements("mlflow")
+    current = F.ShellResult(0, anaconda.digest(text) + "\n")
+    assert sync.plan(PlanContext({stamp.key: current})) is None
+    change = sync.plan(PlanContext({stamp.key: F.ShellResult(1, "")}))
+    script = change.commands[0].script
+    assert "uv pip sync -q --compile-bytecode --require-hashes" in script
+    assert "UV_PYTHON_DOWNLOADS=never" in script and sync.notify == ("mlflow-server.service",)
+    assert "\nmlflow==3.17.2 \\\n" in text and "--hash=sha256:" in text
+    uv = find(steps, "uv 0.13.9")
+    ufact = uv.needs[0]
+    assert uv.plan(PlanContext({ufact.key: F.ShellResult(0, "uv 0.13.9 (x86_64)\n")})) is None
+    assert (
+        "sha256sum -c"
+        in uv.plan(PlanContext({ufact.key: F.ShellResult(127, "")})).commands[0].script
+    )
+
+
+def test_anaconda_conda_plan():
+    ctx = context(python={"manager": "conda", "miniforge_sha256": {"x86_64": "ab" * 32}})
+    steps = anaconda.build(ctx)
+    install = find(steps, "Miniforge")
+    conda = install.needs[0]
+    script = install.plan(PlanContext({conda.key: None})).commands[0].script
+    assert "x86_64) sha=" + "ab" * 32 in script and "-b -u -p /opt/anaconda" in script
+    assert install.plan(PlanContext({conda.key: F.PathInfo("file", 0o755, "root", "root", 1)})) is (
+        None
+    )
+    sync = find(steps, "env demo")
+    stamp, envs = sync.needs
+    listing = json.dumps({"envs": ["/opt/anaconda", "/opt/anaconda/envs/demo"]})
+    facts = {stamp.key: F.ShellResult(1, ""), envs.key: F.ShellResult(0, listing)}
+    assert (
+        "conda env update --prune -p /opt/anaconda/envs/demo"
+        in sync.plan(PlanContext(facts)).commands[0].script
+    )
+    facts[envs.key] = F.ShellResult(0, json.dumps({"envs": ["/opt/anaconda"]}))
+    assert (
+        "conda env create -p /opt/anaconda/envs/demo"
+        in sync.plan(PlanContext(facts)).commands[0].script
+    )
+
+
+def test_parse_conda_env_list():
+    assert anaconda.parse_conda_envs('{"envs": ["/opt/anaconda", "/x"]}') == ("/opt/anaconda", "/x")
+    assert anaconda.parse_conda_envs("bash: conda: command not found") == ()
+
+
+def test_jupyter_token_and_password_configs():
+    steps = jupyter.build(context())
+    config = find(steps, "file /etc/jupyter-demo/jupyter_server_config.json")
+    assert json.loads(config.content) == {"IdentityProvider": {"token": "tok-from-host"}}
+    assert config.mode == 0o600 and config.owner == "demo"
+    unit = find(steps, "file /etc/systemd/system/jupyter.service").content
+    assert "tok-from-host" not in unit and "User=demo" in unit
+    assert "--ServerApp.ip=127.0.0.1 --ServerApp.port=8888 --ServerApp.root_dir=/opt/demo" in unit
+    assert "Environment=MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in unit
+
+
+def test_jupyter_password_hash_is_kept_while_it_matches():
+    hashed = jupyter.password_hash("pw")
+    assert jupyter.hash_matches(hashed, "pw") and not jupyter.hash_matches(hashed, "other")
+    step = jupyter.PasswordConfig("pw", owner="demo", group="demo", mode=0o600)
+    existing = jupyter.server_config("password", "", hashed)
+    path_fact, config_fact = step.facts()
+    import hashlib
+
+    info = F.PathInfo(
+        "file", 0o600, "demo", "demo", len(existing), hashlib.sha256(existing.encode()).hexdigest()
+    )
+    ctx = PlanContext({path_fact.key: info, config_fact.key: F.ShellResult(0, existing)})
+    assert step.plan(ctx) is None  # same password: the salted hash is not regenerated
+    other = jupyter.PasswordConfig("new", owner="demo", group="demo", mode=0o600)
+    change = other.plan(ctx)
+    assert change is not None and jupyter.hash_matches(jupyter.existing_hash(other.content), "new")
+
+
+def test_every_role_renders_without_undefined_variables():
+    import roles
+
+    ctx = context()
+    for name in roles.ORDER:
+        steps = roles.get(name).build(ctx)
+        assert steps and all(s.name for s in steps)
+        assert all(isinstance(s.content, (str, bytes)) for s in steps if isinstance(s, File))
