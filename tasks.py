@@ -45,7 +45,81 @@ def provision(c, host=None, roles=None, check=False, diff=False, json=False, inv
         raise cli.fail(f"{first.host}: {reason}" if not first.error else reason)
 
 
-ns = Collection(provision)
+@task(
+    help={
+        "run": "serve the model logged by this run id",
+        "model": "or serve a registry model: models:/NAME@ALIAS, models:/NAME/VERSION",
+        "name": "instance name: the unit is mlflow-model@NAME (default: wine)",
+        "port": "port on the host's 127.0.0.1 (default: 54321)",
+        "workers": "uvicorn workers (default: 1, the fastest on 2 cores; see BENCHMARKS.md)",
+        "stop": "stop and remove the instance NAME instead",
+        "host": "host (default: the 'server' group)",
+        "inventory": "inventory file",
+    }
+)
+def serve(c, run=None, model=None, name="wine", port=54321, workers=1, stop=False, host=None,
+          inventory=None):
+    """Serve a model as the systemd unit mlflow-model@NAME and print a ready curl."""
+    from mlflow_stack.actions import serve as serving
+    from mlflow_stack.actions.remote import ActionError, Layout
+
+    if not stop and bool(run) == bool(model):
+        raise cli.fail("give exactly one of --run RUN_ID or --model models:/NAME@ALIAS")
+    port = cli.positive_int(port, "--port", 1024, 65535)
+    workers = cli.positive_int(workers, "--workers", 1, 16)
+    resolved, h = cli.first_host(host, inventory)
+    try:
+        if stop:
+            done = serving.stop(h, name)
+            print(f"{'stopped' if done else 'nothing to stop:'} mlflow-model@{name} on {h.name}")
+            return
+        req = serving.ServeRequest(name, run or model, port, workers)
+        result = serving.serve(h, Layout.of(resolved), req, resolved.vars)
+    except ActionError as exc:
+        raise cli.fail(str(exc)) from None
+    finally:
+        h.close()
+    state = "started/updated" if result.changed else "already serving (no change)"
+    print(f"mlflow-model@{name} on {h.name}: {state} in {result.seconds:.1f}s")
+    print(f"model: {result.uri}" + (f" (version {result.version})" if result.version else ""))
+    print(f"url:   {result.url}  (on the host; `invoke tunnel` forwards it)")
+    print(serving.curl_example(port))
+
+
+@task(
+    help={
+        "name": "served instance (default: wine)",
+        "port": "port of the model server (default: the instance's)",
+        "data": "a JSON payload file (sent as is) or a CSV of wines (default: the sample wine)",
+        "host": "host (default: the 'server' group)",
+        "inventory": "inventory file",
+    }
+)
+def predict(c, name="wine", port=None, data=None, host=None, inventory=None):
+    """Score the sample wine (or --data) against a served model and print the prediction."""
+    from mlflow_stack.actions import predict as scoring
+    from mlflow_stack.actions.remote import ActionError
+
+    _, h = cli.first_host(host, inventory)
+    try:
+        payload = scoring.load_payload(data)
+        if port is None:
+            found = h.run(f"sed -n 's/^PORT=//p' /etc/mlflow-models/{name}.env").stdout.strip()
+            if not found:
+                raise ActionError(
+                    f"no served model named {name!r} on {h.name}; start one with invoke serve"
+                )
+            port = int(found)
+        predictions = scoring.predict(h, int(port), payload)
+    except ActionError as exc:
+        raise cli.fail(str(exc)) from None
+    finally:
+        h.close()
+    for value in predictions:
+        print(f"{value:.4f}")
+
+
+ns = Collection(provision, serve, predict)
 try:
     from mlflow_stack import sandbox_tasks
 except ImportError:  # the sandbox module is optional on machines that only provision

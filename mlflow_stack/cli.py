@@ -63,3 +63,21 @@ def connect(resolved: ResolvedHost) -> Host:
     except HostError as exc:
         raise fail(str(exc)) from None
     return host
+
+
+def first_host(spec: str | None, inventory: str | None) -> tuple[ResolvedHost, Host]:
+    """The one host an action works on (the first of the 'server' group by default)."""
+    _, hosts = select_hosts(spec, inventory)
+    return hosts[0], connect(hosts[0])
+
+
+def positive_int(value, flag: str, low: int = 1, high: int | None = None) -> int:
+    """An integer flag within bounds, else a one-line error naming the flag."""
+    try:
+        number = int(str(value))
+    except ValueError:
+        raise fail(f"{flag} {value!r}: not a whole number") from None
+    if number < low or (high is not None and number > high):
+        bounds = f"{low} to {high}" if high is not None else f"at least {low}"
+        raise fail(f"{flag} {number}: must be {bounds}")
+    return number

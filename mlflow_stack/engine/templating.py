@@ -23,6 +23,6 @@ def environment(root: Path = TEMPLATES_DIR) -> jinja2.Environment:
     )
 
 
-def render(name: str, **variables: Any) -> str:
+def render(template: str, /, **variables: Any) -> str:
     """Render `templates/<name>` with `variables`."""
-    return environment().get_template(name).render(**variables)
+    return environment().get_template(template).render(**variables)

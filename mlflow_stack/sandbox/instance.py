@@ -1,60 +1,72 @@
-"""Per-instance setup of an extracted root: identity, keys, CA certificates, sshd."""
+"""Per-instance layer: identity, login key, host keys and sshd, written into the upper dir.
+
+The instance's root is an overlay of the shared read-only base (lower) and `state/upper`;
+files written here before boot shadow the base's.
+"""
 
 from __future__ import annotations
 
-import shutil
+import os
 import uuid
 from pathlib import Path
 
 from . import render
-from .base import ADDRESS, USER
-from .rootfs import chroot, run, write
+from .base import ADDRESS, USER, SandboxError
+from .rootfs import run
 
-CONTROLLER_CA_DIR = Path("/usr/local/share/ca-certificates")
+UPPER = "upper"  # the instance's own layer: every change made to the host lands here
 CONFIGURED = "configured"  # marker file in the state dir once configure() finished
 
 
-def configure(state: Path, name: str, port: int) -> None:
-    """One-time setup of `state/rootfs` as host `name`; ends with the CONFIGURED marker."""
-    root = state / "rootfs"
-    write(root, "/etc/hostname", f"{name}\n")
-    write(root, "/etc/hosts", render.hosts(name))
-    write(root, "/etc/machine-id", uuid.uuid4().hex + "\n", mode=0o444)
-    if copy_ca_certs(root):
-        chroot(root, "update-ca-certificates >/dev/null")
+def configure(state: Path, base: Path, name: str, port: int) -> None:
+    """One-time setup of host `name`'s layer; ends with the CONFIGURED marker."""
+    upper = state / UPPER
+    upper.mkdir(mode=0o755)
+    put(base, upper, "/etc/hostname", f"{name}\n")
+    put(base, upper, "/etc/hosts", render.hosts(name))
+    put(base, upper, "/etc/machine-id", uuid.uuid4().hex + "\n", mode=0o444)
     key = state / "id_ed25519"
     if not key.exists():
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"mlflow-stack@{name}",
              "-f", str(key)])  # fmt: skip
     key.chmod(0o600)
-    authorize(root, key.with_suffix(".pub").read_text())
-    run(["ssh-keygen", "-A", "-f", str(root)])
-    set_port(state, name, port)
+    uid, gid, home = passwd_entry(base, USER)
+    public = key.with_suffix(".pub").read_text()
+    put(base, upper, f"{home}/.ssh/authorized_keys", public, mode=0o600, owner=(uid, gid))
+    make_parents(base, upper, "/etc/ssh/sshd_config")
+    run(["ssh-keygen", "-A", "-f", str(upper)])
+    set_port(state, base, name, port)
     (state / CONFIGURED).touch()
 
 
-def copy_ca_certs(root: Path, source: Path = CONTROLLER_CA_DIR) -> list[Path]:
-    """Copy the controller's extra CA certificates (`*.crt`) into the root."""
-    copied = []
-    for cert in sorted(source.rglob("*.crt")) if source.is_dir() else []:
-        dest = root / "usr/local/share/ca-certificates" / cert.relative_to(source)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(cert, dest)
-        dest.chmod(0o644)
-        copied.append(dest)
-    return copied
+def put(
+    base: Path, upper: Path, path: str, content: str, mode: int = 0o644,
+    owner: tuple[int, int] = (0, 0),
+) -> Path:  # fmt: skip
+    """Write a file into the upper layer (its new parent dirs copy the base's)."""
+    dest = make_parents(base, upper, path)
+    dest.write_text(content)
+    os.chown(dest, *owner)
+    dest.chmod(mode)
+    return dest
 
 
-def authorize(root: Path, public_key: str) -> None:
-    """Install `public_key` as the login user's only authorized key."""
-    uid, gid, home = passwd_entry(root, USER)
-    ssh_dir = root / home.lstrip("/") / ".ssh"
-    ssh_dir.mkdir(mode=0o700, exist_ok=True)
-    keys = ssh_dir / "authorized_keys"
-    keys.write_text(public_key)
-    keys.chmod(0o600)
-    for path in (ssh_dir, keys):
-        shutil.chown(path, uid, gid)
+def make_parents(base: Path, upper: Path, path: str) -> Path:
+    """Create the parents of `path` in `upper` with the owner and mode they have in `base`."""
+    rel = Path(path.lstrip("/"))
+    current = upper
+    for part in rel.parent.parts:
+        current = current / part
+        if current.exists():
+            continue
+        ref = base / current.relative_to(upper)
+        if ref.is_symlink():
+            raise SandboxError(f"cannot shadow the symlink {ref} in the instance layer")
+        st = ref.stat() if ref.is_dir() else None
+        current.mkdir()
+        os.chown(current, st.st_uid if st else 0, st.st_gid if st else 0)
+        current.chmod(st.st_mode & 0o7777 if st else 0o755)
+    return upper / rel
 
 
 def passwd_entry(root: Path, user: str) -> tuple[int, int, str]:
@@ -63,14 +75,14 @@ def passwd_entry(root: Path, user: str) -> tuple[int, int, str]:
         fields = line.split(":")
         if fields[0] == user:
             return int(fields[2]), int(fields[3]), fields[5]
-    raise KeyError(user)
+    raise SandboxError(f"user {user} missing from {root}/etc/passwd: rebuild with --fresh")
 
 
-def set_port(state: Path, name: str, port: int) -> None:
+def set_port(state: Path, base: Path, name: str, port: int) -> None:
     """(Re)write sshd_config for `port` and the controller's known_hosts and ssh_config."""
-    root = state / "rootfs"
-    write(root, "/etc/ssh/sshd_config", render.sshd_config(port, ADDRESS))
-    pubs = [p.read_text() for p in sorted((root / "etc/ssh").glob("ssh_host_*_key.pub"))]
+    upper = state / UPPER
+    put(base, upper, "/etc/ssh/sshd_config", render.sshd_config(port, ADDRESS))
+    pubs = [p.read_text() for p in sorted((upper / "etc/ssh").glob("ssh_host_*_key.pub"))]
     known = state / "known_hosts"
     known.write_text(render.known_hosts(pubs, port, ADDRESS))
     (state / "ssh_config").write_text(

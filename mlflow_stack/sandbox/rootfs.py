@@ -1,4 +1,9 @@
-"""The cached Debian 12 root filesystem: build once with debootstrap, extract per instance."""
+"""The cached Debian 12 root filesystem.
+
+debootstrap builds it once into a tarball (the cache, keyed by the recipe); the tarball is
+unpacked once more into a read-only *base* directory, with the controller's CA certificates
+added, that every instance mounts as the lower layer of its overlay root.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ PACKAGES = (
     "ca-certificates", "curl", "iproute2", "procps", "netbase",
 )  # fmt: skip
 RECIPE_VERSION = 1
+CONTROLLER_CA_DIR = Path("/usr/local/share/ca-certificates")
 MASKED_UNITS = (
     "getty@.service", "serial-getty@.service", "console-getty.service",
     "container-getty@.service", "getty.target",
@@ -143,10 +149,55 @@ def _build(target: Path) -> None:
     log.info("root filesystem cached in %s (%.0f s)", target, time.monotonic() - started)
 
 
-def extract(tarball: Path, root: Path) -> None:
-    """Unpack the cached tarball into a new directory `root`."""
-    root.mkdir(mode=0o755, parents=True)
-    run(["tar", *TAR_FLAGS, "-C", str(root), "-xpf", str(tarball)])
+def controller_certs(source: Path = CONTROLLER_CA_DIR) -> dict[str, bytes]:
+    """The controller's extra CA certificates: relative path -> PEM bytes."""
+    if not source.is_dir():
+        return {}
+    return {str(p.relative_to(source)): p.read_bytes() for p in sorted(source.rglob("*.crt"))}
+
+
+def base_path(tarball: Path, certs: dict[str, bytes]) -> Path:
+    """Base directory for this build of `tarball` plus `certs` (either changes -> new base)."""
+    digest = hashlib.sha256(str(tarball.stat().st_mtime_ns).encode())
+    for name, pem in sorted(certs.items()):
+        digest.update(name.encode() + b"\0" + pem)
+    stem = tarball.name.removesuffix(".tar").replace("-rootfs-", "-base-")
+    return tarball.parent / f"{stem}-{digest.hexdigest()[:8]}"
+
+
+def ensure_base(tarball: Path) -> Path:
+    """The unpacked base (lower layer) for `tarball` and the current CA certificates."""
+    certs = controller_certs()
+    base = base_path(tarball, certs)
+    if base.is_dir():
+        return base
+    with locked(cache_dir() / ".build.lock"):
+        if base.is_dir():
+            return base
+        for stale in base.parent.glob(".base-*"):
+            remove_tree(stale)
+        work = Path(tempfile.mkdtemp(prefix=".base-", dir=base.parent))
+        try:
+            root = work / "root"
+            root.mkdir(mode=0o755)
+            run(["tar", *TAR_FLAGS, "-C", str(root), "-xpf", str(tarball)])
+            for name, pem in certs.items():
+                write(root, f"/usr/local/share/ca-certificates/{name}", pem.decode())
+            if certs:
+                chroot(root, "update-ca-certificates >/dev/null")
+            os.rename(root, base)
+        finally:
+            remove_tree(work)
+    return base
+
+
+def prune_bases(keep: set[Path]) -> None:
+    """Delete the unpacked bases not in `keep` (bases of instances that still exist)."""
+    with locked(cache_dir() / ".build.lock"):
+        for base in cache_dir().glob("debian12-base-*"):
+            if base not in keep:
+                log.info("removing unused base %s", base)
+                remove_tree(base)
 
 
 def write(root: Path, path: str, content: str, mode: int = 0o644) -> Path:

@@ -1,0 +1,1 @@
+"""Remote actions: commands run on a provisioned host whose outputs become results."""

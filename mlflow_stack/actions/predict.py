@@ -1,0 +1,98 @@
+"""`invoke predict`: score wines against a served model (the original demo's sample by default)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+from mlflow_stack.actions.remote import ActionError
+from mlflow_stack.engine.host import Host
+
+# The original demo's sample wine.
+SAMPLE_WINE = {
+    "alcohol": 12.8,
+    "chlorides": 0.029,
+    "citric acid": 0.48,
+    "density": 0.98,
+    "fixed acidity": 6.2,
+    "free sulfur dioxide": 29,
+    "pH": 3.33,
+    "residual sugar": 1.2,
+    "sulphates": 0.39,
+    "total sulfur dioxide": 75,
+    "volatile acidity": 0.66,
+}
+
+
+def dataframe_split(rows: list[dict]) -> dict:
+    """MLflow's `dataframe_split` payload (columns + data) for a list of records."""
+    columns = list(rows[0])
+    return {
+        "dataframe_split": {"columns": columns, "data": [[row[c] for c in columns] for row in rows]}
+    }
+
+
+def load_payload(path: str | None) -> dict:
+    """The request body: the sample wine, a JSON file (sent as is) or a CSV file."""
+    if not path:
+        return dataframe_split([SAMPLE_WINE])
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise ActionError(f"--data {path}: {exc.strerror}") from None
+    if file.suffix == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ActionError(
+                f"--data {path}: not valid JSON ({exc.msg}, line {exc.lineno})"
+            ) from None
+    sample = text[:2048]
+    delimiter = ";" if sample.count(";") > sample.count(",") else ","
+    rows = list(csv.DictReader(io.StringIO(text), delimiter=delimiter))
+    if not rows:
+        raise ActionError(f"--data {path}: no rows")
+    rows = [{k: _number(v) for k, v in row.items() if k != "quality"} for row in rows]
+    return dataframe_split(rows)
+
+
+def _number(value: str):
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def parse_predictions(body: str) -> list[float]:
+    data = json.loads(body)
+    values = data.get("predictions", data) if isinstance(data, dict) else data
+    return [float(v[0] if isinstance(v, list) else v) for v in values]
+
+
+def predict(host: Host, port: int, payload: dict) -> list[float]:
+    """POST the payload to the model server on the host; 4xx answers become one-line errors."""
+    script = (
+        f"curl -s -w '\\n%{{http_code}}' -X POST http://127.0.0.1:{port}/invocations "
+        "-H 'Content-Type: application/json' --data-binary @-"
+    )
+    result = host.run(script, stdin=json.dumps(payload), sudo=False)
+    body, _, code = result.stdout.rpartition("\n")
+    if code.strip() in ("", "000"):
+        raise ActionError(
+            f"no model server answers on port {port} of {host.name}; start one with invoke serve"
+        )
+    if not code.startswith("2"):
+        try:
+            message = json.loads(body).get("message", body)
+        except json.JSONDecodeError:
+            message = body
+        first = message.strip().splitlines()[0] if message.strip() else "no message"
+        raise ActionError(f"the model server refused the request (HTTP {code.strip()}): {first}")
+    predictions = parse_predictions(body)
+    if not all(math.isfinite(p) for p in predictions):
+        raise ActionError(f"the model returned non-finite predictions: {predictions}")
+    return predictions
