@@ -119,7 +119,28 @@ def predict(c, name="wine", port=None, data=None, host=None, inventory=None):
         print(f"{value:.4f}")
 
 
-ns = Collection(provision, serve, predict)
+@task(
+    name="check-mysql",
+    help={"host": "host (default: the 'server' group)", "inventory": "inventory file"},
+)
+def check_mysql(c, host=None, inventory=None):
+    """Check the MLflow database: service, root socket, utf8mb4, tables, schema, client login."""
+    from mlflow_stack.actions import check_mysql as checking
+    from mlflow_stack.actions.remote import Layout
+
+    resolved, h = cli.first_host(host, inventory)
+    try:
+        checks, counts = checking.check_mysql(h, Layout.of(resolved), resolved.vars.mysql.port)
+    finally:
+        h.close()
+    print(checking.render_table(checks, counts))
+    failed = [chk for chk in checks if not chk.ok]
+    if failed:
+        first = failed[0]
+        raise cli.fail(f"{h.name}: {first.name}: {first.detail}; hint: {first.hint}")
+
+
+ns = Collection(provision, serve, predict, check_mysql)
 try:
     from mlflow_stack import sandbox_tasks
 except ImportError:  # the sandbox module is optional on machines that only provision
