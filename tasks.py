@@ -140,7 +140,90 @@ def check_mysql(c, host=None, inventory=None):
         raise cli.fail(f"{h.name}: {first.name}: {first.detail}; hint: {first.hint}")
 
 
-ns = Collection(provision, serve, predict, check_mysql)
+@task(help={"host": "host (default: the 'server' group)", "inventory": "inventory file"})
+def status(c, host=None, inventory=None):
+    """Show every unit (database, MLflow, Jupyter, served models): state, health, version."""
+    from mlflow_stack.actions import status as statuses
+    from mlflow_stack.actions.remote import Layout
+
+    resolved, h = cli.first_host(host, inventory)
+    try:
+        rows = statuses.gather(h, Layout.of(resolved))
+    finally:
+        h.close()
+    print(statuses.render_status(h.name, rows))
+    if not all(r.ok for r in rows):
+        raise cli.fail(f"{h.name}: " + ", ".join(f"{r.unit} {r.state}/{r.health}"
+                                                 for r in rows if not r.ok))
+
+
+@task(
+    help={
+        "reveal": "print the Jupyter token itself (it is a secret: mind your terminal)",
+        "host": "host (default: the 'server' group)",
+        "inventory": "inventory file",
+    }
+)
+def urls(c, reveal=False, host=None, inventory=None):
+    """Print the MLflow and Jupyter URLs and how to log in."""
+    from mlflow_stack.actions import status as statuses
+    from mlflow_stack.actions.remote import ActionError, Layout, read_secret
+
+    resolved, h = cli.first_host(host, inventory)
+    v = resolved.vars
+    try:
+        address = resolved.target.address
+        if v.mlflow.public or v.jupyter.public:
+            address = statuses.public_address(h, address)
+        token = None
+        if reveal and v.jupyter.auth == "token":
+            token = read_secret(h, "jupyter_token").reveal()
+    except ActionError as exc:
+        raise cli.fail(str(exc)) from None
+    finally:
+        h.close()
+    print("\n".join(statuses.urls(Layout.of(resolved), v, address, token, reveal)))
+
+
+@task(
+    help={
+        "mysql": "also forward the database port (for admin tools)",
+        "offset": "add this to each local port (e.g. 10000: 5000 → 15000)",
+        "host": "host (default: the 'server' group)",
+        "inventory": "inventory file",
+    }
+)
+def tunnel(c, mysql=False, offset=0, host=None, inventory=None):
+    """Forward MLflow, Jupyter and served-model ports over SSH until Ctrl-C."""
+    import threading
+
+    from mlflow_stack.actions import tunnel as tunnels
+    from mlflow_stack.engine.host import HostError
+
+    offset = cli.positive_int(offset, "--offset", 0, 60000)
+    resolved, h = cli.first_host(host, inventory)
+    v = resolved.vars
+    ports = [v.mlflow.port, v.jupyter.port]
+    served = h.run("cat /etc/mlflow-models/*.env 2>/dev/null | sed -n 's/^PORT=//p'").stdout
+    ports += [int(p) for p in served.split() if p.isdigit()]
+    if mysql:
+        ports.append(v.mysql.port)
+    pairs = tunnels.forwards(ports, offset)
+    try:
+        with tunnels.tunnel(h, pairs):
+            for local, remote in pairs:
+                print(f"127.0.0.1:{local} -> {h.name}:127.0.0.1:{remote}", flush=True)
+            print("forwarding; Ctrl-C to stop", flush=True)
+            threading.Event().wait()
+    except HostError as exc:
+        raise cli.fail(str(exc)) from None
+    except KeyboardInterrupt:
+        print("tunnel closed")
+    finally:
+        h.close()
+
+
+ns = Collection(provision, serve, predict, check_mysql, status, urls, tunnel)
 try:
     from mlflow_stack import sandbox_tasks
 except ImportError:  # the sandbox module is optional on machines that only provision

@@ -8,13 +8,13 @@ through an SSH tunnel from the controller, as a client on another machine would.
 from __future__ import annotations
 
 import json
-import socket
 from dataclasses import dataclass
 
 import pymysql
 
 from mlflow_stack.actions.remote import ActionError, Layout, read_secret
 from mlflow_stack.engine import facts as F
+from mlflow_stack.engine.forward import forward
 from mlflow_stack.engine.host import Host
 from mlflow_stack.engine.runner import probe
 from roles import mysql
@@ -139,19 +139,11 @@ def evaluate(values: dict, unit: F.UnitInfo, service: str) -> tuple[list[Check],
     return checks, counts
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def client_login(host: Host, db_port: int) -> Check:
     """Log in as `mlflow` with its password through an SSH tunnel, as a remote client."""
     password = read_secret(host, "db_password")
-    local = free_port()
-    assert host._conn is not None
     try:
-        with host._conn.forward_local(local, remote_port=db_port, remote_host="127.0.0.1"):
+        with forward(host, 0, db_port) as local:
             conn = pymysql.connect(
                 host="127.0.0.1",
                 port=local,

@@ -28,9 +28,16 @@ from .base import (
     state_root,
     which,
 )
-from .instance import CONFIGURED, configure, set_port
+from .instance import CONFIGURED, UPPER, configure, set_port
 from .render import parse_failed_units
-from .rootfs import ensure_tarball, extract, locked, remove_tree, tarball_path
+from .rootfs import (
+    ensure_base,
+    ensure_tarball,
+    locked,
+    prune_bases,
+    remove_tree,
+    tarball_path,
+)
 
 log = logging.getLogger("mlflow_stack.sandbox")
 
@@ -52,7 +59,7 @@ def up(
     check_port(port)
     preflight(need_debootstrap=fresh or not tarball_path().exists())
     state = instance_dir(name)
-    with locked(state_root() / f".{name}.lock"):
+    with _lock(name):
         current = load(name)
         if current:
             log.info("sandbox %s already runs (ssh port %d)", name, current.port)
@@ -60,17 +67,22 @@ def up(
                 log.warning("sandbox %s runs: --fresh ignored; `down` it first", name)
             return current
         check_port_free(port)
-        tarball = ensure_tarball(fresh=fresh)
-        if state.exists() and (fresh or not (state / CONFIGURED).exists()):
-            remove_tree(state)
+        kept = Path(str(read_meta(state).get("base") or "/nonexistent"))
+        if state.exists() and (fresh or not (state / CONFIGURED).exists() or not kept.is_dir()):
+            if not fresh and (state / CONFIGURED).exists():
+                log.warning("sandbox %s: its base image is gone; starting from scratch", name)
+            remove_tree(state)  # half-made, made by an older version, or asked to be fresh
         if state.exists():
-            set_port(state, name, port)
+            base = kept
+            set_port(state, base, name, port)
         else:
+            base = ensure_base(ensure_tarball(fresh=fresh))
             state.mkdir(mode=0o700, parents=True)
-            extract(tarball, state / "rootfs")
-            configure(state, name, port)
+            write_meta(state, {"name": name, "port": port, "base": str(base), "pid": None})
+            configure(state, base, name, port)
+        prune_bases(_bases_in_use() | {base})
         check_port_free(port)
-        return _boot(state, name, port, BOOT_TIMEOUT if timeout is None else timeout)
+        return _boot(state, base, name, port, BOOT_TIMEOUT if timeout is None else timeout)
 
 
 def down(name: str = "sandbox", *, keep: bool = False) -> bool:
@@ -81,7 +93,7 @@ def down(name: str = "sandbox", *, keep: bool = False) -> bool:
     check_name(name)
     preflight(need_debootstrap=False)
     state = instance_dir(name)
-    with locked(state_root() / f".{name}.lock"):
+    with _lock(name):
         if not state.exists():
             return False
         meta = read_meta(state)
@@ -102,7 +114,7 @@ def prune(prefix: str) -> list[str]:
     removed = []
     for state in sorted(state_root().glob(f"{prefix}*")):
         if state.is_dir() and is_valid_name(state.name):
-            with locked(state_root() / f".{state.name}.lock"):
+            with _lock(state.name):
                 if state.exists() and load(state.name) is None:
                     remove_tree(state)
                     removed.append(state.name)
@@ -137,6 +149,7 @@ def status(name: str) -> dict[str, object]:
         "user": USER,
         "state_dir": str(state),
         "log": str(state / "nspawn.log"),
+        "base": meta.get("base"),
         "uptime_s": None,
         "system_state": None,
         "failed_units": [],
@@ -192,6 +205,18 @@ def write_meta(state: Path, meta: dict[str, object]) -> None:
     os.replace(tmp, state / META)
 
 
+def _lock(name: str) -> contextlib.AbstractContextManager[None]:
+    """Serialise up/down of one sandbox across processes."""
+    return locked(state_root() / ".locks" / f"{name}.lock")
+
+
+def _bases_in_use() -> set[Path]:
+    """Bases referenced by existing instances (running or kept)."""
+    root = state_root()
+    dirs = [p for p in root.iterdir() if is_valid_name(p.name)] if root.is_dir() else []
+    return {Path(str(b)) for b in (read_meta(d).get("base") for d in dirs) if b}
+
+
 def _info(state: Path, name: str, port: int, pid: int) -> SandboxInfo:
     return SandboxInfo(
         name=name, address=ADDRESS, port=port, user=USER, key_file=state / "id_ed25519",
@@ -199,11 +224,17 @@ def _info(state: Path, name: str, port: int, pid: int) -> SandboxInfo:
     )  # fmt: skip
 
 
-def _boot(state: Path, name: str, port: int, timeout: float) -> SandboxInfo:
-    argv = [
-        which("systemd-nspawn") or "systemd-nspawn", "-D", str(state / "rootfs"), "-b",
-        "-M", name, "--register=no", "--keep-unit", "--console=passive",
+def nspawn_argv(base: Path, upper: Path, name: str) -> list[str]:
+    """Boot `name` from an overlay root: read-only `base` below, `upper` taking the changes."""
+    layers = ":".join(str(p).replace(":", "\\:") for p in (base, upper))
+    return [
+        which("systemd-nspawn") or "systemd-nspawn", "-D", str(base), f"--overlay={layers}:/",
+        "-b", "-M", name, "--register=no", "--keep-unit", "--console=passive",
     ]  # fmt: skip
+
+
+def _boot(state: Path, base: Path, name: str, port: int, timeout: float) -> SandboxInfo:
+    argv = nspawn_argv(base, state / UPPER, name)
     log.info("booting sandbox %s (ssh on %s:%d)", name, ADDRESS, port)
     groups = cgroup.create(name)
     with open(state / "nspawn.log", "ab") as out:
@@ -212,7 +243,8 @@ def _boot(state: Path, name: str, port: int, timeout: float) -> SandboxInfo:
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     _children[proc.pid] = proc
-    meta = {"name": name, "port": port, "pid": proc.pid, "cgroups": [str(g) for g in groups]}
+    meta = {"name": name, "port": port, "base": str(base), "pid": proc.pid,
+            "cgroups": [str(g) for g in groups]}  # fmt: skip
     write_meta(state, {**meta, "started": time.time()})
     info = _info(state, name, port, proc.pid)
     try:
@@ -312,18 +344,18 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 
 
 def _is_nspawn_of(pid: int, state: Path) -> bool:
-    """True if `pid` is a live systemd-nspawn running `state/rootfs` (guards pid reuse)."""
+    """True if `pid` is a live systemd-nspawn booting the instance `state` (guards pid reuse)."""
     if not _alive(pid):
         return False
     try:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return (
-        bool(args)
-        and os.path.basename(args[0]) == b"systemd-nspawn"
-        and str(state / "rootfs").encode() in args
-    )
+    if not args or os.path.basename(args[0]) != b"systemd-nspawn":
+        return False
+    layer = str(state / UPPER).encode()
+    legacy = str(state / "rootfs").encode()  # instances made before the overlay layout
+    return any(layer + b":" in arg or arg == legacy for arg in args)
 
 
 def _container_inits(pid: int) -> list[int]:

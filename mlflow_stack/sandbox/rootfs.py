@@ -176,6 +176,7 @@ def ensure_base(tarball: Path) -> Path:
             return base
         for stale in base.parent.glob(".base-*"):
             remove_tree(stale)
+        log.info("unpacking the base root filesystem %s (once per build)", base)
         work = Path(tempfile.mkdtemp(prefix=".base-", dir=base.parent))
         try:
             root = work / "root"
