@@ -158,3 +158,6 @@ def test_a_kept_sandbox_boots_again_with_its_changes(fresh_sandbox):
     again = sb.up(info.name, info.port)
     assert again.pid != info.pid
     assert sb.run(again, "test -e /etc/e2e-marker").rc == 0
+    base = Path(str(sb.status(info.name)["base"]))
+    assert (base / "etc/os-release").exists()
+    assert not (base / "etc/e2e-marker").exists()  # changes land in the instance's own layer

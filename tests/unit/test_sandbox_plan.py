@@ -17,7 +17,7 @@ from invoke.exceptions import Exit
 
 from mlflow_stack import sandbox as sb
 from mlflow_stack import sandbox_tasks
-from mlflow_stack.sandbox import base, cgroup, machine, render, rootfs
+from mlflow_stack.sandbox import base, cgroup, instance, machine, render, rootfs
 
 
 @pytest.fixture(autouse=True)
@@ -252,3 +252,36 @@ def test_boot_failures_point_at_the_log(tmp_path):
     finally:
         hung.kill()
         hung.wait()
+
+
+def test_overlay_boot_command():
+    argv = machine.nspawn_argv(Path("/c/base"), Path("/s/a:b/upper"), "demo")
+    assert argv[1:3] == ["-D", "/c/base"]
+    assert "--overlay=/c/base:/s/a\\:b/upper:/" in argv
+    for flag in ("-b", "--register=no", "--keep-unit", "--console=passive"):
+        assert flag in argv
+    assert argv[argv.index("-M") + 1] == "demo"
+
+
+def test_new_layer_dirs_copy_the_base(tmp_path):
+    base, upper = tmp_path / "base", tmp_path / "upper"
+    (base / "home/ubuntu/.ssh").mkdir(parents=True)
+    (base / "home/ubuntu/.ssh").chmod(0o700)
+    upper.mkdir()
+    me = (os.getuid(), os.getgid())
+    dest = instance.put(base, upper, "/home/ubuntu/.ssh/authorized_keys", "k\n", 0o600, me)
+    assert dest.read_text() == "k\n" and dest.stat().st_mode & 0o777 == 0o600
+    assert (upper / "home/ubuntu/.ssh").stat().st_mode & 0o777 == 0o700
+    (base / "lib").symlink_to("usr/lib")
+    with pytest.raises(sb.SandboxError, match="cannot shadow the symlink"):
+        instance.make_parents(base, upper, "/lib/x/file")
+
+
+def test_a_new_build_or_new_certificates_mean_a_new_base(tmp_path):
+    tarball = tmp_path / "debian12-rootfs-abc.tar"
+    tarball.write_bytes(b"")
+    first = rootfs.base_path(tarball, {})
+    assert first.name.startswith("debian12-base-abc-")
+    assert rootfs.base_path(tarball, {"a.crt": b"pem"}) != first
+    os.utime(tarball, ns=(1, 1))
+    assert rootfs.base_path(tarball, {}) != first
