@@ -223,7 +223,44 @@ def tunnel(c, mysql=False, offset=0, host=None, inventory=None):
         h.close()
 
 
-ns = Collection(provision, serve, predict, check_mysql, status, urls, tunnel)
+@task(
+    help={
+        "alpha": "regularisation strength (>= 0; default 0.5)",
+        "l1_ratio": "balance between L1 and L2 penalties, in [0, 1] (default 0.1)",
+        "experiment": "MLflow experiment name (default: wine)",
+        "no_artifacts": "skip plots and tables (faster)",
+        "quiet": "print only the result, not the training output",
+        "host": "host (default: the 'server' group)",
+        "inventory": "inventory file",
+    }
+)
+def train(c, alpha="0.5", l1_ratio="0.1", experiment="wine", no_artifacts=False, quiet=False,
+          host=None, inventory=None):
+    """Train the wine model once on the host, tracked in MLflow; print run id and metrics."""
+    from mlflow_stack.actions import train as training
+    from mlflow_stack.actions.remote import ActionError, Layout
+
+    try:
+        a = training.parse_float("--alpha", alpha, 0.0)
+        l1 = training.parse_float("--l1-ratio", l1_ratio, 0.0, 1.0)
+    except ActionError as exc:
+        raise cli.fail(str(exc), code=2) from None
+    resolved, h = cli.first_host(host, inventory)
+    layout = Layout.of(resolved)
+    printer = (lambda line: None) if quiet else (lambda line: print(f"  | {line}", flush=True))
+    try:
+        result = training.train(h, layout, a, l1, experiment, printer, not no_artifacts)
+    except ActionError as exc:
+        raise cli.fail(str(exc)) from None
+    finally:
+        h.close()
+    metrics = "  ".join(f"{k}={v:.4f}" for k, v in sorted(result["metrics"].items()))
+    print(f"run {result['run_id']}  {metrics}")
+    print(f"model: {result.get('model_uri', '-')}")
+    print(f"view:  {training.run_url(layout, result)}  (through `invoke tunnel`)")
+
+
+ns = Collection(provision, train, serve, predict, check_mysql, status, urls, tunnel)
 try:
     from mlflow_stack import sandbox_tasks
 except ImportError:  # the sandbox module is optional on machines that only provision
