@@ -57,8 +57,17 @@ def provision(c, host=None, roles=None, check=False, diff=False, json=False, inv
         "inventory": "inventory file",
     }
 )
-def serve(c, run=None, model=None, name="wine", port=54321, workers=1, stop=False, host=None,
-          inventory=None):
+def serve(
+    c,
+    run=None,
+    model=None,
+    name="wine",
+    port=54321,
+    workers=1,
+    stop=False,
+    host=None,
+    inventory=None,
+):
     """Serve a model as the systemd unit mlflow-model@NAME and print a ready curl."""
     from mlflow_stack.actions import serve as serving
     from mlflow_stack.actions.remote import ActionError, Layout
@@ -153,8 +162,9 @@ def status(c, host=None, inventory=None):
         h.close()
     print(statuses.render_status(h.name, rows))
     if not all(r.ok for r in rows):
-        raise cli.fail(f"{h.name}: " + ", ".join(f"{r.unit} {r.state}/{r.health}"
-                                                 for r in rows if not r.ok))
+        raise cli.fail(
+            f"{h.name}: " + ", ".join(f"{r.unit} {r.state}/{r.health}" for r in rows if not r.ok)
+        )
 
 
 @task(
@@ -234,8 +244,16 @@ def tunnel(c, mysql=False, offset=0, host=None, inventory=None):
         "inventory": "inventory file",
     }
 )
-def train(c, alpha="0.5", l1_ratio="0.1", experiment="wine", no_artifacts=False, quiet=False,
-          host=None, inventory=None):
+def train(
+    c,
+    alpha="0.5",
+    l1_ratio="0.1",
+    experiment="wine",
+    no_artifacts=False,
+    quiet=False,
+    host=None,
+    inventory=None,
+):
     """Train the wine model once on the host, tracked in MLflow; print run id and metrics."""
     from mlflow_stack.actions import train as training
     from mlflow_stack.actions.remote import ActionError, Layout
@@ -260,7 +278,96 @@ def train(c, alpha="0.5", l1_ratio="0.1", experiment="wine", no_artifacts=False,
     print(f"view:  {training.run_url(layout, result)}  (through `invoke tunnel`)")
 
 
-ns = Collection(provision, train, serve, predict, check_mysql, status, urls, tunnel)
+@task(
+    help={
+        "n_trials": "trials in all (default 100)",
+        "study": "Optuna study name (default: a new one per run when shared)",
+        "hosts": "comma-separated hosts that tune (default: the server)",
+        "group": "or every host of this inventory group, e.g. workers (the server joins too)",
+        "jobs_per_host": "tuning processes per host (default 1; >1 shares one study)",
+        "experiment": "MLflow experiment (default: wine-tuning)",
+        "quiet": "print only the result, not the tuning output",
+        "inventory": "inventory file",
+    }
+)
+def tune(
+    c,
+    n_trials="100",
+    study=None,
+    hosts=None,
+    group=None,
+    jobs_per_host="1",
+    experiment="wine-tuning",
+    quiet=False,
+    inventory=None,
+):
+    """Optuna search, every trial an MLflow run; the best model registered as champion."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlflow_stack.actions import tune as tuning
+    from mlflow_stack.actions.remote import ActionError
+    from mlflow_stack.inventory import InventoryError, resolve
+
+    total = cli.positive_int(n_trials, "--n-trials", 1, 1_000_000)
+    per_host = cli.positive_int(jobs_per_host, "--jobs-per-host", 1, 64)
+    if hosts and group:
+        raise cli.fail("give --hosts or --group, not both")
+    inv, servers = cli.select_hosts(None, inventory)
+    server = servers[0]
+    try:
+        chosen = resolve(hosts or group, inv) if (hosts or group) else [server]
+    except InventoryError as exc:
+        raise cli.fail(str(exc)) from None
+    if group and server.name not in [h.name for h in chosen]:
+        chosen = [server, *chosen]
+    shared = len(chosen) * per_host > 1
+    study = study or (f"wine-{time.strftime('%Y%m%d-%H%M%S')}" if shared else "wine-elasticnet")
+    with ThreadPoolExecutor(max_workers=len(chosen) + 1) as pool:
+        connections = dict(
+            zip(
+                [h.name for h in [server, *chosen]],
+                pool.map(cli.connect, [server, *chosen]),
+                strict=True,
+            )
+        )
+    printer = (
+        (lambda who, line: None)
+        if quiet
+        else (lambda who, line: print(f"  {who} | {line}", flush=True))
+    )
+    try:
+        outcome = tuning.tune(
+            server, chosen, connections, total, study, experiment, per_host, printer
+        )
+    except ActionError as exc:
+        raise cli.fail(str(exc)) from None
+    finally:
+        for h in connections.values():
+            h.close()
+    final = outcome.final
+    print(
+        f"study {outcome.study}: {sum(outcome.trials_per_host.values())} trials in "
+        f"{outcome.seconds:.1f}s  ("
+        + ", ".join(f"{k}: {v}" for k, v in outcome.trials_per_host.items())
+        + ")"
+    )
+    params = ", ".join(f"{k}={v:.4g}" for k, v in (final.get("best_params") or {}).items())
+    print(
+        f"best: {params}  val_rmse={final.get('best_value', float('nan')):.4f}  "
+        f"run {final.get('best_run_id')}"
+    )
+    version = final.get("registered_version")
+    print(
+        f"champion: models:/wine-elasticnet@champion -> version {version}"
+        if version
+        else "champion: not changed (the best trial was registered before)"
+    )
+    for failure in outcome.failures:
+        print(f"warning: {failure}")
+
+
+ns = Collection(provision, train, tune, serve, predict, check_mysql, status, urls, tunnel)
 try:
     from mlflow_stack import sandbox_tasks
 except ImportError:  # the sandbox module is optional on machines that only provision

@@ -26,6 +26,7 @@ class Layout:
     jupyter_port: int
     demo_user: str = "demo"
     demo_root: str = "/opt/demo"
+    tracking_host: str = "127.0.0.1"  # where the MLflow server is, seen from this host
 
     @classmethod
     def of(cls, resolved: ResolvedHost) -> Layout:
@@ -38,17 +39,23 @@ class Layout:
 
     @property
     def tracking_uri(self) -> str:
-        return f"http://127.0.0.1:{self.mlflow_port}"
+        return f"http://{self.tracking_host}:{self.mlflow_port}"
 
     @property
     def data_path(self) -> str:
         return f"{self.demo_root}/data/winequality-white.csv"
 
 
-def demo_command(layout: Layout, args: list[str], env: dict[str, str] | None = None) -> str:
+def demo_command(
+    layout: Layout,
+    args: list[str],
+    env: dict[str, str] | None = None,
+    secret_env: tuple[str, ...] = (),
+) -> str:
     """Shell running `python ARGS` from the demo env, as the demo user, in the demo dir.
 
-    Values in `env` must not be secrets (they are on the command line); secrets go on stdin.
+    Values in `env` are on the command line, so never secrets. Each name in `secret_env` is
+    read from one line of stdin instead (see `secret_stdin`) and exported to the process.
     """
     variables = {
         "HOME": layout.demo_root,
@@ -60,7 +67,16 @@ def demo_command(layout: Layout, args: list[str], env: dict[str, str] | None = N
     }
     assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in variables.items())
     command = " ".join(shlex.quote(a) for a in [layout.demo_python, *args])
-    return f"cd {layout.demo_root} && runuser -u {layout.demo_user} -- env {assignments} {command}"
+    reads = "".join(f"IFS= read -r {name} && export {name} && " for name in secret_env)
+    return (
+        f"{reads}cd {layout.demo_root} && runuser -u {layout.demo_user} -- "
+        f"env {assignments} {command}"
+    )
+
+
+def secret_stdin(*values: Secret) -> str:
+    """Stdin for a `demo_command` with `secret_env`: one value per line, in order."""
+    return "".join(v.reveal() + "\n" for v in values)
 
 
 def require_provisioned(host: Host, layout: Layout) -> None:

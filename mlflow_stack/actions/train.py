@@ -29,16 +29,30 @@ def parse_float(flag: str, value, low: float, high: float | None = None) -> floa
 
 
 def run_url(layout: Layout, result: dict) -> str:
-    return (f"{layout.tracking_uri}/#/experiments/{result['experiment_id']}"
-            f"/runs/{result['run_id']}")
+    return f"{layout.tracking_uri}/#/experiments/{result['experiment_id']}/runs/{result['run_id']}"
 
 
-def train(host: Host, layout: Layout, alpha: float, l1_ratio: float, experiment: str,
-          printer: Callable[[str], None], artifacts: bool = True) -> dict:
+def train(
+    host: Host,
+    layout: Layout,
+    alpha: float,
+    l1_ratio: float,
+    experiment: str,
+    printer: Callable[[str], None],
+    artifacts: bool = True,
+) -> dict:
     """Run demo_wine.train on the host; its JSON result line."""
     require_provisioned(host, layout)
-    args = ["-m", "demo_wine.train", "--alpha", repr(alpha), "--l1-ratio", repr(l1_ratio),
-            "--experiment", experiment]
+    args = [
+        "-m",
+        "demo_wine.train",
+        "--alpha",
+        repr(alpha),
+        "--l1-ratio",
+        repr(l1_ratio),
+        "--experiment",
+        experiment,
+    ]
     if not artifacts:
         args.append("--no-artifacts")
     result = host.run(demo_command(layout, args), on_output=printer, timeout=600)

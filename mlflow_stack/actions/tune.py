@@ -1,0 +1,174 @@
+"""`invoke tune`: an Optuna search on one host, or one study shared by workers on many.
+
+With one process on one host the study is local (in memory). Otherwise every process joins
+one study in the server's `optuna` database (Optuna's distributed mode), all log to the one
+MLflow server, and when they are done the server finalises: registers the best trial as
+`wine-elasticnet` and points the `champion` alias at it. Database credentials travel on
+stdin, never on a command line.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from urllib.parse import quote
+
+from mlflow_stack.actions.remote import (
+    ActionError,
+    Layout,
+    demo_command,
+    error_tail,
+    last_json_line,
+    read_secret,
+    require_provisioned,
+    secret_stdin,
+)
+from mlflow_stack.engine.host import Host
+from mlflow_stack.inventory import ResolvedHost
+from mlflow_stack.secrets import Secret
+
+STORAGE_ENV = "DEMO_WINE_STORAGE"
+
+
+def split_trials(total: int, slots: int) -> list[int]:
+    """`total` trials over `slots` processes, as even as possible (larger shares first)."""
+    base, extra = divmod(total, slots)
+    return [base + (1 if i < extra else 0) for i in range(slots)]
+
+
+def storage_url(password: Secret, db_host: str, port: int) -> Secret:
+    return Secret(
+        f"mysql+pymysql://mlflow:{quote(password.reveal(), safe='')}@{db_host}:{port}/optuna"
+    )
+
+
+def reach(server: ResolvedHost, worker: ResolvedHost) -> str:
+    """How a worker reaches the server's services: loopback when they share a machine."""
+    same = worker.target.address == server.target.address
+    return "127.0.0.1" if same else server.target.address
+
+
+@dataclass
+class ProcessResult:
+    host: str
+    index: int
+    result: dict | None
+    error: str = ""
+
+
+@dataclass
+class TuneOutcome:
+    study: str
+    trials_per_host: dict[str, int] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    final: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def tune_args(n_trials: int, study: str, experiment: str, register: bool) -> list[str]:
+    args = [
+        "-m",
+        "demo_wine.tune",
+        "--n-trials",
+        str(n_trials),
+        "--study",
+        study,
+        "--experiment",
+        experiment,
+    ]
+    return args if register else [*args, "--no-register"]
+
+
+def _run_process(
+    host: Host,
+    layout: Layout,
+    args: list[str],
+    storage: Secret | None,
+    printer: Callable[[str], None],
+) -> dict:
+    secret_env = (STORAGE_ENV,) if storage else ()
+    stdin = secret_stdin(storage) if storage else None
+    result = host.run(
+        demo_command(layout, args, secret_env=secret_env),
+        stdin=stdin,
+        on_output=printer,
+        timeout=6 * 3600,
+    )
+    parsed = last_json_line(result.stdout)
+    if not result.ok or parsed is None:
+        raise ActionError(error_tail(result))
+    return parsed
+
+
+def tune(
+    server: ResolvedHost,
+    hosts: list[ResolvedHost],
+    connections: dict[str, Host],
+    n_trials: int,
+    study: str,
+    experiment: str,
+    per_host: int,
+    printer: Callable[[str, str], None],
+) -> TuneOutcome:
+    """Run the search; every process's result and the server's final registration."""
+    started = time.monotonic()
+    for h in hosts:
+        require_provisioned(connections[h.name], Layout.of(h))
+    slots = [(h, i) for h in hosts for i in range(per_host)]
+    shares = split_trials(n_trials, len(slots))
+    shared = len(slots) > 1
+    outcome = TuneOutcome(study)
+    server_host = connections[server.name]
+    password = read_secret(server_host, "db_password") if shared else None
+    lock = threading.Lock()
+
+    def work(slot_share):
+        (h, index), share = slot_share
+        storage = (
+            storage_url(password, reach(server, h), server.vars.mysql.port) if (password) else None
+        )
+        layout = replace(
+            Layout.of(h), tracking_host=reach(server, h), mlflow_port=server.vars.mlflow.port
+        )
+        args = tune_args(share, study, experiment, register=not shared)
+        try:
+            res = _run_process(
+                connections[h.name],
+                layout,
+                args,
+                storage,
+                lambda line: printer(f"{h.name}#{index}", line),
+            )
+            return ProcessResult(h.name, index, res)
+        except ActionError as exc:
+            with lock:
+                outcome.failures.append(f"{h.name}#{index}: {exc}")
+            return ProcessResult(h.name, index, None, str(exc))
+
+    with ThreadPoolExecutor(max_workers=len(slots)) as pool:
+        results = list(
+            pool.map(work, [(s, n) for s, n in zip(slots, shares, strict=True) if n > 0])
+        )
+    for r in results:
+        if r.result is not None:
+            outcome.trials_per_host[r.host] = outcome.trials_per_host.get(r.host, 0) + int(
+                r.result.get("trials_done", 0)
+            )
+    if not any(r.result for r in results):
+        raise ActionError("every tuning process failed: " + "; ".join(outcome.failures))
+    if shared:
+        storage = storage_url(password, "127.0.0.1", server.vars.mysql.port)
+        outcome.final = _run_process(
+            server_host,
+            Layout.of(server),
+            tune_args(0, study, experiment, register=True),
+            storage,
+            lambda line: printer(f"{server.name}:final", line),
+        )
+    else:
+        outcome.final = results[0].result or {}
+    outcome.seconds = time.monotonic() - started
+    return outcome
