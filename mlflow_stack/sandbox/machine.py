@@ -67,21 +67,24 @@ def up(
                 log.warning("sandbox %s runs: --fresh ignored; `down` it first", name)
             return current
         check_port_free(port)
-        kept = Path(str(read_meta(state).get("base") or "/nonexistent"))
-        if state.exists() and (fresh or not (state / CONFIGURED).exists() or not kept.is_dir()):
-            if not fresh and (state / CONFIGURED).exists():
-                log.warning("sandbox %s: its base image is gone; starting from scratch", name)
-            remove_tree(state)  # half-made, made by an older version, or asked to be fresh
-        if state.exists():
-            base = kept
+        base = None if fresh else _kept_base(state)
+        if base:
             set_port(state, base, name, port)
         else:
+            remove_tree(state)  # half-made, made by an older version, or asked to be fresh
             base = ensure_base(ensure_tarball(fresh=fresh))
             state.mkdir(mode=0o700, parents=True)
             write_meta(state, {"name": name, "port": port, "base": str(base), "pid": None})
             configure(state, base, name, port)
         prune_bases(_bases_in_use() | {base})
         check_port_free(port)
+        others = [i.name for i in list_sandboxes() if i.name != name]
+        if others:
+            log.warning(
+                "sandbox %s shares this machine's network with running sandbox(es) %s: "
+                "services on the same port (e.g. 3306, 5000, 8888) collide",
+                name, ", ".join(others),
+            )  # fmt: skip
         return _boot(state, base, name, port, BOOT_TIMEOUT if timeout is None else timeout)
 
 
@@ -203,6 +206,18 @@ def write_meta(state: Path, meta: dict[str, object]) -> None:
     tmp = state / f".{META}.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, state / META)
+
+
+def _kept_base(state: Path) -> Path | None:
+    """The base of a complete instance kept by `down(keep=True)`, if it can boot again."""
+    if not (state / CONFIGURED).exists():
+        return None
+    recorded = read_meta(state).get("base")
+    base = Path(str(recorded)) if recorded else None
+    if base is None or not base.is_dir():
+        log.warning("sandbox %s: its base image is gone; starting from scratch", state.name)
+        return None
+    return base
 
 
 def _lock(name: str) -> contextlib.AbstractContextManager[None]:
