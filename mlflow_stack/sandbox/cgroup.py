@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from pathlib import Path
 
 PREFIX = "mlflow-stack-"
@@ -63,16 +64,28 @@ def wrap(groups: list[Path], argv: list[str]) -> list[str]:
     return ["/bin/sh", "-c", WRAPPER, "sh", *(str(g / "cgroup.procs") for g in groups), "--", *argv]
 
 
-def kill(groups: list[Path]) -> bool:
-    """SIGKILL every process of the groups at once (cgroup v2 `cgroup.kill`); False if n/a."""
-    done = False
+def pids(groups: list[Path]) -> list[int]:
+    """Every process left in the groups and their sub-groups."""
+    found = []
     for group in groups:
-        knob = group / "cgroup.kill"
+        for dirpath, _dirs, files in os.walk(group):
+            if "cgroup.procs" in files:
+                with contextlib.suppress(OSError):
+                    text = Path(dirpath, "cgroup.procs").read_text()
+                    found += [int(pid) for pid in text.split()]
+    return sorted(set(found))
+
+
+def kill(groups: list[Path]) -> None:
+    """SIGKILL every process of the groups (e.g. a container orphaned by a killed nspawn)."""
+    for group in groups:
+        knob = group / "cgroup.kill"  # cgroup v2: atomic, race-free
         if knob.exists():
             with contextlib.suppress(OSError):
                 knob.write_text("1")
-                done = True
-    return done
+    for pid in pids(groups):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def remove(groups: list[Path]) -> None:

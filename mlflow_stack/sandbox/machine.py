@@ -66,6 +66,8 @@ def up(
             if fresh:
                 log.warning("sandbox %s runs: --fresh ignored; `down` it first", name)
             return current
+        if cgroup.pids(_groups(read_meta(state))):
+            raise SandboxError(f"sandbox {name} lost its systemd-nspawn: `down` it, then `up`")
         check_port_free(port)
         base = None if fresh else _kept_base(state)
         if base:
@@ -101,9 +103,10 @@ def down(name: str = "sandbox", *, keep: bool = False) -> bool:
             return False
         meta = read_meta(state)
         pid = meta.get("pid")
-        groups = [Path(g) for g in meta.get("cgroups") or []]  # type: ignore[attr-defined]
+        groups = _groups(meta)
         if isinstance(pid, int) and _is_nspawn_of(pid, state):
-            stop_pid(pid, groups)
+            stop_pid(pid)
+        _kill_leftovers(name, groups)
         cgroup.remove(groups)
         if keep:
             write_meta(state, {**meta, "pid": None})
@@ -208,6 +211,12 @@ def write_meta(state: Path, meta: dict[str, object]) -> None:
     os.replace(tmp, state / META)
 
 
+def _groups(meta: dict[str, object]) -> list[Path]:
+    """The instance's cgroup directories recorded at boot."""
+    recorded = meta.get("cgroups")
+    return [Path(str(g)) for g in recorded] if isinstance(recorded, list) else []
+
+
 def _kept_base(state: Path) -> Path | None:
     """The base of a complete instance kept by `down(keep=True)`, if it can boot again."""
     if not (state / CONFIGURED).exists():
@@ -265,7 +274,8 @@ def _boot(state: Path, base: Path, name: str, port: int, timeout: float) -> Sand
     try:
         _wait_ready(info, proc, time.monotonic() + timeout)
     except BaseException:
-        stop_pid(proc.pid, groups)
+        stop_pid(proc.pid)
+        _kill_leftovers(name, groups)
         cgroup.remove(groups)
         write_meta(state, {**meta, "pid": None})
         raise
@@ -313,7 +323,7 @@ def _wait_ready(info: SandboxInfo, proc: subprocess.Popen[bytes], deadline: floa
         client.close()
 
 
-def stop_pid(pid: int, groups: list[Path] | None = None, timeout: float = STOP_TIMEOUT) -> None:
+def stop_pid(pid: int, timeout: float = STOP_TIMEOUT) -> None:
     """SIGTERM a systemd-nspawn process (clean shutdown), SIGKILL after `timeout`."""
     if not _alive(pid):
         return
@@ -321,7 +331,6 @@ def stop_pid(pid: int, groups: list[Path] | None = None, timeout: float = STOP_T
     if _wait_gone(pid, timeout):
         return
     log.warning("sandbox process %d did not shut down in %.0f s; killing it", pid, timeout)
-    cgroup.kill(groups or [])
     for init in _container_inits(pid):
         _signal(init, signal.SIGKILL)
     if _wait_gone(pid, 5):
@@ -329,6 +338,19 @@ def stop_pid(pid: int, groups: list[Path] | None = None, timeout: float = STOP_T
     _signal(pid, signal.SIGKILL)
     if not _wait_gone(pid, 5):
         raise SandboxError(f"cannot stop systemd-nspawn pid {pid}: kill it by hand")
+
+
+def _kill_leftovers(name: str, groups: list[Path]) -> None:
+    """Kill what is left in the sandbox's cgroups (a container whose nspawn was killed)."""
+    if not cgroup.pids(groups):
+        return
+    log.warning("sandbox %s: killing processes left without systemd-nspawn", name)
+    deadline = time.monotonic() + 10
+    while cgroup.pids(groups):
+        if time.monotonic() > deadline:
+            raise SandboxError(f"processes of sandbox {name} survive SIGKILL: see {groups[0]}")
+        cgroup.kill(groups)
+        time.sleep(0.2)
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:

@@ -285,3 +285,13 @@ def test_a_new_build_or_new_certificates_mean_a_new_base(tmp_path):
     assert rootfs.base_path(tarball, {"a.crt": b"pem"}) != first
     os.utime(tarball, ns=(1, 1))
     assert rootfs.base_path(tarball, {}) != first
+
+
+def test_cgroup_pids_walk_sub_groups(tmp_path):
+    group = tmp_path / "mlflow-stack-demo"
+    (group / "payload/system.slice").mkdir(parents=True)
+    (group / "cgroup.procs").write_text("")
+    (group / "payload/cgroup.procs").write_text("12\n")
+    (group / "payload/system.slice/cgroup.procs").write_text("13\n12\n")
+    assert cgroup.pids([group]) == [12, 13]
+    assert cgroup.pids([tmp_path / "missing"]) == []
