@@ -79,7 +79,7 @@ def ssh(c, name="sandbox", command=None):
 
 @task(help={"name": NAME_HELP, "json": "print the status as one JSON object"})
 def status(c, name="sandbox", json_=False):
-    """Show whether a sandbox runs, its pid, port, uptime and systemd state."""
+    """Show whether a sandbox runs (exit 3 if not), its pid, port, uptime, systemd state."""
     facts = _call(sb.status, name)
     if json_:
         print(json.dumps(facts))
