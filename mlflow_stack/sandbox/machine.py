@@ -6,7 +6,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -29,6 +28,7 @@ from .base import (
     which,
 )
 from .instance import CONFIGURED, UPPER, configure, set_port
+from .process import children, is_nspawn_of, kill_leftovers, stop_pid
 from .render import parse_failed_units
 from .rootfs import (
     ensure_base,
@@ -42,9 +42,7 @@ from .rootfs import (
 log = logging.getLogger("mlflow_stack.sandbox")
 
 BOOT_TIMEOUT = float(os.environ.get("MLFLOW_STACK_BOOT_TIMEOUT", "120"))
-STOP_TIMEOUT = 30.0
 META = "instance.json"
-_children: dict[int, subprocess.Popen[bytes]] = {}  # nspawn processes started here, to reap
 
 
 def up(
@@ -104,9 +102,9 @@ def down(name: str = "sandbox", *, keep: bool = False) -> bool:
         meta = read_meta(state)
         pid = meta.get("pid")
         groups = _groups(meta)
-        if isinstance(pid, int) and _is_nspawn_of(pid, state):
+        if isinstance(pid, int) and is_nspawn_of(pid, state):
             stop_pid(pid)
-        _kill_leftovers(name, groups)
+        kill_leftovers(name, groups)
         cgroup.remove(groups)
         if keep:
             write_meta(state, {**meta, "pid": None})
@@ -135,7 +133,7 @@ def load(name: str) -> SandboxInfo | None:
     except PermissionError:
         return None
     pid = meta.get("pid")
-    if not isinstance(pid, int) or not _is_nspawn_of(pid, state):
+    if not isinstance(pid, int) or not is_nspawn_of(pid, state):
         return None
     return _info(state, name, int(meta["port"]), pid)
 
@@ -266,7 +264,7 @@ def _boot(state: Path, base: Path, name: str, port: int, timeout: float) -> Sand
             cgroup.wrap(groups, argv), stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-    _children[proc.pid] = proc
+    children[proc.pid] = proc
     meta = {"name": name, "port": port, "base": str(base), "pid": proc.pid,
             "cgroups": [str(g) for g in groups]}  # fmt: skip
     write_meta(state, {**meta, "started": time.time()})
@@ -275,7 +273,7 @@ def _boot(state: Path, base: Path, name: str, port: int, timeout: float) -> Sand
         _wait_ready(info, proc, time.monotonic() + timeout)
     except BaseException:
         stop_pid(proc.pid)
-        _kill_leftovers(name, groups)
+        kill_leftovers(name, groups)
         cgroup.remove(groups)
         write_meta(state, {**meta, "pid": None})
         raise
@@ -321,102 +319,3 @@ def _wait_ready(info: SandboxInfo, proc: subprocess.Popen[bytes], deadline: floa
         raise SandboxError(f"sandbox {info.name} timed out waiting for systemd; {where}") from None
     finally:
         client.close()
-
-
-def stop_pid(pid: int, timeout: float = STOP_TIMEOUT) -> None:
-    """SIGTERM a systemd-nspawn process (clean shutdown), SIGKILL after `timeout`."""
-    if not _alive(pid):
-        return
-    _signal(pid, signal.SIGTERM)
-    if _wait_gone(pid, timeout):
-        return
-    log.warning("sandbox process %d did not shut down in %.0f s; killing it", pid, timeout)
-    for init in _container_inits(pid):
-        _signal(init, signal.SIGKILL)
-    if _wait_gone(pid, 5):
-        return
-    _signal(pid, signal.SIGKILL)
-    if not _wait_gone(pid, 5):
-        raise SandboxError(f"cannot stop systemd-nspawn pid {pid}: kill it by hand")
-
-
-def _kill_leftovers(name: str, groups: list[Path]) -> None:
-    """Kill what is left in the sandbox's cgroups (a container whose nspawn was killed)."""
-    if not cgroup.pids(groups):
-        return
-    log.warning("sandbox %s: killing processes left without systemd-nspawn", name)
-    deadline = time.monotonic() + 10
-    while cgroup.pids(groups):
-        if time.monotonic() > deadline:
-            raise SandboxError(f"processes of sandbox {name} survive SIGKILL: see {groups[0]}")
-        cgroup.kill(groups)
-        time.sleep(0.2)
-
-
-def _signal(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
-
-
-def _alive(pid: int) -> bool:
-    """True while `pid` runs (zombies count as gone and are reaped if ours)."""
-    proc = _children.get(pid)
-    if proc is not None and proc.poll() is not None:
-        del _children[pid]
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while _alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def _is_nspawn_of(pid: int, state: Path) -> bool:
-    """True if `pid` is a live systemd-nspawn booting the instance `state` (guards pid reuse)."""
-    if not _alive(pid):
-        return False
-    try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    if not args or os.path.basename(args[0]) != b"systemd-nspawn":
-        return False
-    layer = str(state / UPPER).encode()
-    legacy = str(state / "rootfs").encode()  # instances made before the overlay layout
-    return any(layer + b":" in arg or arg == legacy for arg in args)
-
-
-def _container_inits(pid: int) -> list[int]:
-    """Descendants of `pid` that are PID 1 of their own PID namespace."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, todo = [], [pid]
-    while todo:
-        cur = todo.pop()
-        for child, parent in parents.items():
-            if parent == cur:
-                todo.append(child)
-                try:
-                    status = Path(f"/proc/{child}/status").read_text()
-                except OSError:
-                    continue
-                nspids = next((ln.split()[1:] for ln in status.splitlines()
-                               if ln.startswith("NSpid:")), [])  # fmt: skip
-                if len(nspids) > 1 and nspids[-1] == "1":
-                    found.append(child)
-    return found
