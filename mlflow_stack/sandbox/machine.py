@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import paramiko
@@ -57,7 +58,7 @@ def up(
     check_port(port)
     preflight(need_debootstrap=fresh or not tarball_path().exists())
     state = instance_dir(name)
-    with _lock(name):
+    with _lock(name), _forget_lock_unless(state):
         current = load(name)
         if current:
             log.info("sandbox %s already runs (ssh port %d)", name, current.port)
@@ -98,6 +99,7 @@ def down(name: str = "sandbox", *, keep: bool = False) -> bool:
     state = instance_dir(name)
     with _lock(name):
         if not state.exists():
+            _lock_path(name).unlink(missing_ok=True)
             return False
         meta = read_meta(state)
         pid = meta.get("pid")
@@ -110,6 +112,7 @@ def down(name: str = "sandbox", *, keep: bool = False) -> bool:
             write_meta(state, {**meta, "pid": None})
         else:
             remove_tree(state)
+            _lock_path(name).unlink(missing_ok=True)
         return True
 
 
@@ -121,6 +124,7 @@ def prune(prefix: str) -> list[str]:
             with _lock(state.name):
                 if state.exists() and load(state.name) is None:
                     remove_tree(state)
+                    _lock_path(state.name).unlink(missing_ok=True)
                     removed.append(state.name)
     return removed
 
@@ -227,9 +231,24 @@ def _kept_base(state: Path) -> Path | None:
     return base
 
 
+def _lock_path(name: str) -> Path:
+    return state_root() / ".locks" / f"{name}.lock"
+
+
+@contextlib.contextmanager
+def _forget_lock_unless(state: Path) -> Iterator[None]:
+    """On failure, drop the lock file of an instance that was never created."""
+    try:
+        yield
+    except BaseException:
+        if not state.exists():
+            _lock_path(state.name).unlink(missing_ok=True)
+        raise
+
+
 def _lock(name: str) -> contextlib.AbstractContextManager[None]:
     """Serialise up/down of one sandbox across processes."""
-    return locked(state_root() / ".locks" / f"{name}.lock")
+    return locked(_lock_path(name))
 
 
 def _bases_in_use() -> set[Path]:

@@ -96,14 +96,21 @@ def debootstrap_argv(target: Path) -> list[str]:
 
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on `path` (created if missing)."""
+    """Hold an exclusive flock on `path` (created if missing; the holder may unlink it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
+    while True:
+        fh = open(path, "a")  # noqa: SIM115 - closed below or after the block
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            if os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino:
+                break  # still the live lock file, not one unlinked by the previous holder
+        except FileNotFoundError:
+            pass
+        fh.close()
+    try:
+        yield
+    finally:
+        fh.close()
 
 
 def ensure_tarball(*, fresh: bool = False) -> Path:

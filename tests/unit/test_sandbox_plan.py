@@ -8,6 +8,7 @@ import os
 import re
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -295,3 +296,21 @@ def test_cgroup_pids_walk_sub_groups(tmp_path):
     (group / "payload/system.slice/cgroup.procs").write_text("13\n12\n")
     assert cgroup.pids([group]) == [12, 13]
     assert cgroup.pids([tmp_path / "missing"]) == []
+
+
+def test_a_lock_unlinked_by_its_holder_is_not_shared(tmp_path):
+    path = tmp_path / "locks" / "demo.lock"
+    inside: list[str] = []
+    with rootfs.locked(path):
+
+        def second() -> None:
+            with rootfs.locked(path):
+                inside.append(f"second, file exists: {path.exists()}")  # not the unlinked one
+
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        time.sleep(0.2)
+        assert inside == []  # blocked while the first holder runs
+        path.unlink()
+    waiter.join(5)
+    assert inside == ["second, file exists: True"]
