@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,14 +48,16 @@ def boot(name: str | None = None) -> sb.SandboxInfo:
 
 
 def prune_orphans() -> None:
-    """Remove e2e sandboxes left by sessions that died (stopped, or owner pid gone)."""
-    for info in sb.list_sandboxes():
-        owner = info.state_dir / OWNER
-        if info.name.startswith("e2e-") and owner.exists():
-            pid = int(owner.read_text() or 0)
-            if pid and not Path(f"/proc/{pid}").exists():
-                sb.down(info.name)
-    sb.prune("e2e-")
+    """Remove e2e sandboxes whose pytest session is gone (other live sessions keep theirs)."""
+    for state in sorted(sb.state_root().glob("e2e-*")):
+        owner = state / OWNER
+        if owner.exists():
+            pid = int(owner.read_text().strip() or 0)
+            if pid and Path(f"/proc/{pid}").exists():
+                continue
+        elif time.time() - state.stat().st_mtime < 3600:
+            continue  # maybe still being booted by another session
+        sb.down(state.name)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
