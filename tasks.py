@@ -367,7 +367,37 @@ def tune(
         print(f"warning: {failure}")
 
 
-ns = Collection(provision, train, tune, serve, predict, check_mysql, status, urls, tunnel)
+@task(
+    help={
+        "fresh": "start from a new sandbox (stops and removes the current one)",
+        "keep": "keep the sandbox running afterwards (default; --no-keep stops it)",
+        "trials": "tuning trials (default 300)",
+        "inventory": "inventory file (its 'sandbox' host is used)",
+    }
+)
+def demo(c, fresh=False, keep=True, trials="300", inventory=None):
+    """The whole walkthrough on the local sandbox: provision, train, tune, serve, predict, check."""
+    from mlflow_stack import demo as walkthrough
+
+    n = cli.positive_int(trials, "--trials", 1, 100_000)
+    inv = cli.load_inventory(inventory)
+    try:
+        walkthrough.run_demo(inv, fresh=fresh, trials=n)
+    except walkthrough.DemoError as exc:
+        raise cli.fail(str(exc)) from None
+    except Exception as exc:  # sandbox and SSH errors carry one-line messages
+        if type(exc).__name__ in ("SandboxError", "HostError", "InventoryError"):
+            raise cli.fail(str(exc)) from None
+        raise
+    finally:
+        if not keep:
+            from mlflow_stack import sandbox
+
+            sandbox.down(walkthrough.SANDBOX)
+            print(f"sandbox {walkthrough.SANDBOX} stopped (--no-keep)")
+
+
+ns = Collection(demo, provision, train, tune, serve, predict, check_mysql, status, urls, tunnel)
 try:
     from mlflow_stack import sandbox_tasks
 except ImportError:  # the sandbox module is optional on machines that only provision

@@ -1,0 +1,199 @@
+"""`invoke demo`: the original conference walkthrough as one command, on the local sandbox.
+
+provision → train twice → tune → serve the champion → predict the sample wine → check MySQL
+→ a summary. Each step's failure stops the demo with that step's own error.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TextIO
+
+from mlflow_stack.actions import check_mysql as checking
+from mlflow_stack.actions import predict as scoring
+from mlflow_stack.actions import serve as serving
+from mlflow_stack.actions import train as training
+from mlflow_stack.actions import tune as tuning
+from mlflow_stack.actions.remote import ActionError, Layout, read_secret
+from mlflow_stack.engine.host import Host
+from mlflow_stack.engine.report import Reporter, Status, StepResult
+from mlflow_stack.engine.runner import HostJob, Options, converge
+from mlflow_stack.inventory import Inventory, ResolvedHost, deep_merge, resolve
+from mlflow_stack.vars import StackVars
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "winequality-white.csv"
+SANDBOX, SANDBOX_PORT = "sandbox", 2222
+ALPHAS = (0.42, 0.1)
+SERVE_PORT = 54321
+
+
+class DemoError(Exception):
+    """A demo step failed; the message names the step and its own error."""
+
+
+@dataclass
+class Summary:
+    runs: list[dict] = field(default_factory=list)
+    tuning: dict = field(default_factory=dict)
+    trials: int = 0
+    served: serving.ServeResult | None = None
+    prediction: float | None = None
+    checks_ok: bool = False
+    provision_changed: int = 0
+    steps: dict[str, float] = field(default_factory=dict)
+
+
+class ProgressReporter(Reporter):
+    """Provisioning progress for the demo: a line for every change, a dot for the rest."""
+
+    def step(self, result: StepResult) -> None:
+        if result.status == Status.OK:
+            self.stream.write(".")
+            self.stream.flush()
+            return
+        self.stream.write("\n")
+        super().step(result)
+
+
+def demo_host(inventory: Inventory) -> ResolvedHost:
+    """The sandbox host; with the shared data copy uploaded instead of downloaded."""
+    (resolved,) = resolve(SANDBOX, inventory)
+    if SHARED_DATA.exists() and not resolved.vars.demo.data_file:
+        merged = deep_merge(resolved.vars.model_dump(), {"demo": {"data_file": str(SHARED_DATA)}})
+        resolved = replace(resolved, vars=StackVars.model_validate(merged))
+    return resolved
+
+
+def ensure_sandbox(fresh: bool, say: Callable[[str], None]) -> None:
+    from mlflow_stack import sandbox
+
+    if fresh and sandbox.load(SANDBOX):
+        say(f"stopping sandbox {SANDBOX} (--fresh)")
+        sandbox.down(SANDBOX)
+    if sandbox.load(SANDBOX) is None:
+        say(f"starting sandbox {SANDBOX} (Debian 12, systemd, ssh on 127.0.0.1:{SANDBOX_PORT})")
+        sandbox.up(SANDBOX, SANDBOX_PORT)
+
+
+def run_demo(
+    inventory: Inventory, *, fresh: bool, trials: int, out: TextIO = sys.stdout
+) -> Summary:
+    summary = Summary()
+
+    def say(text: str) -> None:
+        print(text, file=out, flush=True)
+
+    def step(name: str, action: Callable[[], object]):
+        say(f"\n== {name}")
+        started = time.monotonic()
+        try:
+            value = action()
+        except (ActionError, DemoError) as exc:
+            raise DemoError(f"{name}: {exc}") from None
+        summary.steps[name] = time.monotonic() - started
+        return value
+
+    step("sandbox", lambda: ensure_sandbox(fresh, say))
+    resolved = demo_host(inventory)
+    layout = Layout.of(resolved)
+    host = Host(resolved.target)
+    try:
+        step("provision", lambda: _provision(host, resolved, summary, out))
+        for alpha in ALPHAS:
+            step(
+                f"train alpha={alpha}",
+                lambda a=alpha: summary.runs.append(
+                    training.train(host, layout, a, 0.1, "wine", lambda line: None)
+                ),
+            )
+            run = summary.runs[-1]
+            say(
+                f"run {run['run_id']}: rmse={run['metrics']['rmse']:.4f} "
+                f"r2={run['metrics']['r2']:.4f}"
+            )
+        outcome = step(
+            f"tune {trials} trials",
+            lambda: tuning.tune(
+                resolved,
+                [resolved],
+                {resolved.name: host},
+                trials,
+                "wine-elasticnet",
+                "wine-tuning",
+                1,
+                lambda who, line: None,
+            ),
+        )
+        summary.tuning, summary.trials = outcome.final, sum(outcome.trials_per_host.values())
+        say(
+            f"best val_rmse={outcome.final.get('best_value', float('nan')):.4f} "
+            f"({summary.trials} trials, {outcome.seconds:.1f}s)"
+        )
+        req = serving.ServeRequest("wine", "models:/wine-elasticnet@champion", SERVE_PORT, 1)
+        summary.served = step(
+            "serve the champion", lambda: serving.serve(host, layout, req, resolved.vars)
+        )
+        say(f"{summary.served.url} serves {summary.served.uri}")
+        prediction = step(
+            "predict the sample wine",
+            lambda: scoring.predict(host, SERVE_PORT, scoring.load_payload(None)),
+        )
+        summary.prediction = prediction[0]
+        say(f"predicted quality: {summary.prediction:.3f}")
+        checks, counts = step(
+            "check-mysql", lambda: checking.check_mysql(host, layout, resolved.vars.mysql.port)
+        )
+        say(checking.render_table(checks, counts))
+        summary.checks_ok = all(c.ok for c in checks)
+        if not summary.checks_ok:
+            failed = next(c for c in checks if not c.ok)
+            raise DemoError(f"check-mysql: {failed.name}: {failed.detail}; hint: {failed.hint}")
+        token = read_secret(host, "jupyter_token").reveal()
+    finally:
+        host.close()
+    say(render_summary(summary, layout, token))
+    return summary
+
+
+def _provision(host: Host, resolved: ResolvedHost, summary: Summary, out: TextIO) -> None:
+    import roles
+
+    reporter = ProgressReporter(out)
+    job = HostJob(host, roles.ordered(resolved.roles), resolved.vars)
+    (recap,) = converge([job], Options(), reporter)
+    summary.provision_changed = recap.summary()["changed"]
+    if recap.failed:
+        failed = recap.error or next(
+            f"{r.role}: {r.step}: {r.summary}" for r in recap.results if r.status == Status.FAILED
+        )
+        raise DemoError(failed)
+
+
+def render_summary(s: Summary, layout: Layout, token: str) -> str:
+    best = min((r["metrics"]["rmse"] for r in s.runs), default=float("nan"))
+    final = s.tuning
+    rows = [
+        ("training runs", ", ".join(r["run_id"][:8] for r in s.runs)),
+        ("best RMSE (single runs)", f"{best:.4f}"),
+        ("tuning", f"{s.trials} trials, best val_rmse {final.get('best_value', float('nan')):.4f}"),
+        (
+            "champion",
+            f"models:/wine-elasticnet@champion = version "
+            f"{final.get('registered_version') or '(unchanged)'}",
+        ),
+        ("served", f"{s.served.url if s.served else '-'}"),
+        ("prediction (sample wine)", f"{s.prediction:.3f}" if s.prediction is not None else "-"),
+        ("check-mysql", "passed" if s.checks_ok else "FAILED"),
+        ("provisioning changes", str(s.provision_changed)),
+        ("MLflow", f"{layout.tracking_uri}/"),
+        ("Jupyter", f"http://127.0.0.1:{layout.jupyter_port}/lab?token={token}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = ["", "== summary"] + [f"  {k:<{width}}  {v}" for k, v in rows]
+    lines += ["", "Try it yourself:", "  " + serving.curl_example(SERVE_PORT)]
+    return "\n".join(lines)
+
