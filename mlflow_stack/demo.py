@@ -18,7 +18,7 @@ from mlflow_stack.actions import predict as scoring
 from mlflow_stack.actions import serve as serving
 from mlflow_stack.actions import train as training
 from mlflow_stack.actions import tune as tuning
-from mlflow_stack.actions.remote import ActionError, Layout, read_secret
+from mlflow_stack.actions.remote import ActionError, Layout
 from mlflow_stack.engine.host import Host
 from mlflow_stack.engine.report import Reporter, Status, StepResult
 from mlflow_stack.engine.runner import HostJob, Options, converge
@@ -50,12 +50,17 @@ class Summary:
 class ProgressReporter(Reporter):
     """Provisioning progress for the demo: a line for every change, a dot for the rest."""
 
+    dots = False
+
     def step(self, result: StepResult) -> None:
         if result.status == Status.OK:
             self.stream.write(".")
             self.stream.flush()
+            self.dots = True
             return
-        self.stream.write("\n")
+        if self.dots:
+            self.stream.write("\n")
+            self.dots = False
         super().step(result)
 
 
@@ -152,10 +157,9 @@ def run_demo(
         if not summary.checks_ok:
             failed = next(c for c in checks if not c.ok)
             raise DemoError(f"check-mysql: {failed.name}: {failed.detail}; hint: {failed.hint}")
-        token = read_secret(host, "jupyter_token").reveal()
     finally:
         host.close()
-    say(render_summary(summary, layout, token))
+    say(render_summary(summary, layout))
     return summary
 
 
@@ -173,7 +177,7 @@ def _provision(host: Host, resolved: ResolvedHost, summary: Summary, out: TextIO
         raise DemoError(failed)
 
 
-def render_summary(s: Summary, layout: Layout, token: str) -> str:
+def render_summary(s: Summary, layout: Layout) -> str:
     best = min((r["metrics"]["rmse"] for r in s.runs), default=float("nan"))
     final = s.tuning
     rows = [
@@ -190,10 +194,9 @@ def render_summary(s: Summary, layout: Layout, token: str) -> str:
         ("check-mysql", "passed" if s.checks_ok else "FAILED"),
         ("provisioning changes", str(s.provision_changed)),
         ("MLflow", f"{layout.tracking_uri}/"),
-        ("Jupyter", f"http://127.0.0.1:{layout.jupyter_port}/lab?token={token}"),
+        ("Jupyter", f"http://127.0.0.1:{layout.jupyter_port}/lab  (token: invoke urls --reveal)"),
     ]
     width = max(len(k) for k, _ in rows)
     lines = ["", "== summary"] + [f"  {k:<{width}}  {v}" for k, v in rows]
     lines += ["", "Try it yourself:", "  " + serving.curl_example(SERVE_PORT)]
     return "\n".join(lines)
-

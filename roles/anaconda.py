@@ -93,7 +93,7 @@ def sync_env_script(prefix: str, env: str) -> str:
     return (
         f"set -e; {UV_ENV}; "
         f"[ -x {path}/bin/python ] || {prefix}/bin/uv venv -q --python /usr/bin/python3 {path}; "
-        f"{prefix}/bin/uv pip sync -q --compile-bytecode --require-hashes "
+        f"{prefix}/bin/uv pip sync -q --require-hashes "
         f"--python {path}/bin/python {req}; "
         f"sha256sum < {req} | cut -d' ' -f1 > {path}/{STAMP}"
     )

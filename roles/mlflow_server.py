@@ -123,6 +123,7 @@ def build(ctx: RoleContext) -> list[Step]:
         File(f"{HOME}/db_upgrade.py", upgrade, "root", USER, 0o640),
         Run(
             "tracking schema",
+            f"PYTHONPYCACHEPREFIX={HOME}/.cache/pycache "
             f"{env_prefix}/bin/python {HOME}/db_upgrade.py {ENV_FILE}",
             when=lambda c: c[schema].output.strip() != SCHEMA_HEAD,
             needs=(schema,),

@@ -63,6 +63,7 @@ def demo_command(
         "DEMO_WINE_DATA": layout.data_path,
         "PYTHONPATH": layout.demo_root,
         "PYTHONUNBUFFERED": "1",
+        "PYTHONPYCACHEPREFIX": f"{layout.demo_root}/.cache/pycache",
         **(env or {}),
     }
     assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in variables.items())

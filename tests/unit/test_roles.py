@@ -208,7 +208,7 @@ def test_anaconda_uv_plan():
     assert sync.plan(PlanContext({stamp.key: current})) is None
     change = sync.plan(PlanContext({stamp.key: F.ShellResult(1, "")}))
     script = change.commands[0].script
-    assert "uv pip sync -q --compile-bytecode --require-hashes" in script
+    assert "uv pip sync -q --require-hashes" in script
     assert "UV_PYTHON_DOWNLOADS=never" in script and sync.notify == ("mlflow-server.service",)
     assert "\nmlflow==3.17.2 \\\n" in text and "--hash=sha256:" in text
     uv = find(steps, "uv 0.13.9")
