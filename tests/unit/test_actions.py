@@ -1,0 +1,187 @@
+"""Remote actions as pure logic: argument checks, payloads, parsing of host answers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mlflow_stack.actions import check_mysql, predict, serve, status, train, tune, tunnel
+from mlflow_stack.actions.remote import ActionError, Layout, demo_command, last_json_line
+from mlflow_stack.engine import facts as F
+from mlflow_stack.secrets import Secret, mask
+from mlflow_stack.vars import StackVars
+
+LAYOUT = Layout("/opt/anaconda", 5000, 8888)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "low", "high", "message"),
+    [
+        ("--alpha", "abc", 0, None, "--alpha 'abc': not a number"),
+        ("--alpha", "-1", 0, None, "--alpha -1: must be >= 0"),
+        ("--alpha", "nan", 0, None, "must be >= 0"),
+        ("--l1-ratio", "1.5", 0, 1, "--l1-ratio 1.5: must be between 0 and 1"),
+    ],
+)
+def test_bad_training_parameters(flag, value, low, high, message):
+    with pytest.raises(ActionError, match=message.replace("(", r"\(")):
+        train.parse_float(flag, value, low, high)
+
+
+def test_good_training_parameters():
+    assert train.parse_float("--alpha", "0.42", 0) == 0.42
+    assert train.parse_float("--l1-ratio", "1", 0, 1) == 1.0
+
+
+def test_demo_command_runs_as_demo_user_and_keeps_secrets_off_argv():
+    cmd = demo_command(
+        LAYOUT, ["-m", "demo_wine.tune", "--n-trials", "5"], secret_env=("DEMO_WINE_STORAGE",)
+    )
+    assert cmd.startswith("IFS= read -r DEMO_WINE_STORAGE && export DEMO_WINE_STORAGE && ")
+    assert "runuser -u demo -- env HOME=/opt/demo MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in cmd
+    assert cmd.endswith("/opt/anaconda/envs/demo/bin/python -m demo_wine.tune --n-trials 5")
+
+
+def test_last_json_line_skips_logs():
+    out = 'INFO starting\n{"run_id": "abc"}\nnot json {\n'
+    assert last_json_line(out) == {"run_id": "abc"}
+    assert last_json_line("nothing here") is None
+
+
+def test_trials_split_evenly():
+    assert tune.split_trials(10, 3) == [4, 3, 3]
+    assert sum(tune.split_trials(2000, 4)) == 2000
+    assert tune.split_trials(1, 2) == [1, 0]
+
+
+def test_storage_url_is_a_secret():
+    url = tune.storage_url(Secret("p@ss/word"), "127.0.0.1", 3306)
+    assert url.reveal() == "mysql+pymysql://mlflow:p%40ss%2Fword@127.0.0.1:3306/optuna"
+    assert "p%40ss" not in str(url) and "p%40ss%2Fword" not in mask(f"x {url.reveal()} y")
+
+
+def test_sample_payload_is_dataframe_split():
+    payload = predict.load_payload(None)
+    split = payload["dataframe_split"]
+    assert split["columns"][0] == "alcohol" and split["data"] == [
+        list(predict.SAMPLE_WINE.values())
+    ]
+
+
+def test_payload_from_csv_and_json(tmp_path):
+    csv_file = tmp_path / "w.csv"
+    csv_file.write_text('"alcohol";"pH";"quality"\n12.8;3.3;6\n9.5;3.1;5\n')
+    split = predict.load_payload(str(csv_file))["dataframe_split"]
+    assert split == {"columns": ["alcohol", "pH"], "data": [[12.8, 3.3], [9.5, 3.1]]}
+    json_file = tmp_path / "p.json"
+    json_file.write_text('{"inputs": [[1, 2]]}')
+    assert predict.load_payload(str(json_file)) == {"inputs": [[1, 2]]}
+    (tmp_path / "bad.json").write_text("{oops")
+    with pytest.raises(ActionError, match="not valid JSON"):
+        predict.load_payload(str(tmp_path / "bad.json"))
+    with pytest.raises(ActionError, match="No such file"):
+        predict.load_payload(str(tmp_path / "missing.csv"))
+
+
+def test_predictions_parse():
+    assert predict.parse_predictions('{"predictions": [5.85, 6.1]}') == [5.85, 6.1]
+    assert predict.parse_predictions("[[5.5]]") == [5.5]
+
+
+def test_serve_request_validation():
+    serve.ServeRequest("wine", "r", 54321, 1).validate()
+    for bad, message in [
+        (("Wine!", "r", 54321, 1), "--name"),
+        (("w", "r", 80, 1), "--port 80"),
+        (("w", "r", 54321, 0), "--workers 0"),
+    ]:
+        with pytest.raises(ActionError, match=message):
+            serve.ServeRequest(*bad).validate()
+
+
+def test_serve_steps_render_unit_and_env():
+    req = serve.ServeRequest("wine", "models:/wine-elasticnet@champion", 54321, 1)
+    steps = serve.serve_steps(req, "models:/m-123", LAYOUT)
+    env = next(s for s in steps if s.name == "file /etc/mlflow-models/wine.env")
+    assert "MODEL_URI=models:/m-123\n" in env.content and "PORT=54321\n" in env.content
+    assert env.notify == ("mlflow-model@wine.service",)
+    unit = next(s for s in steps if s.name.endswith("mlflow-model@.service")).content
+    assert "mlflow models serve --model-uri ${MODEL_URI}" in unit and "--env-manager local" in unit
+    assert "EnvironmentFile=/etc/mlflow-models/%i.env" in unit and "User=demo" in unit
+
+
+def test_curl_example_uses_modern_payload():
+    example = serve.curl_example(54321)
+    assert "format=pandas-split" not in example and '"dataframe_split"' in example
+
+
+def ok(text: str) -> F.ShellResult:
+    return F.ShellResult(0, text)
+
+
+HEALTHY = {
+    "socket": ok("root@localhost\n"),
+    "charset": ok("utf8mb4\tutf8mb4_bin\n"),
+    "tables": ok("alembic_version\nexperiments\nruns\n"),
+    "revision": ok("dc11669786a5\n"),
+    "expected": ok(json.dumps({"head": "dc11669786a5", "tables": ["experiments", "runs"]})),
+    "count experiments": ok("2\n"),
+    "count runs": ok("5\n"),
+    "count registered models": ok("1\n"),
+}
+ACTIVE = F.UnitInfo("loaded", "active", "running", "enabled", False)
+
+
+def test_check_mysql_all_good():
+    checks, counts = check_mysql.evaluate(HEALTHY, ACTIVE, "mariadb.service")
+    assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+    assert counts == {"experiments": 2, "runs": 5, "registered models": 1}
+
+
+def test_check_mysql_reports_what_is_wrong():
+    broken = {
+        **HEALTHY,
+        "charset": ok("latin1\tlatin1_swedish_ci\n"),
+        "tables": ok("alembic_version\nexperiments\nold_table\n"),
+        "revision": ok("abc123\n"),
+    }
+    checks, _ = check_mysql.evaluate(broken, ACTIVE, "mariadb.service")
+    failed = {c.name: c.detail for c in checks if not c.ok}
+    assert failed["database mlflow in utf8mb4"] == "latin1 / latin1_swedish_ci"
+    assert "missing: runs" in failed["tables match the installed MLflow"]
+    assert "unexpected: old_table" in failed["tables match the installed MLflow"]
+    assert failed["schema revision is the installed MLflow's head"].startswith("abc123")
+    stopped = F.UnitInfo("loaded", "inactive", "dead", "enabled", False)
+    down = {k: F.ShellResult(1, "") for k in HEALTHY}
+    checks, counts = check_mysql.evaluate(down, stopped, "mariadb.service")
+    assert not checks[0].ok and "systemctl start mariadb.service" in checks[0].hint
+    assert counts["runs"] is None
+    table = check_mysql.render_table(checks, counts)
+    assert table.startswith("FAIL service mariadb.service")
+
+
+def test_status_health_and_versions():
+    assert status._health(ok('{"status": "OK"}\n200')) == "ok (200)"
+    assert status._health(ok("\n000")) == "no answer"
+    assert status._version(ok('{"version": "2.21.1"}\n200')) == "2.21.1"
+    assert status._version(ok("3.17.2\n200")) == "3.17.2"
+
+
+def test_urls_without_and_with_public_services():
+    lines = status.urls(LAYOUT, StackVars(), "203.0.113.10", None, reveal=False)
+    assert lines[0] == "MLflow   http://127.0.0.1:5000/"
+    assert "token=<token>" in lines[1] and any("invoke tunnel" in line for line in lines)
+    public = StackVars.model_validate({"mlflow": {"public": True}, "jupyter": {"public": True}})
+    lines = status.urls(LAYOUT, public, "203.0.113.10", "tok", reveal=True)
+    assert lines[0] == "MLflow   http://203.0.113.10:5000/"
+    assert any("token=tok" in line for line in lines)
+
+
+def test_imds_lookup_uses_imdsv2_token():
+    assert "X-aws-ec2-metadata-token-ttl-seconds" in status.IMDS_PUBLIC_IP
+    assert "latest/meta-data/public-ipv4" in status.IMDS_PUBLIC_IP
+
+
+def test_tunnel_port_pairs():
+    assert tunnel.forwards([5000, 8888], 10000) == [(15000, 5000), (18888, 8888)]
