@@ -102,3 +102,63 @@ def fresh_sandbox() -> Iterator[Callable[[], sb.SandboxInfo]]:
     finally:
         for name in made:
             sb.down(name)
+
+
+# --- the provisioned stack, shared by the stack and action tests ------------------------
+
+# Non-default ports: sandboxes share the machine's network, so a developer's own sandbox
+# (on the defaults) keeps running while the tests provision theirs. They also prove that
+# every port is configurable.
+STACK_PORTS = {"mlflow": 15000, "jupyter": 18888, "mysql": 13306}
+
+
+@pytest.fixture(scope="session")
+def wine_csv(tmp_path_factory) -> Path:
+    from tests.data import wine_csv
+
+    return wine_csv(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def data_server(wine_csv):
+    """A local HTTP server the sandbox downloads the data from (loopback is shared)."""
+    import http.server
+    import threading
+
+    directory = str(wine_csv.parent)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=directory, **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/{wine_csv.name}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def stack(sandbox, tmp_path_factory, data_server):
+    """The session sandbox converged once with all roles (data downloaded over HTTP)."""
+    from tests.e2e.helpers import inventory, provision_json
+
+    tmp = tmp_path_factory.mktemp("stack")
+    p = STACK_PORTS
+    vars_yaml = (
+        f"mlflow: {{port: {p['mlflow']}}}\njupyter: {{port: {p['jupyter']}}}\n"
+        f"mysql: {{port: {p['mysql']}}}\ndemo: {{data_url: '{data_server}'}}"
+    )
+    inv = inventory(tmp, sandbox, vars_yaml=vars_yaml)
+    code, report, proc = provision_json(inv)
+    assert code == 0 and report, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {
+        "inv": inv,
+        "info": sandbox,
+        "report": report,
+        "proc": proc,
+        "ports": p,
+        "tracking_uri": f"http://127.0.0.1:{p['mlflow']}",
+    }

@@ -4,10 +4,8 @@ every service answers, secrets stay secret, and one variable change restarts exa
 
 from __future__ import annotations
 
-import http.server
 import json
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -15,45 +13,10 @@ import pymysql
 import pytest
 
 from mlflow_stack.vars import WINE_SHA256
-from tests.data import SHARED_CSV, download_wine_csv
-from tests.e2e.helpers import changed_steps, host, inventory, provision_json, sh
+from tests.data import SHARED_CSV
+from tests.e2e.helpers import changed_steps, host, provision_json, sh
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def wine_csv(tmp_path_factory) -> Path:
-    if SHARED_CSV.exists():
-        return SHARED_CSV
-    return download_wine_csv(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-def data_server(wine_csv):
-    """A local HTTP server the sandbox downloads the data from (loopback is shared)."""
-    directory = str(wine_csv.parent)
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=directory, **kwargs)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/{wine_csv.name}"
-    server.shutdown()
-
-
-@pytest.fixture(scope="module")
-def stack(sandbox, tmp_path_factory, data_server):
-    """The sandbox converged once with all roles (data downloaded from the local server)."""
-    tmp = tmp_path_factory.mktemp("stack")
-    inv = inventory(tmp, sandbox, vars_yaml=f"demo: {{data_url: '{data_server}'}}")
-    code, report, proc = provision_json(inv)
-    assert code == 0 and report, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {"inv": inv, "info": sandbox, "report": report, "proc": proc}
 
 
 def db_password(h) -> str:
@@ -72,7 +35,7 @@ def test_cold_converge_then_no_change(stack):
 def test_tracking_server_roundtrip_from_the_controller(stack, tmp_path):
     import mlflow
 
-    mlflow.set_tracking_uri("http://127.0.0.1:5000")
+    mlflow.set_tracking_uri(stack["tracking_uri"])
     exp = mlflow.set_experiment(f"e2e-{time.time_ns()}")
     (tmp_path / "note.txt").write_text("artifact through the proxy\n")
     with mlflow.start_run(experiment_id=exp.experiment_id) as run:
@@ -102,7 +65,9 @@ def test_database_is_utf8mb4_and_user_is_least_privileged(stack):
         "FROM information_schema.schemata WHERE schema_name='mlflow'\"",
     )
     assert charset.split() == ["utf8mb4", "utf8mb4_bin"]
-    conn = pymysql.connect(host="127.0.0.1", port=3306, user="mlflow", password=db_password(h))
+    conn = pymysql.connect(
+        host="127.0.0.1", port=stack["ports"]["mysql"], user="mlflow", password=db_password(h)
+    )
     with conn.cursor() as cur:
         cur.execute("SHOW DATABASES")
         assert {r[0] for r in cur.fetchall()} == {"information_schema", "mlflow", "optuna"}
@@ -140,14 +105,13 @@ def test_jupyter_auth_and_notebook_logs_to_mlflow(stack):
     import urllib.request
 
     h = host_of(stack)
+    base = f"http://127.0.0.1:{stack['ports']['jupyter']}"
     token = sh(h, "cat /etc/mlflow-stack/secrets/jupyter_token").strip()
-    assert urllib.request.urlopen("http://127.0.0.1:8888/api").status == 200
+    assert urllib.request.urlopen(f"{base}/api").status == 200
     with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen("http://127.0.0.1:8888/api/status")
+        urllib.request.urlopen(f"{base}/api/status")
     assert refused.value.code == 403
-    req = urllib.request.Request(
-        "http://127.0.0.1:8888/api/status", headers={"Authorization": f"token {token}"}
-    )
+    req = urllib.request.Request(f"{base}/api/status", headers={"Authorization": f"token {token}"})
     assert urllib.request.urlopen(req).status == 200
     marker = f"nb-{time.time_ns()}"
     notebook = {
@@ -179,13 +143,13 @@ def test_jupyter_auth_and_notebook_logs_to_mlflow(stack):
     sh(
         h,
         "cd /opt/demo && runuser -u demo -- env HOME=/opt/demo "
-        "MLFLOW_TRACKING_URI=http://127.0.0.1:5000 /opt/anaconda/envs/demo/bin/jupyter "
+        f"MLFLOW_TRACKING_URI={stack['tracking_uri']} /opt/anaconda/envs/demo/bin/jupyter "
         "nbconvert --to notebook --execute --inplace e2e.ipynb",
         timeout=300,
     )
     import mlflow
 
-    mlflow.set_tracking_uri("http://127.0.0.1:5000")
+    mlflow.set_tracking_uri(stack["tracking_uri"])
     exp = mlflow.get_experiment_by_name(marker)
     assert exp is not None and len(mlflow.search_runs([exp.experiment_id])) == 1
 
@@ -196,7 +160,7 @@ def test_demo_files_and_data(stack):
     assert set(owners.split()) == {"demo"}
     digest = sh(h, "sha256sum /opt/demo/data/winequality-white.csv").split()[0]
     assert digest == WINE_SHA256
-    assert "MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in sh(h, "cat /opt/demo/setenv.sh")
+    assert f"MLFLOW_TRACKING_URI={stack['tracking_uri']}" in sh(h, "cat /opt/demo/setenv.sh")
     assert sh(h, "test -f /opt/demo/demo_wine/MLproject && echo yes").strip() == "yes"
 
 
@@ -228,7 +192,9 @@ def test_changing_workers_restarts_only_mlflow(stack, tmp_path):
     jpid = sh(h, "systemctl show -p MainPID --value jupyter.service").strip()
     inv = tmp_path / "inventory.yaml"
     inv.write_text(
-        Path(stack["inv"]).read_text().replace("demo: {", "mlflow: {workers: 2}\n      demo: {")
+        Path(stack["inv"])
+        .read_text()
+        .replace("mlflow: {port: 15000}", "mlflow: {port: 15000, workers: 2}")
     )
     code, report, proc = provision_json(inv)
     assert code == 0, proc.stderr
@@ -239,5 +205,5 @@ def test_changing_workers_restarts_only_mlflow(stack, tmp_path):
     assert sh(h, "systemctl show -p MainPID --value mlflow-server.service").strip() != pid
     assert sh(h, "systemctl show -p MainPID --value jupyter.service").strip() == jpid
     assert "--workers 2" in sh(h, "systemctl cat mlflow-server.service")
-    with socket.create_connection(("127.0.0.1", 5000), timeout=5):
+    with socket.create_connection(("127.0.0.1", stack["ports"]["mlflow"]), timeout=5):
         pass

@@ -1,0 +1,245 @@
+"""Remote actions on the provisioned sandbox, through the CLI as a user runs them:
+train, tune (one host, then a server plus a worker host), serve, predict, check-mysql,
+status, urls and tunnel — and their refusals of bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests.e2e.helpers import ROOT, host, invoke, sh
+
+pytestmark = pytest.mark.e2e
+SERVE_PORT = 54400
+
+
+def cli(stack, *args, timeout=900):
+    return invoke(*args, "--inventory", str(stack["inv"]), timeout=timeout)
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+def error_line(proc) -> str:
+    assert proc.returncode != 0, proc.stdout
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr  # one clear line, no traceback
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(stack):
+    runs = {}
+    for alpha in ("0.42", "0.9"):
+        out = ok(cli(stack, "train", "--alpha", alpha, "--experiment", "e2e-train"))
+        runs[alpha] = re.search(r"^run ([0-9a-f]{32}) ", out, re.M).group(1)
+        assert "rmse=" in out and "/#/experiments/" in out
+    return runs
+
+
+def test_train_twice_records_two_runs_with_their_params(stack, trained):
+    import mlflow
+
+    mlflow.set_tracking_uri(stack["tracking_uri"])
+    for alpha, run_id in trained.items():
+        run = mlflow.get_run(run_id)
+        assert float(run.data.params["alpha"]) == float(alpha)
+        assert 0 < run.data.metrics["rmse"] < 1.0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--alpha", "abc"], "--alpha 'abc': not a number"),
+        (["train", "--alpha", "-1"], "--alpha -1: must be >= 0"),
+        (["train", "--l1-ratio", "1.5"], "--l1-ratio 1.5: must be between 0 and 1"),
+        (["tune", "--n-trials", "0"], "--n-trials 0: must be 1 to"),
+        (["serve", "--run", "0" * 32, "--port", str(SERVE_PORT)], "unknown run id"),
+        (["serve", "--model", "models:/wine-elasticnet@nosuch"], "unknown model alias"),
+        (["serve"], "give exactly one of --run"),
+        (["predict", "--name", "nosuch"], "no served model named 'nosuch'"),
+        (["provision", "--host", "nosuchhost"], "unknown host 'nosuchhost'"),
+        (["provision", "--roles", "mysql,redis"], "--roles: unknown role 'redis'"),
+    ],
+)
+def test_bad_input_is_one_clear_line(stack, args, message):
+    proc = cli(stack, *args, timeout=300)
+    assert message in error_line(proc)
+
+
+def test_tune_on_one_host_registers_the_champion(stack):
+    out = ok(cli(stack, "tune", "--n-trials", "40", "--quiet"))
+    assert re.search(r"study wine-elasticnet: 40 trials", out)
+    assert re.search(r"champion: models:/wine-elasticnet@champion -> version \d+", out)
+
+
+def test_serve_predict_and_serve_again(stack, trained):
+    run_id = trained["0.42"]
+    out = ok(cli(stack, "serve", "--run", run_id, "--name", "e2e", "--port", str(SERVE_PORT)))
+    assert "started/updated" in out and f"http://127.0.0.1:{SERVE_PORT}/invocations" in out
+    curl = out.strip().splitlines()[-1]
+    assert curl.startswith("curl ")
+    answer = subprocess.run(curl, shell=True, capture_output=True, text=True, check=True).stdout
+    assert json.loads(answer)["predictions"][0] > 0
+    again = ok(cli(stack, "serve", "--run", run_id, "--name", "e2e", "--port", str(SERVE_PORT)))
+    assert "already serving (no change)" in again
+    prediction = ok(cli(stack, "predict", "--name", "e2e"))
+    assert 3.0 < float(prediction.strip()) < 9.0
+    h = host(stack["info"])
+    assert sh(h, "systemctl is-active mlflow-model@e2e.service").strip() == "active"
+    h.close()
+
+
+def test_serving_the_champion_and_a_bad_payload(stack, tmp_path):
+    ok(cli(stack, "tune", "--n-trials", "10", "--quiet"))
+    out = ok(
+        cli(
+            stack,
+            "serve",
+            "--model",
+            "models:/wine-elasticnet@champion",
+            "--name",
+            "champ",
+            "--port",
+            str(SERVE_PORT + 1),
+        )
+    )
+    assert "(version" in out
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"dataframe_split": {"columns": ["alcohol"], "data": [[12.8]]}}))
+    line = error_line(cli(stack, "predict", "--name", "champ", "--data", str(bad)))
+    assert "the model server refused the request (HTTP 400)" in line
+    ok(cli(stack, "serve", "--stop", "--name", "champ"))
+    h = host(stack["info"])
+    assert sh(h, "systemctl is-active mlflow-model@champ.service || true").strip() != "active"
+    h.close()
+
+
+def test_serve_on_a_busy_port_starts_nothing(stack, trained):
+    busy = stack["ports"]["jupyter"]
+    proc = cli(stack, "serve", "--run", trained["0.9"], "--name", "busy", "--port", str(busy))
+    assert f"port {busy} on e2e is already in use" in error_line(proc)
+    h = host(stack["info"])
+    assert sh(h, "test -e /etc/mlflow-models/busy.env && echo yes || echo no").strip() == "no"
+    h.close()
+
+
+def test_check_mysql_passes_then_fails_when_the_database_is_down(stack):
+    out = ok(cli(stack, "check-mysql"))
+    assert "FAIL" not in out and "user mlflow logs in (PyMySQL over an SSH tunnel)" in out
+    h = host(stack["info"])
+    sh(h, "systemctl stop mariadb")
+    try:
+        proc = cli(stack, "check-mysql")
+        assert "service mariadb.service: inactive" in error_line(proc)
+        assert "systemctl start mariadb.service" in proc.stderr
+    finally:
+        sh(h, "systemctl start mariadb")
+        h.close()
+
+
+def test_status_and_urls(stack):
+    out = ok(cli(stack, "status"))
+    assert "all healthy" in out and "mlflow-server.service" in out and "3.17.2" in out
+    urls = ok(cli(stack, "urls"))
+    assert f"http://127.0.0.1:{stack['ports']['mlflow']}/" in urls and "token=<token>" in urls
+    revealed = ok(cli(stack, "urls", "--reveal"))
+    h = host(stack["info"])
+    token = sh(h, "cat /etc/mlflow-stack/secrets/jupyter_token").strip()
+    h.close()
+    assert f"token={token}" in revealed
+
+
+def test_tunnel_forwards_the_mlflow_port(stack):
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "invoke",
+            "tunnel",
+            "--offset",
+            "20000",
+            "--inventory",
+            str(stack["inv"]),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        local = stack["ports"]["mlflow"] + 20000
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{local}/health", timeout=3) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "tunnel did not come up"
+                time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=20)
+    assert "forwarding; Ctrl-C to stop" in out and "tunnel closed" in out
+
+
+def test_tune_across_a_server_and_a_worker_host(stack, fresh_sandbox, tmp_path, wine_csv):
+    worker = fresh_sandbox()
+    text = stack["inv"].read_text()
+    inv = tmp_path / "inventory.yaml"
+    worker_vars = (
+        f"    vars:\n      mlflow: {{port: {stack['ports']['mlflow']}}}\n"
+        f"      demo: {{data_file: '{wine_csv}'}}\n"
+    )
+    inv.write_text(
+        text.replace("groups:\n", "groups:\n  workers:\n    hosts: [w1]\n", 1)
+        + f"  w1:\n    sandbox: {worker.name}\n"
+        + worker_vars
+    )
+    prov = invoke("provision", "--host", "w1", "--inventory", str(inv), timeout=1200)
+    assert prov.returncode == 0, prov.stdout[-3000:] + prov.stderr[-2000:]
+    assert "mysql" not in prov.stdout and "demo_files" in prov.stdout  # worker roles only
+    out = ok(
+        invoke(
+            "tune",
+            "--n-trials",
+            "40",
+            "--group",
+            "workers",
+            "--jobs-per-host",
+            "2",
+            "--quiet",
+            "--inventory",
+            str(inv),
+            timeout=1200,
+        )
+    )
+    match = re.search(r"study (wine-[\d-]+): 40 trials in [\d.]+s \((.*)\)", out)
+    assert match, out
+    per_host = dict(part.split(": ") for part in match.group(2).split(", "))
+    assert set(per_host) == {"e2e", "w1"} and sum(int(v) for v in per_host.values()) == 40
+    assert "champion: models:/wine-elasticnet@champion" in out
+    import mlflow
+
+    mlflow.set_tracking_uri(stack["tracking_uri"])
+    children = mlflow.search_runs(
+        experiment_names=["wine-tuning"], filter_string=f"tags.`optuna.study` = '{match.group(1)}'"
+    )
+    trial_runs = children[children["tags.mlflow.parentRunId"].notna()]
+    numbers = (
+        trial_runs["params.trial_number"]
+        if "params.trial_number" in trial_runs
+        else (trial_runs["tags.optuna.trial_number"])
+    )
+    assert len(trial_runs) == 40 and numbers.nunique() == 40
