@@ -139,7 +139,9 @@ class _HostRun:
 
     def run_step(self, role: str, step: Step) -> bool:
         started = time.monotonic()
-        ctx = PlanContext(self.facts, self.reload_pending, self.restarted, self.changed)
+        ctx = PlanContext(
+            self.facts, self.reload_pending, self.restarted, self.changed, set(self.pending)
+        )
         try:
             change = step.plan(ctx)
         except StepError as exc:

@@ -50,6 +50,7 @@ class PlanContext:
     reload_pending: bool = False
     restarted: set[str] = field(default_factory=set)
     changed: set[str] = field(default_factory=set)  # names of the steps changed so far
+    pending: set[str] = field(default_factory=set)  # units with a restart pending
 
     def __getitem__(self, fact: F.Fact) -> Any:
         return self.facts[fact.key]
@@ -279,10 +280,14 @@ class Service(Step):
         parts = []
         if ctx.reload_pending or info.need_daemon_reload or not info.exists:
             parts.append("systemctl daemon-reload")
+        # A unit seen stopped may have been started since the facts were gathered (a package
+        # install starts its service): with a restart pending, restart it so that it runs
+        # with the new configuration whatever it did meanwhile.
+        start = "restart" if self.unit in ctx.pending else "start"
         if "enable" in actions:
-            parts.append(f"systemctl enable {'--now ' if 'start' in actions else ''}{u}")
-        elif "start" in actions:
-            parts.append(f"systemctl start {u}")
+            parts.append(f"systemctl enable {u}")
+        if "start" in actions:
+            parts.append(f"systemctl {start} {u}")
         if "stop" in actions:
             parts.append(f"systemctl stop {u}")
         if starts:

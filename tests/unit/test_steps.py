@@ -102,7 +102,10 @@ def test_service_plans():
     key = F.Unit(s.unit).key
     assert plan(s, {key: unit()}) is None
     fresh = plan(s, {key: unit("not-found", "inactive", "")})
-    assert fresh.commands[0].script.startswith("systemctl daemon-reload && systemctl enable --now")
+    assert fresh.commands[0].script.startswith(
+        "systemctl daemon-reload && systemctl enable mlflow-server.service && "
+        "systemctl start mlflow-server.service"
+    )
     assert fresh.starts == ("mlflow-server.service",)
     start = plan(s, {key: unit(active="failed")})
     assert start.commands[0].script.startswith("systemctl start mlflow-server.service")
@@ -132,3 +135,12 @@ def test_wait_http_is_not_a_change_and_rewaits_after_restart():
     again = plan(w, {key: 200}, restarted={"mlflow.service"})
     assert again is not None and again.counts is False
     assert plan(w, {key: 0}).counts is False
+
+
+def test_service_seen_stopped_with_a_pending_restart_is_restarted():
+    """apt starts a package's service before its config file lands: start would keep it."""
+    s = Service("mariadb.service")
+    key = F.Unit(s.unit).key
+    change = plan(s, {key: unit("loaded", "inactive", "enabled")}, pending={"mariadb.service"})
+    assert "systemctl restart mariadb.service" in change.commands[0].script
+    assert change.starts == ("mariadb.service",)

@@ -1,0 +1,54 @@
+"""A sandbox for benchmarks, on its own service ports so it can run beside other sandboxes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PORTS = {"mlflow": 25000, "jupyter": 28888, "mysql": 23306}
+SHARED_CSV = REPO.parent / "shared" / "data" / "winequality-white.csv"
+
+
+def inventory(directory: Path, sandbox_name: str) -> Path:
+    data = f"demo: {{data_file: '{SHARED_CSV}'}}" if SHARED_CSV.exists() else "demo: {}"
+    text = (
+        f"groups:\n  server:\n    hosts: [bench]\nhosts:\n  bench:\n    sandbox: {sandbox_name}\n"
+        "    vars:\n"
+        f"      mlflow: {{port: {PORTS['mlflow']}}}\n"
+        f"      jupyter: {{port: {PORTS['jupyter']}}}\n"
+        f"      mysql: {{port: {PORTS['mysql']}}}\n"
+        f"      {data}\n"
+    )
+    path = directory / "inventory.yaml"
+    path.write_text(text)
+    return path
+
+
+def invoke(*args: str) -> tuple[float, subprocess.CompletedProcess]:
+    """Run `invoke ARGS` as a user would; (wall seconds, process)."""
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [str(REPO / ".venv/bin/invoke"), *args], cwd=REPO, capture_output=True, text=True
+    )
+    return time.perf_counter() - started, proc
+
+
+def provision(inv: Path) -> tuple[float, dict]:
+    """`invoke provision --json`: (wall seconds, recap of host bench)."""
+    seconds, proc = invoke("provision", "--host", "bench", "--inventory", str(inv), "--json")
+    if proc.returncode != 0:
+        raise SystemExit(f"provision failed: {proc.stderr.strip()[-500:]}")
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    return seconds, report["recap"]["bench"]
+
+
+def median_range(values: list[float]) -> str:
+    import statistics
+
+    return f"{statistics.median(values):.2f} s (min {min(values):.2f}, max {max(values):.2f})"
