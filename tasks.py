@@ -372,17 +372,25 @@ def tune(
         "fresh": "start from a new sandbox (stops and removes the current one)",
         "keep": "keep the sandbox running afterwards (default; --no-keep stops it)",
         "trials": "tuning trials (default 300)",
-        "inventory": "inventory file (its 'sandbox' host is used)",
+        "host": "inventory host to run it on (default: sandbox, started if needed)",
+        "port": "port of the served champion (default: 54321)",
+        "inventory": "inventory file",
     }
 )
-def demo(c, fresh=False, keep=True, trials="300", inventory=None):
+def demo(c, fresh=False, keep=True, trials="300", host="sandbox", port=54321, inventory=None):
     """The whole walkthrough on the local sandbox: provision, train, tune, serve, predict, check."""
     from mlflow_stack import demo as walkthrough
 
     n = cli.positive_int(trials, "--trials", 1, 100_000)
     inv = cli.load_inventory(inventory)
     try:
-        walkthrough.run_demo(inv, fresh=fresh, trials=n)
+        walkthrough.run_demo(
+            inv,
+            fresh=fresh,
+            trials=n,
+            host_name=host,
+            serve_port=cli.positive_int(port, "--port", 1024, 65535),
+        )
     except walkthrough.DemoError as exc:
         raise cli.fail(str(exc)) from None
     except Exception as exc:  # sandbox and SSH errors carry one-line messages
@@ -390,11 +398,12 @@ def demo(c, fresh=False, keep=True, trials="300", inventory=None):
             raise cli.fail(str(exc)) from None
         raise
     finally:
-        if not keep:
+        name = walkthrough.sandbox_of(inv, host)
+        if not keep and name:
             from mlflow_stack import sandbox
 
-            sandbox.down(walkthrough.SANDBOX)
-            print(f"sandbox {walkthrough.SANDBOX} stopped (--no-keep)")
+            sandbox.down(name)
+            print(f"sandbox {name} stopped (--no-keep)")
 
 
 ns = Collection(demo, provision, train, tune, serve, predict, check_mysql, status, urls, tunnel)

@@ -64,28 +64,49 @@ class ProgressReporter(Reporter):
         super().step(result)
 
 
-def demo_host(inventory: Inventory) -> ResolvedHost:
-    """The sandbox host; with the shared data copy uploaded instead of downloaded."""
-    (resolved,) = resolve(SANDBOX, inventory)
+def demo_host(inventory: Inventory, name: str) -> ResolvedHost:
+    """The demo's host; with the shared data copy uploaded instead of downloaded."""
+    (resolved,) = resolve(name, inventory)
     if SHARED_DATA.exists() and not resolved.vars.demo.data_file:
         merged = deep_merge(resolved.vars.model_dump(), {"demo": {"data_file": str(SHARED_DATA)}})
         resolved = replace(resolved, vars=StackVars.model_validate(merged))
     return resolved
 
 
-def ensure_sandbox(fresh: bool, say: Callable[[str], None]) -> None:
+def sandbox_of(inventory: Inventory, name: str) -> str | None:
+    """The local sandbox behind inventory host `name`, if it is one."""
+    entry = inventory.model.hosts.get(name)
+    if entry is not None:
+        return entry.sandbox
     from mlflow_stack import sandbox
 
-    if fresh and sandbox.load(SANDBOX):
-        say(f"stopping sandbox {SANDBOX} (--fresh)")
-        sandbox.down(SANDBOX)
-    if sandbox.load(SANDBOX) is None:
-        say(f"starting sandbox {SANDBOX} (Debian 12, systemd, ssh on 127.0.0.1:{SANDBOX_PORT})")
-        sandbox.up(SANDBOX, SANDBOX_PORT)
+    return name if sandbox.load(name) or name == SANDBOX else None
+
+
+def ensure_sandbox(name: str | None, fresh: bool, say: Callable[[str], None]) -> None:
+    """Start the sandbox behind the demo host unless it runs (or stop it first if fresh)."""
+    if name is None:
+        return
+    from mlflow_stack import sandbox
+
+    if fresh and sandbox.load(name):
+        say(f"stopping sandbox {name} (--fresh)")
+        sandbox.down(name)
+    if sandbox.load(name) is None:
+        say(f"starting sandbox {name} (Debian 12, systemd, ssh on 127.0.0.1:{SANDBOX_PORT})")
+        sandbox.up(name, SANDBOX_PORT)
+    else:
+        say(f"sandbox {name} is running")
 
 
 def run_demo(
-    inventory: Inventory, *, fresh: bool, trials: int, out: TextIO = sys.stdout
+    inventory: Inventory,
+    *,
+    fresh: bool,
+    trials: int,
+    host_name: str = SANDBOX,
+    serve_port: int = SERVE_PORT,
+    out: TextIO = sys.stdout,
 ) -> Summary:
     summary = Summary()
 
@@ -102,8 +123,8 @@ def run_demo(
         summary.steps[name] = time.monotonic() - started
         return value
 
-    step("sandbox", lambda: ensure_sandbox(fresh, say))
-    resolved = demo_host(inventory)
+    step("sandbox", lambda: ensure_sandbox(sandbox_of(inventory, host_name), fresh, say))
+    resolved = demo_host(inventory, host_name)
     layout = Layout.of(resolved)
     host = Host(resolved.target)
     try:
@@ -138,14 +159,14 @@ def run_demo(
             f"best val_rmse={outcome.final.get('best_value', float('nan')):.4f} "
             f"({summary.trials} trials, {outcome.seconds:.1f}s)"
         )
-        req = serving.ServeRequest("wine", "models:/wine-elasticnet@champion", SERVE_PORT, 1)
+        req = serving.ServeRequest("wine", "models:/wine-elasticnet@champion", serve_port, 1)
         summary.served = step(
             "serve the champion", lambda: serving.serve(host, layout, req, resolved.vars)
         )
         say(f"{summary.served.url} serves {summary.served.uri}")
         prediction = step(
             "predict the sample wine",
-            lambda: scoring.predict(host, SERVE_PORT, scoring.load_payload(None)),
+            lambda: scoring.predict(host, serve_port, scoring.load_payload(None)),
         )
         summary.prediction = prediction[0]
         say(f"predicted quality: {summary.prediction:.3f}")
@@ -159,7 +180,7 @@ def run_demo(
             raise DemoError(f"check-mysql: {failed.name}: {failed.detail}; hint: {failed.hint}")
     finally:
         host.close()
-    say(render_summary(summary, layout))
+    say(render_summary(summary, layout, serve_port))
     return summary
 
 
@@ -177,7 +198,7 @@ def _provision(host: Host, resolved: ResolvedHost, summary: Summary, out: TextIO
         raise DemoError(failed)
 
 
-def render_summary(s: Summary, layout: Layout) -> str:
+def render_summary(s: Summary, layout: Layout, serve_port: int) -> str:
     best = min((r["metrics"]["rmse"] for r in s.runs), default=float("nan"))
     final = s.tuning
     rows = [
@@ -198,5 +219,5 @@ def render_summary(s: Summary, layout: Layout) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     lines = ["", "== summary"] + [f"  {k:<{width}}  {v}" for k, v in rows]
-    lines += ["", "Try it yourself:", "  " + serving.curl_example(SERVE_PORT)]
+    lines += ["", "Try it yourself:", "  " + serving.curl_example(serve_port)]
     return "\n".join(lines)
