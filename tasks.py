@@ -219,6 +219,10 @@ def tunnel(c, mysql=False, offset=0, host=None, inventory=None):
     if mysql:
         ports.append(v.mysql.port)
     pairs = tunnels.forwards(ports, offset)
+    too_high = [local for local, _ in pairs if local > 65535]
+    if too_high:
+        h.close()
+        raise cli.fail(f"--offset {offset}: local port {too_high[0]} is above 65535")
     try:
         with tunnels.tunnel(h, pairs):
             for local, remote in pairs:
