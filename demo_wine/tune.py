@@ -2,7 +2,7 @@
 
 CLI: ``python -m demo_wine.tune --n-trials 2000 [--data PATH_OR_URL] [--storage URL]
 [--study NAME] [--jobs N] [--experiment wine-tuning] [--seed 42] [--sampler tpe|random]
-[--no-register]``.
+[--no-register] [--log-threads N]``.
 
 * Objective: RMSE on a validation split (20 %) carved from the training split; the held-out
   test split (25 %) only scores the final, retrained model.
@@ -38,6 +38,7 @@ from demo_wine.errors import InputError, Parser, parse_int, parse_number, run_cl
 from demo_wine.model import ALPHA_RANGE, L1_RATIO_RANGE
 
 DEFAULT_STUDY = "wine-elasticnet"
+STORAGE_ENV = "DEMO_WINE_STORAGE"  # the storage URL (with its password) off the command line
 DEFAULT_EXPERIMENT = "wine-tuning"
 SAMPLERS = ("tpe", "random")
 
@@ -118,6 +119,8 @@ def tune(
         raise InputError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if not study_name.strip():
         raise InputError("study name must not be empty")
+    if n_trials == 0 and not storage:
+        raise InputError("--n-trials 0 (finalise a study) needs --storage")
 
     from demo_wine.tracking import serialization_format, tracking_uri
 
@@ -181,7 +184,7 @@ def tune(
     }
     client.log_batch(parent, params=[Param(k, str(v)) for k, v in context.items()])
 
-    threads = recorder_threads or (max(4, 2 * jobs) if is_remote(uri) else 1)
+    threads = recorder_threads or (max(8, 2 * jobs) if is_remote(uri) else 1)
     recorder = TrialRecorder(client, exp_id, parent, tags, threads=threads)
 
     def objective(trial: Any) -> float:
@@ -340,6 +343,11 @@ def _parser() -> Parser:
     p.add_argument("--seed", default=str(DEFAULT_SEED), help="split (and sampler) seed")
     p.add_argument("--sampler", default="tpe", choices=SAMPLERS, help="Optuna sampler")
     p.add_argument("--no-register", action="store_true", help="never register (workers)")
+    p.add_argument(
+        "--log-threads",
+        default="0",
+        help="threads recording trials in MLflow (default: 8 remote, 1 local)",
+    )
     return p
 
 
@@ -363,13 +371,14 @@ def _run(args: Any) -> dict[str, Any]:
     return tune(
         args.n_trials,
         args.data or None,
-        storage=args.storage or None,
+        storage=args.storage or os.environ.get(STORAGE_ENV) or None,
         study_name=args.study,
         jobs=args.jobs,
         experiment=args.experiment,
         register=not args.no_register,
         seed=args.seed,
         sampler=args.sampler,
+        recorder_threads=parse_int("log_threads", args.log_threads),
     )
 
 

@@ -99,10 +99,11 @@ class Apt(Step):
         missing = [p for p in self.packages if p not in installed]
         if not missing:
             return None
-        script = ""
+        # An install killed half-way leaves dpkg "interrupted": finish it first.
+        script = f"{APT_ENV} dpkg --configure -a && "
         age = ctx[F.AptListsAge()]
         if age is None or age > self.max_list_age:
-            script = f"{APT_ENV} apt-get {APT_OPTS} update && "
+            script += f"{APT_ENV} apt-get {APT_OPTS} update && "
         names = " ".join(q(p) for p in missing)
         script += (
             f"{APT_ENV} apt-get {APT_OPTS} install --no-install-recommends {names} && apt-get clean"

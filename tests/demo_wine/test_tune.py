@@ -88,6 +88,15 @@ def test_tune_records_every_trial_and_registers_champion(store: Path) -> None:
     assert result["alias_set"] is True
 
 
+def test_threads_record_every_trial_without_registering(store: Path) -> None:
+    from demo_wine.tune import tune
+
+    result = tune(n_trials=10, jobs=2, register=False, experiment="threads", study_name="t2")
+    assert result["trials_recorded"] == 10 and result["registered_version"] is None
+    runs = children(result["experiment_id"], result["parent_run_id"])
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in runs) == list(range(10))
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -95,6 +104,7 @@ def test_tune_records_every_trial_and_registers_champion(store: Path) -> None:
         (["--jobs", "0"], "jobs must be >= 1"),
         (["--storage", "nosuchdialect://x/y"], "cannot open Optuna storage"),
         (["--sampler", "grid"], "invalid choice: 'grid'"),
+        (["--n-trials", "0"], "needs --storage"),
     ],
 )
 def test_cli_bad_input(tmp_path: Path, wine_csv: Path, args: list[str], message: str) -> None:
