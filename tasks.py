@@ -109,9 +109,12 @@ def predict(c, name="wine", port=None, data=None, host=None, inventory=None):
     from mlflow_stack.actions import predict as scoring
     from mlflow_stack.actions.remote import ActionError
 
+    try:
+        payload = scoring.load_payload(data)  # bad input fails before anything connects
+    except ActionError as exc:
+        raise cli.fail(str(exc), code=2) from None
     _, h = cli.first_host(host, inventory)
     try:
-        payload = scoring.load_payload(data)
         if port is None:
             found = h.run(f"sed -n 's/^PORT=//p' /etc/mlflow-models/{name}.env").stdout.strip()
             if not found:
