@@ -229,6 +229,8 @@ def test_tune_across_a_server_and_a_worker_host(stack, fresh_sandbox, tmp_path, 
     per_host = dict(part.split(": ") for part in match.group(2).split(", "))
     assert set(per_host) == {"e2e", "w1"} and sum(int(v) for v in per_host.values()) == 40
     assert "champion: models:/wine-elasticnet@champion" in out
+    no_db = invoke("check-mysql", "--host", "w1", "--inventory", str(inv), timeout=300)
+    assert "service mariadb.service: inactive" in error_line(no_db)
     import mlflow
 
     mlflow.set_tracking_uri(stack["tracking_uri"])
@@ -242,3 +244,29 @@ def test_tune_across_a_server_and_a_worker_host(stack, fresh_sandbox, tmp_path, 
         else (trial_runs["tags.optuna.trial_number"])
     )
     assert len(trial_runs) == 40 and numbers.nunique() == 40
+
+
+def test_wrong_key_and_sudo_password_are_clear_errors(stack, tmp_path):
+    info = stack["info"]
+    stranger = tmp_path / "stranger_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    h = host(info)
+    sh(
+        h,
+        "id nosudo >/dev/null 2>&1 || useradd -m -s /bin/bash -G sudo nosudo; "
+        "install -d -m 700 -o nosudo -g nosudo /home/nosudo/.ssh; "
+        "install -m 600 -o nosudo -g nosudo /home/ubuntu/.ssh/authorized_keys "
+        "/home/nosudo/.ssh/authorized_keys",
+    )
+    h.close()
+    inv = tmp_path / "inventory.yaml"
+    inv.write_text(
+        "hosts:\n"
+        f"  badkey:\n    address: 127.0.0.1\n    port: {info.port}\n    key: {stranger}\n"
+        f"  nosudo:\n    address: 127.0.0.1\n    port: {info.port}\n    user: nosudo\n"
+        f"    key: {info.key_file}\n"
+    )
+    proc = invoke("provision", "--host", "badkey", "--inventory", str(inv), timeout=120)
+    assert f"SSH authentication failed for ubuntu@127.0.0.1:{info.port}" in error_line(proc)
+    proc = invoke("provision", "--host", "nosudo", "--inventory", str(inv), timeout=120)
+    assert "sudo needs a password for nosudo" in error_line(proc)
