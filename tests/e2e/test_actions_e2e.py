@@ -270,3 +270,40 @@ def test_wrong_key_and_sudo_password_are_clear_errors(stack, tmp_path):
     assert f"SSH authentication failed for ubuntu@127.0.0.1:{info.port}" in error_line(proc)
     proc = invoke("provision", "--host", "nosudo", "--inventory", str(inv), timeout=120)
     assert "sudo needs a password for nosudo" in error_line(proc)
+
+
+def wait_until(check, seconds: float, what: str):
+    import time
+
+    deadline = time.monotonic() + seconds
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} not within {seconds:.0f} s"
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize(
+    "unit", ["mlflow-server.service", "jupyter.service", "mlflow-model@e2e.service"]
+)
+def test_killed_services_come_back(stack, trained, unit):
+    h = host(stack["info"])
+    if unit.startswith("mlflow-model@"):
+        ok(
+            cli(
+                stack, "serve", "--run", trained["0.42"], "--name", "e2e", "--port", str(SERVE_PORT)
+            )
+        )
+    pid = sh(h, f"systemctl show -p MainPID --value {unit}").strip()
+    assert pid != "0"
+    sh(h, f"kill -9 {pid}")
+
+    def restarted():
+        new = sh(h, f"systemctl show -p MainPID --value {unit}").strip()
+        state = sh(h, f"systemctl is-active {unit} || true").strip()
+        return new not in ("0", pid) and state == "active"
+
+    wait_until(restarted, 10, f"{unit} restarted by systemd")
+    wait_until(lambda: "all healthy" in cli(stack, "status").stdout, 120, "all healthy")
+    h.close()
