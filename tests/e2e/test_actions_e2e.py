@@ -307,3 +307,48 @@ def test_killed_services_come_back(stack, trained, unit):
     wait_until(restarted, 10, f"{unit} restarted by systemd")
     wait_until(lambda: "all healthy" in cli(stack, "status").stdout, 120, "all healthy")
     h.close()
+
+
+def test_public_mlflow_needs_credentials_and_keeps_its_secrets(stack, tmp_path):
+    import base64
+    import urllib.error
+
+    from tests.e2e.helpers import provision_json
+
+    port = stack["ports"]["mlflow"]
+    public = tmp_path / "inventory.yaml"
+    public.write_text(
+        stack["inv"]
+        .read_text()
+        .replace(f"mlflow: {{port: {port}}}", f"mlflow: {{port: {port}, public: true}}")
+    )
+    h = host(stack["info"])
+    try:
+        code, _, proc = provision_json(public)
+        assert code == 0, proc.stderr
+        assert f"0.0.0.0:{port}" in sh(h, "ss -Hltn")
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=10)
+        assert refused.value.code == 401
+        password = sh(h, "cat /etc/mlflow-stack/secrets/mlflow_admin_password").strip()
+        flask_key = sh(h, "cat /etc/mlflow-stack/secrets/mlflow_flask_secret_key").strip()
+        auth = base64.b64encode(f"admin:{password}".encode()).decode()
+        request = urllib.request.Request(url, headers={"Authorization": f"Basic {auth}"})
+        assert urllib.request.urlopen(request, timeout=10).status == 200
+        for secret in (password, flask_key):
+            assert secret not in proc.stdout + proc.stderr
+            assert secret not in sh(h, "ps -eo args")
+            assert secret not in sh(h, "journalctl --no-pager -q")
+        modes = sh(h, "stat -c '%a %U' /etc/mlflow/basic_auth.ini /etc/mlflow/mlflow.env")
+        assert modes.split("\n")[:2] == ["600 mlflow", "600 mlflow"]
+    finally:
+        code, _, proc = provision_json(stack["inv"])  # back to loopback only
+        h.close()
+    assert code == 0, proc.stderr
+    assert (
+        urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
+        ).status
+        == 200
+    )
