@@ -185,20 +185,9 @@ def test_two_processes_share_a_study_then_finalise(store: Path) -> None:
     assert len({c.data.tags["pid"] for c in runs}) == 2
 
     # A coordinator finalises: no new trials, retrain + register the study's best.
-    proc = run_module(
-        "demo_wine.tune",
-        "--n-trials",
-        "0",
-        "--storage",
-        storage,
-        "--study",
-        study,
-        "--experiment",
-        "shared",
-        cwd=store,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    final = json.loads(proc.stdout.strip().splitlines()[-1])
+    from demo_wine.tune import tune
+
+    final = tune(0, storage=storage, study_name=study, experiment="shared")
     assert final["trials_done"] == 0 and final["trials_total"] == 24
     assert final["best_value"] == pytest.approx(min(t.value for t in trials))
     assert final["registered_version"] and final["alias_set"] is True
