@@ -29,9 +29,7 @@ def resolve(base, ref):
         models = [get(base, f"logged-models/{o['model_id']}") for o in outputs]
         models = [m["model"]["info"] for m in models if m]
         if not models:
-            return {
-                "error": f"run {run_id} has no logged model (was it trained with --no-artifacts?)"
-            }
+            return {"error": f"run {run_id} has no logged model to serve"}
         chosen = next((m for m in models if m.get("name") == "model"), models[0])
         return {"uri": f"models:/{chosen['model_id']}", "run_id": run_id}
     if not ref.startswith("models:/"):

@@ -224,7 +224,7 @@ def test_tune_across_a_server_and_a_worker_host(stack, fresh_sandbox, tmp_path, 
             timeout=1200,
         )
     )
-    match = re.search(r"study (wine-[\d-]+): 40 trials in [\d.]+s \((.*)\)", out)
+    match = re.search(r"study (wine-[\d-]+): 40 trials in [\d.]+s\s+\((.*)\)", out)
     assert match, out
     per_host = dict(part.split(": ") for part in match.group(2).split(", "))
     assert set(per_host) == {"e2e", "w1"} and sum(int(v) for v in per_host.values()) == 40
