@@ -237,13 +237,9 @@ def test_tune_across_a_server_and_a_worker_host(stack, fresh_sandbox, tmp_path, 
     children = mlflow.search_runs(
         experiment_names=["wine-tuning"], filter_string=f"tags.`optuna.study` = '{match.group(1)}'"
     )
-    trial_runs = children[children["tags.mlflow.parentRunId"].notna()]
-    numbers = (
-        trial_runs["params.trial_number"]
-        if "params.trial_number" in trial_runs
-        else (trial_runs["tags.optuna.trial_number"])
-    )
-    assert len(trial_runs) == 40 and numbers.nunique() == 40
+    trial_runs = children[children["tags.optuna.trial"].notna()]
+    assert len(trial_runs) == 40 and trial_runs["tags.optuna.trial"].nunique() == 40
+    assert trial_runs["tags.mlflow.parentRunId"].notna().all()
 
 
 def test_wrong_key_and_sudo_password_are_clear_errors(stack, tmp_path):
