@@ -3,6 +3,7 @@ API and print one JSON line, {"uri": ...} or {"error": ...}. Arguments: TRACKING
 
 import json
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -65,14 +66,19 @@ def resolve(base, ref):
     }
 
 
-try:
-    print(json.dumps(resolve(sys.argv[1].rstrip("/"), sys.argv[2])))
-except (urllib.error.URLError, OSError) as exc:
-    print(
-        json.dumps(
-            {
-                "error": f"tracking server {sys.argv[1]} does not answer ({exc}); "
-                "is mlflow-server.service running?"
-            }
-        )
-    )
+def main(base, ref, wait_s=60.0):
+    """Resolve, waiting up to `wait_s` for a tracking server that is (re)starting."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return resolve(base, ref)
+        except (urllib.error.URLError, OSError) as exc:
+            if time.monotonic() > deadline:
+                return {
+                    "error": f"tracking server {base} does not answer ({exc}); "
+                    "is mlflow-server.service running?"
+                }
+            time.sleep(1)
+
+
+print(json.dumps(main(sys.argv[1].rstrip("/"), sys.argv[2])))
