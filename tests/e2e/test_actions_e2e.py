@@ -300,9 +300,14 @@ def test_killed_services_come_back(stack, trained, unit):
         state = sh(h, f"systemctl is-active {unit} || true").strip()
         return new not in ("0", pid) and state == "active"
 
-    wait_until(restarted, 10, f"{unit} restarted by systemd")
-    wait_until(lambda: "all healthy" in cli(stack, "status").stdout, 120, "all healthy")
-    h.close()
+    try:
+        wait_until(restarted, 10, f"{unit} restarted by systemd")
+        wait_until(lambda: "all healthy" in cli(stack, "status").stdout, 120, "all healthy")
+    except AssertionError as exc:
+        journal = sh(h, f"journalctl -u {unit} -u mlflow-server -n 40 --no-pager -o cat")
+        raise AssertionError(f"{exc}\n{journal}") from None
+    finally:
+        h.close()
 
 
 def test_public_mlflow_needs_credentials_and_keeps_its_secrets(stack, tmp_path):
