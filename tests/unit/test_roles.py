@@ -287,3 +287,35 @@ def test_every_role_renders_without_undefined_variables():
         steps = roles.get(name).build(ctx)
         assert steps and all(s.name for s in steps)
         assert all(isinstance(s.content, (str, bytes)) for s in steps if isinstance(s, File))
+
+
+def test_every_service_unit_is_hardened_and_restarts():
+    from mlflow_stack.actions.remote import Layout
+    from mlflow_stack.actions.serve import ServeRequest, serve_steps
+
+    units = {
+        "mlflow": find(
+            mlflow_server.build(context()), "file /etc/systemd/system/mlflow-server.service"
+        ).content,
+        "jupyter": find(
+            jupyter.build(context()), "file /etc/systemd/system/jupyter.service"
+        ).content,
+        "model": next(
+            s
+            for s in serve_steps(
+                ServeRequest("w", "r", 54321, 1), "models:/m-1", Layout("/opt/anaconda", 5000, 8888)
+            )
+            if s.name.endswith("mlflow-model@.service")
+        ).content,
+    }
+    for name, unit in units.items():
+        for line in (
+            "NoNewPrivileges=yes",
+            "ProtectSystem=strict",
+            "PrivateTmp=yes",
+            "CapabilityBoundingSet=\n",
+            "Restart=on-failure",
+        ):
+            assert line in unit, f"{name}: {line!r} missing"
+        assert "User=root" not in unit and "\nUser=" in unit
+        assert unit.count("ReadWritePaths=") == 1
