@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
-import urllib.request
 from pathlib import Path
 
+from demo_wine.data import download
 from mlflow_stack.vars import WINE_SHA256, WINE_URL
 
 SHARED_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "winequality-white.csv"
 
 
-def download_wine_csv(directory: Path) -> Path:
-    """Download the UCI file into `directory`, refusing it unless its sha256 matches."""
-    data = urllib.request.urlopen(WINE_URL, timeout=60).read()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != WINE_SHA256:
-        raise RuntimeError(f"{WINE_URL}: sha256 {digest}, expected {WINE_SHA256}")
-    path = directory / "winequality-white.csv"
-    path.write_bytes(data)
-    return path
-
-
 def wine_csv(directory: Path) -> Path:
-    return SHARED_CSV if SHARED_CSV.exists() else download_wine_csv(directory)
+    """The shared copy, or the UCI file downloaded into `directory` (refused unless its
+    sha256 matches the pinned one)."""
+    if SHARED_CSV.exists():
+        return SHARED_CSV
+    return download(WINE_URL, directory / "winequality-white.csv", WINE_SHA256)

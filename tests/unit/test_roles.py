@@ -319,3 +319,10 @@ def test_every_service_unit_is_hardened_and_restarts():
             assert line in unit, f"{name}: {line!r} missing"
         assert "User=root" not in unit and "\nUser=" in unit
         assert unit.count("ReadWritePaths=") == 1
+
+
+def test_provisioning_and_the_demo_pin_the_same_data():
+    from demo_wine import data
+    from mlflow_stack.vars import WINE_SHA256, WINE_URL
+
+    assert (data.UCI_URL, data.SHA256) == (WINE_URL, WINE_SHA256)
