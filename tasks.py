@@ -107,6 +107,7 @@ def serve(
 def predict(c, name="wine", port=None, data=None, host=None, inventory=None):
     """Score the sample wine (or --data) against a served model and print the prediction."""
     from mlflow_stack.actions import predict as scoring
+    from mlflow_stack.actions import serve as serving
     from mlflow_stack.actions.remote import ActionError
 
     try:
@@ -116,12 +117,11 @@ def predict(c, name="wine", port=None, data=None, host=None, inventory=None):
     _, h = cli.first_host(host, inventory)
     try:
         if port is None:
-            found = h.run(f"sed -n 's/^PORT=//p' /etc/mlflow-models/{name}.env").stdout.strip()
-            if not found:
+            port = serving.served(h).get(name)
+            if port is None:
                 raise ActionError(
                     f"no served model named {name!r} on {h.name}; start one with invoke serve"
                 )
-            port = int(found)
         predictions = scoring.predict(h, int(port), payload)
     except ActionError as exc:
         raise cli.fail(str(exc)) from None
@@ -210,6 +210,7 @@ def tunnel(c, mysql=False, offset=0, host=None, inventory=None):
     """Forward MLflow, Jupyter and served-model ports over SSH until Ctrl-C."""
     import threading
 
+    from mlflow_stack.actions import serve as serving
     from mlflow_stack.actions import tunnel as tunnels
     from mlflow_stack.engine.host import HostError
 
@@ -217,8 +218,7 @@ def tunnel(c, mysql=False, offset=0, host=None, inventory=None):
     resolved, h = cli.first_host(host, inventory)
     v = resolved.vars
     ports = [v.mlflow.port, v.jupyter.port]
-    served = h.run("cat /etc/mlflow-models/*.env 2>/dev/null | sed -n 's/^PORT=//p'").stdout
-    ports += [int(p) for p in served.split() if p.isdigit()]
+    ports += sorted(serving.served(h).values())
     if mysql:
         ports.append(v.mysql.port)
     pairs = tunnels.forwards(ports, offset)

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow_stack.actions.remote import ActionError, Layout, error_tail, require_provisioned
+from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.host import Host
 from mlflow_stack.engine.report import Reporter, Status
-from mlflow_stack.engine.runner import HostJob, Options, Role, converge_host
+from mlflow_stack.engine.runner import HostJob, Options, Role, converge_host, probe
 from mlflow_stack.engine.steps import Directory, File, Service, Step, WaitHttp
 from mlflow_stack.engine.templating import render
 
@@ -20,6 +21,25 @@ CONF_DIR = "/etc/mlflow-models"
 TEMPLATE_UNIT = "mlflow-model@.service"
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,40}$")
 RESOLVER = Path(__file__).with_name("resolve_model.py")
+
+
+def served_fact() -> F.Shell:
+    """The served instances and their ports, one `NAME PORT` line each."""
+    return F.Shell(
+        "served models",
+        f"cd {CONF_DIR} 2>/dev/null && "
+        "for f in *.env; do echo \"${f%.env} $(sed -n 's/^PORT=//p' $f)\"; done",
+    )
+
+
+def parse_served(result: F.ShellResult) -> dict[str, int]:
+    pairs = (line.split() for line in result.output.splitlines())
+    return {p[0]: int(p[1]) for p in pairs if len(p) == 2 and p[1].isdigit()}
+
+
+def served(host: Host) -> dict[str, int]:
+    """Served instance name → port on the host."""
+    return parse_served(probe(host, [served_fact()])[served_fact().key])
 
 
 def unit_name(name: str) -> str:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from mlflow_stack.actions import serve as serving
 from mlflow_stack.actions.remote import Layout
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.host import Host
 from mlflow_stack.engine.runner import probe
 from roles import mysql
-
-SERVING_CONF = "/etc/mlflow-models"
 
 
 @dataclass
@@ -42,16 +41,9 @@ def _health(result: F.ShellResult) -> str:
 
 def gather(host: Host, layout: Layout) -> list[ServiceStatus]:
     """Every unit of the stack with its state, health endpoint and version, in two probes."""
-    models = F.Shell(
-        "served models",
-        f"cd {SERVING_CONF} 2>/dev/null && "
-        "for f in *.env; do echo \"${f%.env} $(sed -n 's/^PORT=//p' $f)\"; done",
-    )
-    base = [F.OsRelease(), models]
-    first = probe(host, base)
-    served = [
-        line.split() for line in first[models.key].output.splitlines() if len(line.split()) == 2
-    ]
+    models = serving.served_fact()
+    first = probe(host, [F.OsRelease(), models])
+    served = serving.parse_served(first[models.key]).items()
     db_unit = mysql.flavor(first[F.OsRelease().key]).service
     mlflow_url = f"http://127.0.0.1:{layout.mlflow_port}"
     jupyter_url = f"http://127.0.0.1:{layout.jupyter_port}"

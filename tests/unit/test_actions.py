@@ -185,3 +185,9 @@ def test_imds_lookup_uses_imdsv2_token():
 
 def test_tunnel_port_pairs():
     assert tunnel.forwards([5000, 8888], 10000) == [(15000, 5000), (18888, 8888)]
+
+
+def test_served_instances_parse():
+    out = ok("wine 54321\nchamp 54322\nbroken \n*.env \n")
+    assert serve.parse_served(out) == {"wine": 54321, "champ": 54322}
+    assert serve.parse_served(F.ShellResult(1, "")) == {}
