@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 
 from loadgen import load
-from stack import PORTS, invoke, median_range, provision
+from stack import NAME, PORTS, SLOT, SSH_PORT, invoke, median_range, provision
 from stack import inventory as make_inventory
 
 from mlflow_stack import sandbox
 from mlflow_stack.actions.predict import SAMPLE_WINE, dataframe_split
 
-OUR_PORT, PLAIN_PORT = 25501, 25502
+OUR_PORT, PLAIN_PORT = 25501 + 10 * SLOT, 25502 + 10 * SLOT
 
 
 def must(result) -> str:
@@ -59,8 +59,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
-    name = "bench"
-    info = sandbox.load(name) or sandbox.up(name, 2290)
+    name = NAME
+    info = sandbox.load(name) or sandbox.up(name, SSH_PORT)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             inv = str(make_inventory(Path(tmp), name))

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from stack import inventory, median_range, provision
+from stack import NAME, SSH_PORT, inventory, median_range, provision
 
 from mlflow_stack import sandbox
 
@@ -38,9 +38,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="no-op runs (median)")
     parser.add_argument("--keep", action="store_true", help="keep the sandbox afterwards")
     args = parser.parse_args()
-    name = "bench"
+    name = NAME
     sandbox.down(name)
-    info = sandbox.up(name, 2290)
+    info = sandbox.up(name, SSH_PORT)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             inv = inventory(Path(tmp), name)

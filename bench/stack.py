@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -11,7 +12,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PORTS = {"mlflow": 25000, "jupyter": 28888, "mysql": 23306}
+# BENCH_SLOT=N (default 0) shifts every port and the sandbox name, so benchmarks can run
+# side by side on one machine (they share its network).
+SLOT = int(os.environ.get("BENCH_SLOT", "0"))
+PORTS = {"mlflow": 25000 + 10 * SLOT, "jupyter": 28888 + 10 * SLOT, "mysql": 23306 + 10 * SLOT}
+SSH_PORT = 2290 + SLOT
+NAME = "bench" if SLOT == 0 else f"bench{SLOT}"
 SHARED_CSV = REPO.parent / "shared" / "data" / "winequality-white.csv"
 
 
