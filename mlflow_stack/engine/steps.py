@@ -78,6 +78,14 @@ def q(value: str) -> str:
 
 APT_ENV = "DEBIAN_FRONTEND=noninteractive NEEDRESTART_MODE=a"
 APT_OPTS = "-o DPkg::Lock::Timeout=300 -o Dpkg::Options::=--force-confold -q -y"
+# An install killed half-way leaves dpkg "interrupted": finish it first. dpkg itself has no lock
+# timeout (apt's DPkg::Lock::Timeout covers apt-get only), so wait while another apt or dpkg
+# holds the lock, e.g. the apt-get a controller killed mid-install left running on the host.
+DPKG_FINISH = (
+    f"i=0; until out=$({APT_ENV} dpkg --configure -a 2>&1); do "
+    'case "$out" in *lock*) ;; *) echo "$out" >&2; exit 2 ;; esac; '
+    'i=$((i + 1)); if [ $i -ge 300 ]; then echo "$out" >&2; exit 2; fi; sleep 1; done'
+)
 
 
 @dataclass
@@ -99,8 +107,7 @@ class Apt(Step):
         missing = [p for p in self.packages if p not in installed]
         if not missing:
             return None
-        # An install killed half-way leaves dpkg "interrupted": finish it first.
-        script = f"{APT_ENV} dpkg --configure -a && "
+        script = f"{DPKG_FINISH}; "
         age = ctx[F.AptListsAge()]
         if age is None or age > self.max_list_age:
             script += f"{APT_ENV} apt-get {APT_OPTS} update && "

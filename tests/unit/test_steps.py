@@ -1,4 +1,4 @@
-"""Steps: facts → planned commands (nothing runs)."""
+"""Steps: facts → planned commands (nothing runs on a host; shell snippets run locally)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.steps import (
+    DPKG_FINISH,
     Apt,
     Directory,
     File,
@@ -52,6 +53,36 @@ def test_apt_installs_only_missing_and_updates_stale_lists():
     assert "DEBIAN_FRONTEND=noninteractive" in cmd.script
     values[F.AptListsAge().key] = 60
     assert " update " not in plan(step, values).commands[0].script
+
+
+def fake_dpkg(tmp_path, body: str) -> dict:
+    """An environment whose `dpkg` is a shell script counting its calls in tmp_path/calls."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "dpkg").write_text(f"#!/bin/sh\necho x >> {tmp_path}/calls\n{body}\n")
+    (bin_dir / "dpkg").chmod(0o755)
+    return {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+
+
+def test_dpkg_finish_waits_for_a_held_lock(tmp_path):
+    # dpkg has no lock timeout: a run right after a killed one finds apt still installing.
+    env = fake_dpkg(
+        tmp_path,
+        f'[ "$(wc -l < {tmp_path}/calls)" -ge 3 ] && exit 0\n'
+        'echo "dpkg: error: dpkg frontend lock was locked by another process with pid 7" >&2\n'
+        "exit 2",
+    )
+    proc = subprocess.run(["sh", "-c", DPKG_FINISH], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "calls").read_text().count("x") == 3
+
+
+def test_dpkg_finish_fails_at_once_on_other_errors(tmp_path):
+    env = fake_dpkg(tmp_path, 'echo "dpkg: error: parsing file /var/lib/dpkg/status" >&2; exit 2')
+    proc = subprocess.run(["sh", "-c", DPKG_FINISH], env=env, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "parsing file" in proc.stderr
+    assert (tmp_path / "calls").read_text().count("x") == 1
 
 
 def test_file_absent_present_and_perms():
