@@ -1,4 +1,5 @@
-"""Invoke tasks for the local sandbox host: `sandbox.up`, `.down`, `.ssh`, `.status`, `.list`."""
+"""Invoke tasks for the local sandbox host: `sandbox.up`, `.down`, `.reboot`, `.ssh`, `.status`,
+`.list`."""
 
 from __future__ import annotations
 
@@ -68,6 +69,14 @@ def down(c, name="sandbox", keep=False):
         print(f"{name}: no such sandbox")
 
 
+@task(help={"name": NAME_HELP})
+def reboot(c, name="sandbox"):
+    """Restart a sandbox like a host reboot: its disk is kept, its services start at boot."""
+    started = time.monotonic()
+    info = _call(sb.reboot, name)
+    print(f"{info.name} rebooted ({time.monotonic() - started:.1f} s), pid {info.pid}")
+
+
 @task(help={"name": NAME_HELP, "command": "run this command instead of an interactive shell"})
 def ssh(c, name="sandbox", command=None):
     """Open a shell (or run a command) on a sandbox as ubuntu, host key pinned."""
@@ -98,5 +107,5 @@ def list_(c):
 
 
 ns = Collection("sandbox")
-for _task in (up, down, ssh, status, list_):
+for _task in (up, down, reboot, ssh, status, list_):
     ns.add_task(_task)

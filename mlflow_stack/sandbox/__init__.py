@@ -20,7 +20,7 @@ from .base import (
     preflight_problem,
     state_root,
 )
-from .machine import down, list_sandboxes, load, prune, status, up
+from .machine import down, list_sandboxes, load, prune, reboot, status, up
 from .rootfs import cache_key, tarball_path
 from .ssh import Result, connect, exec_command, run
 
@@ -39,6 +39,7 @@ __all__ = [
     "preflight",
     "preflight_problem",
     "prune",
+    "reboot",
     "run",
     "state_root",
     "status",

@@ -116,6 +116,18 @@ def down(name: str = "sandbox", *, keep: bool = False) -> bool:
         return True
 
 
+def reboot(name: str = "sandbox", *, timeout: float | None = None) -> SandboxInfo:
+    """Restart a running sandbox as a host reboot: clean shutdown, then boot its own layer again.
+
+    Everything written on the host survives; processes, /run and /tmp do not.
+    """
+    current = load(name)
+    if current is None:
+        raise SandboxError(f"sandbox {name} is not running: `up` it first")
+    down(name, keep=True)
+    return up(name, current.port, timeout=timeout)
+
+
 def prune(prefix: str) -> list[str]:
     """Delete stopped instances whose name starts with `prefix`; return their names."""
     removed = []
