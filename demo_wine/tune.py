@@ -195,18 +195,15 @@ def tune(
         recorder.note(trial.number, {f"val_{k}": v for k, v in metrics.items()})
         return metrics["rmse"]
 
+    from demo_wine.outages import OutageGuard
+
+    guard = OutageGuard(study, recorder)  # a database restart pauses the search, loses nothing
     status = "FAILED"
     try:
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # ConvergenceWarning for tiny alpha
-            study.optimize(
-                objective,
-                n_trials=n_trials,
-                n_jobs=jobs,
-                callbacks=[recorder],
-                gc_after_trial=False,
-            )
+            guard.optimize(objective, n_trials, jobs)
         optimize_s = time.perf_counter() - t0
         recorded = recorder.close()
         loop_s = time.perf_counter() - t0
@@ -236,6 +233,8 @@ def tune(
         "storage": redact(storage),
         "trials_done": done,
         "trials_recorded": recorded,
+        "storage_outages": guard.outages,
+        "trials_cut_off": len(guard.cut_off),
         **result,
         "parent_run_id": parent,
         "experiment_id": exp_id,

@@ -18,6 +18,8 @@ TUNE_KEYS = {
     "storage",
     "trials_done",
     "trials_recorded",
+    "storage_outages",
+    "trials_cut_off",
     "trials_total",
     "best_trial",
     "best_params",

@@ -1,0 +1,122 @@
+"""Tuning through an outage of the study's database (a MySQL/MariaDB restart, a failover).
+
+Optuna gives up at the first storage error. :class:`OutageGuard` runs ``study.optimize`` so that
+an outage only pauses the search: it waits until the storage answers again, marks the trials
+it cut off as failed (so none is left ``RUNNING``), hands them to the recorder (every finished
+trial keeps its MLflow run), then runs trials again until this process has its
+``n_trials`` — trials cut off by the outage do not count, other failures do (as in Optuna).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from demo_wine.errors import InputError
+
+DEFAULT_PATIENCE_S = 180.0
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True if `exc` (or its cause) says the database is unreachable or the connection broke."""
+    from optuna.exceptions import StorageInternalError
+
+    try:
+        from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+    except ImportError:  # in-memory storage only
+        return isinstance(exc, StorageInternalError)
+    seen: BaseException | None = exc
+    for _ in range(10):  # the chain of causes, bounded
+        if seen is None:
+            return False
+        if isinstance(seen, StorageInternalError | OperationalError | InterfaceError):
+            return True
+        if isinstance(seen, DisconnectionError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+class OutageGuard:
+    """Run ``n_trials`` trials of ``study`` in this process, surviving storage outages."""
+
+    def __init__(
+        self, study: Any, recorder: Callable[[Any, Any], None], *, patience_s: float | None = None
+    ) -> None:
+        self._study = study
+        self._recorder = recorder
+        self._patience_s = DEFAULT_PATIENCE_S if patience_s is None else patience_s
+        self._lock = threading.Lock()
+        self._started: dict[int, int] = {}  # trial number -> trial id, for trials we began
+        self._finished: set[int] = set()
+        self.cut_off: list[int] = []  # trial numbers failed because of an outage
+        self.outages = 0
+
+    def optimize(self, objective: Callable[[Any], float], n_trials: int, jobs: int = 1) -> None:
+        def tracked(trial: Any) -> float:
+            with self._lock:
+                self._started[trial.number] = trial._trial_id
+            return objective(trial)
+
+        while True:
+            with self._lock:
+                remaining = n_trials - (len(self._finished) - len(self.cut_off))
+            if remaining <= 0:
+                return
+            try:
+                self._study.optimize(
+                    tracked,
+                    n_trials=remaining,
+                    n_jobs=jobs,
+                    callbacks=[self._record],
+                    gc_after_trial=False,
+                )
+                return
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                self.outages += 1
+                self._wait_for_storage(exc)
+                self._fail_cut_off_trials()
+
+    def _record(self, study: Any, trial: Any) -> None:
+        with self._lock:
+            self._finished.add(trial.number)
+        self._recorder(study, trial)
+
+    def _wait_for_storage(self, first: BaseException) -> None:
+        storage, name = self._study._storage, self._study.study_name
+        deadline = time.monotonic() + self._patience_s
+        while True:
+            try:
+                storage.get_study_id_from_name(name)
+                return
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    reason = str(first).strip().splitlines()[0] if str(first).strip() else ""
+                    raise InputError(
+                        f"the Optuna database stayed unreachable for {self._patience_s:.0f} s "
+                        f"({reason or type(first).__name__}): check the database server"
+                    ) from None
+            time.sleep(1.0)
+
+    def _fail_cut_off_trials(self) -> None:
+        """Mark our trials left RUNNING as failed and record every one that finished."""
+        from optuna.trial import TrialState
+
+        storage = self._study._storage
+        with self._lock:
+            open_trials = {n: t for n, t in self._started.items() if n not in self._finished}
+        for number, trial_id in sorted(open_trials.items()):
+            trial = storage.get_trial(trial_id)
+            if trial.state == TrialState.RUNNING:
+                storage.set_trial_state_values(trial_id, TrialState.FAIL)
+                trial = storage.get_trial(trial_id)
+            if trial.state != TrialState.COMPLETE:
+                with self._lock:
+                    self.cut_off.append(number)
+            self._record(self._study, trial)

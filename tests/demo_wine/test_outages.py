@@ -1,0 +1,63 @@
+"""OutageGuard with real Optuna studies: trials cut off by a storage outage are failed,
+recorded and run again; other errors still stop the search."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.exceptions import StorageInternalError
+from optuna.trial import TrialState
+
+from demo_wine.outages import OutageGuard, is_outage
+
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+
+class Recorded(list):
+    def __call__(self, study, trial):
+        self.append((trial.number, trial.state))
+
+
+def test_an_outage_inside_a_trial_fails_it_records_it_and_runs_another():
+    study = optuna.create_study()
+    recorded = Recorded()
+    guard = OutageGuard(study, recorded, patience_s=5)
+    broken = {3, 7}
+
+    def objective(trial):
+        x = trial.suggest_float("x", -1, 1)
+        if trial.number in broken:
+            raise StorageInternalError("An exception is raised during the commit.")
+        return x * x
+
+    guard.optimize(objective, n_trials=10)
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.COMPLETE) == 10 and states.count(TrialState.FAIL) == 2
+    assert sorted(n for n, _ in recorded) == list(range(12))  # every finished trial, once
+    assert guard.outages == 2 and guard.cut_off == [3, 7]
+
+
+def test_other_errors_stop_the_search():
+    study = optuna.create_study()
+    guard = OutageGuard(study, Recorded())
+
+    def objective(trial):
+        raise ZeroDivisionError("a bug")
+
+    with pytest.raises(ZeroDivisionError):
+        guard.optimize(objective, n_trials=3)
+    assert guard.outages == 0
+
+
+def test_outage_detection_follows_the_cause_chain():
+    from sqlalchemy.exc import OperationalError
+
+    lost = OperationalError("SELECT 1", {}, Exception("Lost connection to MySQL server"))
+    try:
+        try:
+            raise lost
+        except OperationalError as exc:
+            raise RuntimeError("wrapped") from exc
+    except RuntimeError as wrapped:
+        assert is_outage(wrapped)
+    assert not is_outage(ValueError("bad input"))
