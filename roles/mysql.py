@@ -106,7 +106,9 @@ def parse_state(output: str) -> DbState:
 
 
 def state_fact() -> F.Shell:
-    return F.Shell("mysql state", f'mysql -N -B -e "{STATE_QUERY}"')
+    """Users, databases and grants, read from the running server (again after a change: the
+    server may have been stopped, or reinstalled over old data, when the run began)."""
+    return F.LiveShell("mysql state", f'mysql -N -B -e "{STATE_QUERY}"')
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,9 @@ class Fact:
     """Base class: subclasses define `command` and `parse`."""
 
     kind: ClassVar[str] = "fact"
+    # A live fact reads state a running service holds (a database's users, a schema version):
+    # it is read again before its step plans if the host changed since it was read.
+    live: ClassVar[bool] = False
 
     @property
     def key(self) -> str:
@@ -320,6 +323,14 @@ class Shell(Fact):
 
     def parse(self, output: str, rc: int) -> ShellResult:
         return ShellResult(rc=rc, output=output)
+
+
+@dataclass(frozen=True)
+class LiveShell(Shell):
+    """A `Shell` fact about a running service's state: re-read once the host has changed."""
+
+    kind: ClassVar[str] = "live-shell"
+    live: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,8 @@ class _HostRun:
     restarted: set[str] = field(default_factory=set)
     changed: set[str] = field(default_factory=set)  # names of steps that changed this run
     dirty: bool = False
+    generation: int = 0  # bumped by every change made on the host
+    read_at: dict[str, int] = field(default_factory=dict)  # live fact -> generation read at
 
     @property
     def host(self) -> Host:
@@ -137,8 +139,26 @@ class _HostRun:
                 script = f"mkdir -p {PENDING_DIR} && touch {markers} && {{ {script}\n}}"
             self.host.check(script, step.name, stdin=cmd.stdin, timeout=cmd.timeout)
 
+    def read(self, facts: list[F.Fact]) -> None:
+        """Probe `facts` into the run's values, remembering when live ones were read."""
+        self.facts.update(probe(self.host, facts))
+        self.read_at.update((f.key, self.generation) for f in facts if f.live)
+
+    def changed_host(self) -> None:
+        self.dirty = True
+        self.generation += 1
+
     def run_step(self, role: str, step: Step) -> bool:
         started = time.monotonic()
+        stale = [
+            f for f in step.facts() if f.live and self.read_at.get(f.key, -1) < self.generation
+        ]
+        if stale:
+            try:
+                self.read(stale)
+            except HostError as exc:
+                self.emit(role, step.name, Status.FAILED, str(exc), time.monotonic() - started)
+                return False
         ctx = PlanContext(
             self.facts, self.reload_pending, self.restarted, self.changed, set(self.pending)
         )
@@ -157,7 +177,8 @@ class _HostRun:
             except (CommandError, HostError) as exc:
                 self.emit(role, step.name, Status.FAILED, str(exc), time.monotonic() - started)
                 return False
-            self.dirty = self.dirty or change.counts
+            if change.counts:
+                self.changed_host()
             if change.unit_file:
                 self.reload_pending = True
             for unit in change.starts:
@@ -209,7 +230,7 @@ class _HostRun:
                 return False
             self.reload_pending = False
             self.restarted.update(units)
-            self.dirty = True
+            self.changed_host()
         for unit in units:
             self.pending.remove(unit)
         self.emit(role, name, Status.CHANGED, "restarted", time.monotonic() - started)
@@ -244,11 +265,11 @@ def converge_host(job: HostJob, options: Options, reporter: Reporter) -> HostRec
             plans = [(role, role.build(ctx)) for role in job.roles]
         except StepError as exc:
             raise HostError(f"{job.host.name}: {exc}") from None
-        run.facts = probe(job.host, [f for _, steps in plans for s in steps for f in s.facts()])
+        run.read([f for _, steps in plans for s in steps for f in s.facts()])
         for role, steps in plans:
             role_started = time.monotonic()
             if run.dirty:
-                run.facts.update(probe(job.host, [f for s in steps for f in s.facts()]))
+                run.read([f for s in steps for f in s.facts()])
                 run.dirty = False
             ok = run.run_role(role.name, steps)
             recap.role_seconds[role.name] = time.monotonic() - role_started
