@@ -12,7 +12,16 @@ from dataclasses import dataclass, field
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
 from mlflow_stack.engine.runner import Role
-from mlflow_stack.engine.steps import Apt, Change, Cmd, File, PlanContext, Service, Step
+from mlflow_stack.engine.steps import (
+    Apt,
+    Change,
+    Cmd,
+    File,
+    MaskedUnit,
+    PlanContext,
+    Service,
+    Step,
+)
 from mlflow_stack.engine.templating import render
 
 DATABASES = ("mlflow", "optuna")
@@ -30,13 +39,16 @@ class Flavor:
     service: str
     conf_dir: str
     native_clause: str  # how CREATE/ALTER USER asks for mysql_native_password
+    sockets: tuple[str, ...] = ()  # socket-activation units that would override port and bind
 
     @property
     def conf_file(self) -> str:
         return f"{self.conf_dir}/60-mlflow-stack.cnf"
 
 
-MARIADB = Flavor("mariadb-server", "mariadb.service", "/etc/mysql/mariadb.conf.d", "")
+MARIADB = Flavor(
+    "mariadb-server", "mariadb.service", "/etc/mysql/mariadb.conf.d", "", ("mariadb.socket",)
+)
 MYSQL = Flavor(
     "mysql-server", "mysql.service", "/etc/mysql/mysql.conf.d", " WITH mysql_native_password"
 )
@@ -202,6 +214,7 @@ def build(ctx: RoleContext) -> list[Step]:
     conf = render("mysql/60-mlflow-stack.cnf.j2", bind_address=mv.bind_address, port=mv.port)
     return [
         Apt((fl.package,)),
+        *(MaskedUnit(unit, notify=(fl.service,)) for unit in fl.sockets),
         File(fl.conf_file, conf, notify=(fl.service,)),
         Service(fl.service),
         *ctx.secret_steps("db_password", env={"db_password": PASSWORD_ENV}),

@@ -303,6 +303,33 @@ class Service(Step):
         return Change(", ".join(actions), [Cmd(" && ".join(parts))], starts=starts)
 
 
+@dataclass
+class MaskedUnit(Step):
+    """A systemd unit that never starts: stopped and masked.
+
+    For a package's unit that would bypass the managed configuration, e.g. Debian's
+    `mariadb.socket`, which listens on [::]:3306 at boot and hands MariaDB its sockets instead
+    of the configured port and bind address.
+    """
+
+    unit: str
+    notify: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.name = f"masked {self.unit}"
+
+    def facts(self) -> list[F.Fact]:
+        return [F.Unit(self.unit)]
+
+    def plan(self, ctx: PlanContext) -> Change | None:
+        info = ctx[F.Unit(self.unit)]
+        if info.load_state in ("masked", "not-found") and not info.active:
+            return None
+        u = q(self.unit)
+        script = f"systemctl disable --now {u} && systemctl mask {u}"
+        return Change("stopped, masked", [Cmd(script)])
+
+
 # --- commands and waits ----------------------------------------------------------------
 
 

@@ -38,6 +38,8 @@ def test_database_flavor_from_os(os_text, package, service):
     assert (fl.package, fl.service) == (package, service)
     steps = mysql.build(context(os_text))
     assert steps[0].packages == (package,)
+    masked = [s.unit for s in steps if s.name.startswith("masked ")]
+    assert masked == (["mariadb.socket"] if package == "mariadb-server" else [])
 
 
 def test_native_password_hash_matches_mysql():

@@ -13,6 +13,7 @@ from mlflow_stack.engine.steps import (
     Apt,
     Directory,
     File,
+    MaskedUnit,
     PlanContext,
     Run,
     Service,
@@ -142,6 +143,19 @@ def test_service_plans():
     assert start.commands[0].script.startswith("systemctl start mlflow-server.service")
     reload = plan(s, {key: unit(active="inactive")}, reload_pending=True)
     assert reload.commands[0].script.startswith("systemctl daemon-reload && ")
+
+
+def test_masked_unit_plans():
+    s = MaskedUnit("mariadb.socket", notify=("mariadb.service",))
+    key = F.Unit(s.unit).key
+    change = plan(s, {key: unit(active="active", enabled="enabled")})  # Debian's default
+    assert change.commands[0].script == (
+        "systemctl disable --now mariadb.socket && systemctl mask mariadb.socket"
+    )
+    assert s.notify == ("mariadb.service",)  # MariaDB still holds the socket's 3306
+    assert plan(s, {key: unit("masked", "inactive", "masked")}) is None
+    assert plan(s, {key: unit("not-found", "inactive", "")}) is None  # MySQL has none
+    assert plan(s, {key: unit("masked", "active", "masked")}) is not None  # masked, still up
 
 
 def test_guarded_command():
