@@ -49,17 +49,30 @@ class OutageGuard:
         self._recorder = recorder
         self._patience_s = DEFAULT_PATIENCE_S if patience_s is None else patience_s
         self._lock = threading.Lock()
-        self._started: dict[int, int] = {}  # trial number -> trial id, for trials we began
-        self._finished: set[int] = set()
+        self._created: set[int] = set()  # ids of the trials this process created
+        self._finished: set[int] = set()  # ids of those handed to the recorder
         self.cut_off: list[int] = []  # trial numbers failed because of an outage
         self.outages = 0
 
     def optimize(self, objective: Callable[[Any], float], n_trials: int, jobs: int = 1) -> None:
-        def tracked(trial: Any) -> float:
-            with self._lock:
-                self._started[trial.number] = trial._trial_id
-            return objective(trial)
+        storage = self._study._storage
+        create = storage.create_new_trial
 
+        def create_tracked(study_id: int, template_trial: Any = None) -> int:
+            # An outage can cut a trial off after its creation and before its objective runs
+            # (Optuna reads the study for the sampler in between): remember every trial we own.
+            trial_id = create(study_id, template_trial)
+            with self._lock:
+                self._created.add(trial_id)
+            return trial_id
+
+        storage.create_new_trial = create_tracked
+        try:
+            self._optimize(objective, n_trials, jobs)
+        finally:
+            del storage.create_new_trial  # back to the class's method
+
+    def _optimize(self, objective: Callable[[Any], float], n_trials: int, jobs: int) -> None:
         while True:
             with self._lock:
                 remaining = n_trials - (len(self._finished) - len(self.cut_off))
@@ -67,7 +80,7 @@ class OutageGuard:
                 return
             try:
                 self._study.optimize(
-                    tracked,
+                    objective,
                     n_trials=remaining,
                     n_jobs=jobs,
                     callbacks=[self._record],
@@ -83,7 +96,7 @@ class OutageGuard:
 
     def _record(self, study: Any, trial: Any) -> None:
         with self._lock:
-            self._finished.add(trial.number)
+            self._finished.add(trial._trial_id)
         self._recorder(study, trial)
 
     def _wait_for_storage(self, first: BaseException) -> None:
@@ -110,13 +123,13 @@ class OutageGuard:
 
         storage = self._study._storage
         with self._lock:
-            open_trials = {n: t for n, t in self._started.items() if n not in self._finished}
-        for number, trial_id in sorted(open_trials.items()):
+            open_ids = sorted(self._created - self._finished)
+        for trial_id in open_ids:
             trial = storage.get_trial(trial_id)
             if trial.state == TrialState.RUNNING:
                 storage.set_trial_state_values(trial_id, TrialState.FAIL)
                 trial = storage.get_trial(trial_id)
             if trial.state != TrialState.COMPLETE:
                 with self._lock:
-                    self.cut_off.append(number)
+                    self.cut_off.append(trial.number)
             self._record(self._study, trial)

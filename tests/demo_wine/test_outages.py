@@ -37,6 +37,26 @@ def test_an_outage_inside_a_trial_fails_it_records_it_and_runs_another():
     assert guard.outages == 2 and guard.cut_off == [3, 7]
 
 
+def test_an_outage_between_a_trials_creation_and_its_objective_leaves_nothing_running():
+    """The sampler reads the study after the trial exists: an outage there cuts it off too."""
+
+    class FlakySampler(optuna.samplers.RandomSampler):
+        def before_trial(self, study, trial):
+            super().before_trial(study, trial)
+            if trial.number == 4:
+                raise StorageInternalError("Lost connection to MySQL server during query")
+
+    study = optuna.create_study(sampler=FlakySampler(seed=1))
+    recorded = Recorded()
+    guard = OutageGuard(study, recorded, patience_s=5)
+    guard.optimize(lambda t: t.suggest_float("x", -1, 1) ** 2, n_trials=6)
+    states = [t.state for t in study.trials]
+    assert TrialState.RUNNING not in states
+    assert states.count(TrialState.COMPLETE) == 6 and states[4] == TrialState.FAIL
+    assert sorted(n for n, _ in recorded) == list(range(7)) and guard.cut_off == [4]
+    assert "create_new_trial" not in vars(study._storage)  # the storage is left as it was
+
+
 def test_other_errors_stop_the_search():
     study = optuna.create_study()
     guard = OutageGuard(study, Recorded())
