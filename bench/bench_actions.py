@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -30,8 +31,9 @@ def must(result) -> str:
     return proc.stdout
 
 
-def plain_serve(info, model_uri: str, port: int) -> None:
-    """`mlflow models serve` with its defaults, as the demo user, in a transient unit."""
+def plain_serve(info, model_uri: str, port: int) -> float:
+    """`mlflow models serve` with its defaults, as the demo user, in a transient unit; the
+    seconds from its start until /ping answers (polled over SSH every 0.5 s)."""
     env = (
         f"--setenv=MLFLOW_TRACKING_URI=http://127.0.0.1:{PORTS['mlflow']} "
         "--setenv=PATH=/opt/anaconda/envs/demo/bin:/usr/bin:/bin --setenv=HOME=/opt/demo"
@@ -44,13 +46,31 @@ def plain_serve(info, model_uri: str, port: int) -> None:
     sandbox.run(
         info,
         "sudo systemctl stop bench-plain-serve 2>/dev/null; "
-        "sudo systemctl reset-failed bench-plain-serve 2>/dev/null; " + cmd,
+        "sudo systemctl reset-failed bench-plain-serve 2>/dev/null",
     )
+    started = time.perf_counter()
+    sandbox.run(info, cmd)
     deadline = time.monotonic() + 120
     while sandbox.run(info, f"curl -sf http://127.0.0.1:{port}/ping").rc != 0:
         if time.monotonic() > deadline:
             raise SystemExit("plain mlflow models serve did not answer /ping")
         time.sleep(0.5)
+    return time.perf_counter() - started
+
+
+def unit_cpu(info, unit: str) -> float:
+    """CPU seconds used so far by a unit's main process and its children (from /proc)."""
+    script = (
+        f"m=$(systemctl show -p MainPID --value {unit}); t=0; "
+        'for p in $m $(pgrep -P "$m"); do set -- $(cut -d")" -f2 /proc/$p/stat); '
+        "t=$((t + ${12} + ${13})); done; echo $t $(getconf CLK_TCK)"
+    )
+    ticks, hz = sandbox.run(info, script).stdout.split()
+    return int(ticks) / int(hz)
+
+
+def median(values) -> float:
+    return statistics.median(list(values))
 
 
 def main() -> None:
@@ -58,6 +78,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--workers", type=int, help="`invoke serve --workers` (default: its own)")
+    parser.add_argument("--serve-only", action="store_true", help="train once, untimed")
     args = parser.parse_args()
     name = NAME
     info = sandbox.load(name) or sandbox.up(name, SSH_PORT)
@@ -66,12 +88,13 @@ def main() -> None:
             inv = str(make_inventory(Path(tmp), name))
             provision(Path(inv))
             walls, run_id = [], ""
-            for _ in range(args.runs):
+            for _ in range(1 if args.serve_only else args.runs):
                 started = time.perf_counter()
                 out = must(invoke("train", "--alpha", "0.42", "--quiet", "--inventory", inv))
                 walls.append(time.perf_counter() - started)
                 run_id = re.search(r"^run ([0-9a-f]{32})", out, re.M).group(1)
-            print(f"invoke train, end to end: {median_range(walls)}  (goal <= 5 s)")
+            if not args.serve_only:
+                print(f"invoke train, end to end: {median_range(walls)}  (goal <= 5 s)")
             colds = []
             for _ in range(args.runs):
                 must(invoke("serve", "--stop", "--name", "bench", "--inventory", inv))
@@ -85,6 +108,7 @@ def main() -> None:
                         "bench",
                         "--port",
                         str(OUR_PORT),
+                        *(["--workers", str(args.workers)] if args.workers else []),
                         "--inventory",
                         inv,
                     )
@@ -93,16 +117,40 @@ def main() -> None:
             model_uri = re.search(r"^model: (\S+)", out, re.M).group(1)
             print(f"invoke serve, cold until /ping: {median_range(colds)}  (goal <= 10 s)")
             body = dataframe_split([SAMPLE_WINE])
-            ours = load(OUR_PORT, body, args.requests)
-            plain_serve(info, model_uri, PLAIN_PORT)
-            plain = load(PLAIN_PORT, body, args.requests)
-            for label, r in (("ours (unit, 1 worker)", ours), ("plain mlflow models serve", plain)):
+            seconds = plain_serve(info, model_uri, PLAIN_PORT)
+            print(f"reference: plain mlflow models serve, start until /ping: {seconds:.2f} s")
+            units = {"ours": "mlflow-model@bench", "plain": "bench-plain-serve"}
+            ports = {"ours": OUR_PORT, "plain": PLAIN_PORT}
+            results: dict[str, list[dict]] = {"ours": [], "plain": []}
+            # Alternate the two servers, round after round, so that the machine's other load
+            # falls on both alike; the same load generator drives both.
+            for _ in range(args.runs):
+                for who in ("ours", "plain"):
+                    cpu = unit_cpu(info, units[who])
+                    r = load(ports[who], body, args.requests)
+                    r["server_cpu_ms"] = (unit_cpu(info, units[who]) - cpu) / args.requests * 1e3
+                    results[who].append(r)
+            label = {
+                "ours": f"ours (unit, {args.workers or 'default'} workers)",
+                "plain": "plain mlflow models serve",
+            }
+            for who, rs in results.items():
+                rps = [r["rps"] for r in rs]
                 print(
-                    f"serving {label:<26} {r['rps']:7.1f} req/s  p50 {r['p50_ms']:6.1f} ms  "
-                    f"p99 {r['p99_ms']:6.1f} ms  errors {r['errors']}"
+                    f"serving {label[who]:<28} {median(rps):7.1f} req/s "
+                    f"({min(rps):.0f}-{max(rps):.0f})  "
+                    f"p50 {median(r['p50_ms'] for r in rs):6.1f} ms  "
+                    f"p99 {median(r['p99_ms'] for r in rs):6.1f} ms  "
+                    f"server CPU {median(r['server_cpu_ms'] for r in rs):5.2f} ms/req  "
+                    f"loadgen CPU {median(r['loadgen_cpu_ms'] for r in rs):4.2f} ms/req  "
+                    f"errors {sum(r['errors'] for r in rs)}"
                 )
+            ratios = [
+                o["rps"] / p["rps"] for o, p in zip(results["ours"], results["plain"], strict=True)
+            ]
             print(
-                f"throughput ratio ours/plain: {ours['rps'] / plain['rps']:.2f}x  "
+                f"throughput ratio ours/plain: {median(ratios):.2f}x "
+                f"(per round {', '.join(f'{x:.2f}' for x in ratios)})  "
                 "(goal >= 2x with p99 <= 50 ms)"
             )
             sandbox.run(info, "sudo systemctl stop bench-plain-serve")
