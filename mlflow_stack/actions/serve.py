@@ -21,6 +21,9 @@ CONF_DIR = "/etc/mlflow-models"
 TEMPLATE_UNIT = "mlflow-model@.service"
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,40}$")
 RESOLVER = Path(__file__).with_name("resolve_model.py")
+# The unit's program: MLflow's scoring app under uvicorn, one Python start (see the file).
+SERVER_SCRIPT = Path(__file__).with_name("model_server.py")
+SERVER_PATH = "/usr/local/lib/mlflow-stack/model_server.py"
 
 
 def served_fact() -> F.Shell:
@@ -58,8 +61,8 @@ class ServeRequest:
             raise ActionError(f"--name {self.name!r}: use lower-case letters, digits, - and _")
         if not 1024 <= self.port <= 65535:
             raise ActionError(f"--port {self.port}: choose a port between 1024 and 65535")
-        if not 1 <= self.workers <= 16:
-            raise ActionError(f"--workers {self.workers}: choose 1 to 16")
+        if not 0 <= self.workers <= 16:
+            raise ActionError(f"--workers {self.workers}: choose 1 to 16, or 0 for one per CPU")
 
 
 def resolve_model(host: Host, layout: Layout, ref: str) -> dict:
@@ -105,9 +108,12 @@ def serve_steps(req: ServeRequest, uri: str, layout: Layout) -> list[Step]:
         home=layout.demo_root,
         conf_dir=CONF_DIR,
         env_prefix=f"{layout.prefix}/envs/demo",
+        server=SERVER_PATH,
     )
     return [
         Directory(CONF_DIR, "root", layout.demo_user, 0o750),
+        Directory(str(Path(SERVER_PATH).parent), "root", "root", 0o755),
+        File(SERVER_PATH, SERVER_SCRIPT.read_text(), notify=(unit,)),
         File(
             f"{CONF_DIR}/{req.name}.env", env_text, "root", layout.demo_user, 0o640, notify=(unit,)
         ),

@@ -91,10 +91,12 @@ def test_predictions_parse():
 
 def test_serve_request_validation():
     serve.ServeRequest("wine", "r", 54321, 1).validate()
+    serve.ServeRequest("wine", "r", 54321, 0).validate()  # one worker per CPU
     for bad, message in [
         (("Wine!", "r", 54321, 1), "--name"),
         (("w", "r", 80, 1), "--port 80"),
-        (("w", "r", 54321, 0), "--workers 0"),
+        (("w", "r", 54321, -1), "--workers -1"),
+        (("w", "r", 54321, 17), "--workers 17"),
     ]:
         with pytest.raises(ActionError, match=message):
             serve.ServeRequest(*bad).validate()
@@ -106,9 +108,76 @@ def test_serve_steps_render_unit_and_env():
     env = next(s for s in steps if s.name == "file /etc/mlflow-models/wine.env")
     assert "MODEL_URI=models:/m-123\n" in env.content and "PORT=54321\n" in env.content
     assert env.notify == ("mlflow-model@wine.service",)
+    assert "WORKERS=1\n" in env.content and "BIND=127.0.0.1\n" in env.content
     unit = next(s for s in steps if s.name.endswith("mlflow-model@.service")).content
-    assert "mlflow models serve --model-uri ${MODEL_URI}" in unit and "--env-manager local" in unit
+    assert f"ExecStart=/opt/anaconda/envs/demo/bin/python {serve.SERVER_PATH}\n" in unit
     assert "EnvironmentFile=/etc/mlflow-models/%i.env" in unit and "User=demo" in unit
+    assert "Restart=on-failure" in unit and "ProtectSystem=strict" in unit
+    script = next(s for s in steps if s.name == f"file {serve.SERVER_PATH}")
+    assert script.content == serve.SERVER_SCRIPT.read_text()
+    assert script.notify == ("mlflow-model@wine.service",)
+
+
+def test_model_server_socket_gets_tcp_nodelay():
+    """Accepted connections get TCP_NODELAY from asyncio only when the listening socket says
+    IPPROTO_TCP; uvicorn's own socket for --workers > 1 (protocol 0) does not get it."""
+    import asyncio
+    import socket
+
+    from mlflow_stack.actions import model_server
+
+    async def nodelay_of(listener: socket.socket) -> int:
+        accepted = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport):
+                sock = transport.get_extra_info("socket")
+                accepted.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Probe, sock=listener)
+        port = listener.getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        value = await asyncio.wait_for(accepted, 10)
+        writer.close()
+        server.close()
+        return value
+
+    ours = model_server.listen("127.0.0.1", 0)
+    assert asyncio.run(nodelay_of(ours)) != 0
+    protocol_zero = socket.socket(socket.AF_INET)  # what uvicorn's Config.bind_socket makes
+    protocol_zero.bind(("127.0.0.1", 0))
+    protocol_zero.listen()
+    assert asyncio.run(nodelay_of(protocol_zero)) == 0
+
+
+def test_model_server_refuses_a_busy_port():
+    from mlflow_stack.actions import model_server
+
+    taken = model_server.listen("127.0.0.1", 0)
+    port = taken.getsockname()[1]
+    with pytest.raises(SystemExit, match=f"cannot listen on 127.0.0.1:{port}: "):
+        model_server.listen("127.0.0.1", port)
+    taken.close()
+
+
+def test_model_server_supervisor_exits_nonzero_when_a_worker_dies():
+    import os
+    import time
+
+    from mlflow_stack.actions import model_server
+
+    sleeper = os.fork()
+    if sleeper == 0:
+        time.sleep(60)
+        os._exit(0)
+    crasher = os.fork()
+    if crasher == 0:
+        os._exit(3)
+    # the crash stops the sleeper too (SIGTERM) and the supervisor reports the failure
+    assert model_server.supervise({sleeper, crasher}) == 1
+    with pytest.raises(ProcessLookupError):
+        os.kill(sleeper, 0)
 
 
 def test_curl_example_uses_modern_payload():

@@ -1,0 +1,129 @@
+"""Runs on the host in the demo env as mlflow-model@NAME: MLflow's own scoring app
+(`mlflow.pyfunc.scoring_server.init`, the app `mlflow models serve` runs) served by uvicorn.
+
+What it does differently from `mlflow models serve --env-manager local`:
+- one Python start: `mlflow models serve` imports MLflow, downloads the model, then starts a
+  second interpreter (`bash -c "exec uvicorn ... scoring_server.app:app"`) that imports MLflow
+  and loads the model again;
+- the listening socket is bound before the slow imports (a busy port fails at once) and is
+  created as IPPROTO_TCP, so asyncio sets TCP_NODELAY on every accepted connection (uvicorn's
+  own socket for --workers > 1 has protocol 0, which asyncio skips: ≈ 40 ms stalls on
+  keep-alive connections);
+- with WORKERS > 1 the model is loaded once and the workers are forked from it (they share the
+  listening socket); the parent supervises them: a dead worker stops the others and the
+  process exits non-zero, so systemd restarts the whole unit.
+
+Settings come from the environment (the unit's env file): MODEL_URI, BIND, PORT, WORKERS (0:
+one per CPU) and ACCESS_LOG (1 logs every request, as `mlflow models serve` does; default 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+log = logging.getLogger("mlflow_stack.model_server")
+
+
+def listen(bind: str, port: int, backlog: int = 2048) -> socket.socket:
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((bind, port))
+    except OSError as exc:
+        sys.exit(f"cannot listen on {bind}:{port}: {exc.strerror}")
+    sock.listen(backlog)
+    sock.set_inheritable(True)
+    return sock
+
+
+def build_app(model_uri: str):
+    import uvicorn  # noqa: F401  (imported once, before any fork)
+    from mlflow.pyfunc import scoring_server
+
+    model = scoring_server.load_model_with_mlflow_config(model_uri)
+    return scoring_server.init(model)
+
+
+def serve(app, sock: socket.socket, access_log: bool) -> None:
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level="info", access_log=access_log)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def supervise(children: set[int]) -> int:
+    """Wait for the workers; on SIGTERM/SIGINT stop them. A worker that dies on its own
+    stops the others: exit 1 so that systemd restarts the unit."""
+    stopping = False
+
+    def stop(signum, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    failed = False
+    try:
+        while children:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            children.discard(pid)
+            if not stopping:
+                log.error("worker %d exited (status %d); stopping the others", pid, status)
+                failed = True
+                stop(signal.SIGTERM, None)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 1 if failed else 0
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    uri = os.environ["MODEL_URI"]
+    bind = os.environ.get("BIND", "127.0.0.1")
+    port = int(os.environ["PORT"])
+    workers = int(os.environ.get("WORKERS", "1")) or len(os.sched_getaffinity(0))
+    access_log = os.environ.get("ACCESS_LOG", "0") == "1"
+
+    started = time.monotonic()
+    sock = listen(bind, port)
+    app = build_app(uri)
+    log.info("loaded %s in %.1f s", uri, time.monotonic() - started)
+    # Everything loaded so far lives as long as the process: keep it out of the collector's
+    # scans (and, with forked workers, its pages shared).
+    gc.collect()
+    gc.freeze()
+    if workers == 1:
+        serve(app, sock, access_log)
+        return 0
+    children = set()
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            try:
+                serve(app, sock, access_log)
+            finally:
+                os._exit(0)
+        children.add(pid)
+    sock.close()
+    log.info("serving %s on %s:%d with %d workers %s", uri, bind, port, workers, sorted(children))
+    return supervise(children)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
