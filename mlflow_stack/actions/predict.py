@@ -73,6 +73,23 @@ def parse_predictions(body: str) -> list[float]:
     return [float(v[0] if isinstance(v, list) else v) for v in values]
 
 
+def server_error(body: str, limit: int = 400) -> str:
+    """One line from an MLflow scoring server's error answer: its innermost `Error: ...` part
+    (MLflow nests the causes, each with a dump of the data), without the echoed input or the
+    protocol-change notice."""
+    try:
+        answer = json.loads(body)
+        message = answer.get("message", body) if isinstance(answer, dict) else body
+    except json.JSONDecodeError:
+        message = body
+    message = message.rsplit("Error: ", 1)[-1]
+    message = message.split("\nInput:", 1)[0].split("IMPORTANT:", 1)[0]
+    line = " ".join(message.split())
+    if len(line) > limit:
+        line = line[: limit - 3] + "..."
+    return line or "no message"
+
+
 def predict(host: Host, port: int, payload: dict) -> list[float]:
     """POST the payload to the model server on the host; 4xx answers become one-line errors."""
     script = (
@@ -86,12 +103,9 @@ def predict(host: Host, port: int, payload: dict) -> list[float]:
             f"no model server answers on port {port} of {host.name}; start one with invoke serve"
         )
     if not code.startswith("2"):
-        try:
-            message = json.loads(body).get("message", body)
-        except json.JSONDecodeError:
-            message = body
-        first = message.strip().splitlines()[0] if message.strip() else "no message"
-        raise ActionError(f"the model server refused the request (HTTP {code.strip()}): {first}")
+        raise ActionError(
+            f"the model server refused the request (HTTP {code.strip()}): {server_error(body)}"
+        )
     predictions = parse_predictions(body)
     if not all(math.isfinite(p) for p in predictions):
         raise ActionError(f"the model returned non-finite predictions: {predictions}")

@@ -89,6 +89,33 @@ def test_predictions_parse():
     assert predict.parse_predictions("[[5.5]]") == [5.5]
 
 
+def test_server_errors_become_one_line():
+    missing = {
+        "error_code": "INVALID_PARAMETER_VALUE",
+        "message": "Failed to predict data '   alcohol\n0     12.8'. \nError: Failed to enforce "
+        "schema of data '   alcohol\n0     12.8' with schema '['pH': double (required)]'. "
+        "Error: Model is missing inputs ['pH'].",
+    }
+    assert predict.server_error(json.dumps(missing)) == "Model is missing inputs ['pH']."
+    not_json = {
+        "message": "Invalid input. Ensure that input is a valid JSON formatted string. Error: "
+        "'JSONDecodeError('Expecting value: line 1 column 1 (char 0)')'\nInput: \nb'{bad'\n"
+    }
+    assert predict.server_error(json.dumps(not_json)) == (
+        "'JSONDecodeError('Expecting value: line 1 column 1 (char 0)')'"
+    )
+    no_format = {
+        "message": "The input must be a JSON dictionary with exactly one of the input fields "
+        "{'inputs'}. Received dictionary with input fields: []. IMPORTANT: The MLflow Model "
+        "scoring protocol has changed"
+    }
+    assert predict.server_error(json.dumps(no_format)).endswith("input fields: [].")
+    assert predict.server_error("Request processing time exceeded limit") == (
+        "Request processing time exceeded limit"
+    )
+    assert len(predict.server_error("x" * 5000)) == 400
+
+
 def test_serve_request_validation():
     serve.ServeRequest("wine", "r", 54321, 1).validate()
     serve.ServeRequest("wine", "r", 54321, 0).validate()  # one worker per CPU
