@@ -9,9 +9,12 @@ What it does differently from `mlflow models serve --env-manager local`:
   created as IPPROTO_TCP, so asyncio sets TCP_NODELAY on every accepted connection (uvicorn's
   own socket for --workers > 1 has protocol 0, which asyncio skips: ≈ 40 ms stalls on
   keep-alive connections);
-- with WORKERS > 1 the model is loaded once and the workers are forked from it (they share the
-  listening socket); the parent supervises them: a dead worker stops the others and the
-  process exits non-zero, so systemd restarts the whole unit.
+- with WORKERS > 1 the model is loaded once and the workers are forked from it. Each worker
+  listens on its own SO_REUSEPORT socket, so the kernel spreads new connections over the
+  workers (with one shared socket, the first idle worker accepts a whole burst of keep-alive
+  connections and the others stay idle: measured 800 vs 40 CPU ticks). The parent supervises
+  them: a dead worker stops the others and the process exits non-zero, so systemd restarts
+  the whole unit.
 
 Settings come from the environment (the unit's env file): MODEL_URI, BIND, PORT, WORKERS (0:
 one per CPU) and ACCESS_LOG (1 logs every request, as `mlflow models serve` does; default 0).
@@ -31,10 +34,13 @@ import time
 log = logging.getLogger("mlflow_stack.model_server")
 
 
-def listen(bind: str, port: int, backlog: int = 2048) -> socket.socket:
+def listen(bind: str, port: int, reuse_port: bool = False, backlog: int = 2048) -> socket.socket:
+    """A listening TCP socket; `reuse_port` lets each worker have its own on the same port."""
     family = socket.AF_INET6 if ":" in bind else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((bind, port))
     except OSError as exc:
@@ -99,7 +105,7 @@ def main() -> int:
     access_log = os.environ.get("ACCESS_LOG", "0") == "1"
 
     started = time.monotonic()
-    sock = listen(bind, port)
+    sock = listen(bind, port, reuse_port=workers > 1)
     app = build_app(uri)
     log.info("loaded %s in %.1f s", uri, time.monotonic() - started)
     # Everything loaded so far lives as long as the process: keep it out of the collector's
@@ -110,12 +116,15 @@ def main() -> int:
         serve(app, sock, access_log)
         return 0
     children = set()
-    for _ in range(workers):
+    for number in range(workers):
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             try:
+                if number > 0:  # its own socket: the kernel spreads new connections over them
+                    sock.close()
+                    sock = listen(bind, port, reuse_port=True)
                 serve(app, sock, access_log)
             finally:
                 os._exit(0)

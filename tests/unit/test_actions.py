@@ -188,6 +188,17 @@ def test_model_server_refuses_a_busy_port():
     taken.close()
 
 
+def test_model_server_workers_can_each_listen_on_the_port():
+    from mlflow_stack.actions import model_server
+
+    first = model_server.listen("127.0.0.1", 0, reuse_port=True)
+    port = first.getsockname()[1]
+    second = model_server.listen("127.0.0.1", port, reuse_port=True)
+    assert second.getsockname() == first.getsockname()
+    for sock in (first, second):
+        sock.close()
+
+
 def test_model_server_supervisor_exits_nonzero_when_a_worker_dies():
     import os
     import time
