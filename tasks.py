@@ -51,7 +51,7 @@ def provision(c, host=None, roles=None, check=False, diff=False, json=False, inv
         "model": "or serve a registry model: models:/NAME@ALIAS, models:/NAME/VERSION",
         "name": "instance name: the unit is mlflow-model@NAME (default: wine)",
         "port": "port on the host's 127.0.0.1 (default: 54321)",
-        "workers": "uvicorn workers (default: 1, the fastest on 2 cores; see BENCHMARKS.md)",
+        "workers": "uvicorn workers forked after one model load (default 0: one per CPU)",
         "stop": "stop and remove the instance NAME instead",
         "host": "host (default: the 'server' group)",
         "inventory": "inventory file",
@@ -63,7 +63,7 @@ def serve(
     model=None,
     name="wine",
     port=54321,
-    workers=1,
+    workers=0,
     stop=False,
     host=None,
     inventory=None,
@@ -75,7 +75,7 @@ def serve(
     if not stop and bool(run) == bool(model):
         raise cli.fail("give exactly one of --run RUN_ID or --model models:/NAME@ALIAS")
     port = cli.positive_int(port, "--port", 1024, 65535)
-    workers = cli.positive_int(workers, "--workers", 1, 16)
+    workers = cli.positive_int(workers, "--workers", 0, 16)
     resolved, h = cli.first_host(host, inventory)
     try:
         if stop:

@@ -159,7 +159,7 @@ def run_demo(
             f"best val_rmse={outcome.final.get('best_value', float('nan')):.4f} "
             f"({summary.trials} trials, {outcome.seconds:.1f}s)"
         )
-        req = serving.ServeRequest("wine", "models:/wine-elasticnet@champion", serve_port, 1)
+        req = serving.ServeRequest("wine", "models:/wine-elasticnet@champion", serve_port, 0)
         summary.served = step(
             "serve the champion", lambda: serving.serve(host, layout, req, resolved.vars)
         )
