@@ -151,3 +151,16 @@ def test_long_probe_read_from_stdin_is_not_cut_short(tmp_path):
     values = run_local_probe(facts)
     assert values[facts[-1].key] == F.ShellResult(0, "399\n")
     assert values[facts[7].key] == F.ShellResult(0, "")
+
+
+def test_probe_runs_facts_concurrently_and_keeps_their_order(tmp_path):
+    """A fact waiting for a later fact's file sees it: the facts do not run one by one."""
+    flag = tmp_path / "flag"
+    wait_for_flag = (
+        f"for i in $(seq 200); do [ -e {flag} ] && {{ echo seen; exit 0; }}; sleep 0.05; done; "
+        "echo not seen; exit 1"
+    )
+    facts = [F.Shell("waits", wait_for_flag), F.Shell("creates", f"touch {flag}; echo made")]
+    values = run_local_probe(facts)
+    assert values[facts[0].key] == F.ShellResult(0, "seen\n")
+    assert values[facts[1].key] == F.ShellResult(0, "made\n")
