@@ -20,22 +20,27 @@ from mlflow_stack import cli
 )
 def provision(c, host=None, roles=None, check=False, diff=False, json=False, inventory=None):
     """Converge the roles (anaconda, mysql, mlflow_server, jupyter, demo_files) on hosts."""
-    import roles as role_registry
     from mlflow_stack.engine.host import Host
-    from mlflow_stack.engine.report import Reporter
-    from mlflow_stack.engine.runner import HostJob, Options, converge
 
     wanted = cli.parse_roles(roles)
     _, hosts = cli.select_hosts(host, inventory)
-    jobs = [
-        HostJob(Host(h.target), role_registry.ordered(wanted or h.roles), h.vars) for h in hosts
-    ]
-    reporter = Reporter(json_mode=json, check=check)
+    connections = [Host(h.target) for h in hosts]
+    for connection in connections:
+        connection.connect_soon()  # SSH handshakes overlap the imports below
     try:
+        import roles as role_registry
+        from mlflow_stack.engine.report import Reporter
+        from mlflow_stack.engine.runner import HostJob, Options, converge
+
+        jobs = [
+            HostJob(connection, role_registry.ordered(wanted or h.roles), h.vars)
+            for connection, h in zip(connections, hosts, strict=True)
+        ]
+        reporter = Reporter(json_mode=json, check=check)
         recaps = converge(jobs, Options(check=check, diff=diff), reporter)
     finally:
-        for job in jobs:
-            job.host.close()
+        for connection in connections:
+            connection.close()
     failed = [r for r in recaps if r.failed]
     if failed:
         first = failed[0]

@@ -1,21 +1,20 @@
-"""Glue between Invoke tasks and the engine: inventory, host selection, one-line errors."""
+"""Glue between Invoke tasks and the engine: inventory, host selection, one-line errors.
+
+Importing this module is cheap: the inventory (pydantic, YAML) and the SSH layer (Paramiko)
+are imported by the functions that need them, so `invoke --list` or `--help` load neither.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from invoke.exceptions import Exit
 
-from mlflow_stack.engine.host import Host, HostError
-from mlflow_stack.inventory import (
-    ALL_ROLES,
-    DEFAULT_PATH,
-    Inventory,
-    InventoryError,
-    ResolvedHost,
-    resolve,
-)
+if TYPE_CHECKING:
+    from mlflow_stack.engine.host import Host
+    from mlflow_stack.inventory import Inventory, ResolvedHost
 
 
 def fail(message: str, code: int = 1) -> Exit:
@@ -24,6 +23,8 @@ def fail(message: str, code: int = 1) -> Exit:
 
 
 def load_inventory(path: str | None) -> Inventory:
+    from mlflow_stack.inventory import DEFAULT_PATH, Inventory, InventoryError
+
     try:
         return Inventory.load(
             Path(path) if path else Path(os.environ.get("MLFLOW_STACK_INVENTORY", DEFAULT_PATH))
@@ -39,6 +40,8 @@ def default_host_spec(inv: Inventory) -> str:
 
 
 def select_hosts(spec: str | None, inventory: str | None) -> tuple[Inventory, list[ResolvedHost]]:
+    from mlflow_stack.inventory import InventoryError, resolve
+
     inv = load_inventory(inventory)
     try:
         return inv, resolve(spec or default_host_spec(inv), inv)
@@ -50,6 +53,8 @@ def parse_roles(value: str | None) -> tuple[str, ...] | None:
     if not value:
         return None
     names = tuple(r.strip() for r in value.split(",") if r.strip())
+    from mlflow_stack.inventory import ALL_ROLES
+
     unknown = [r for r in names if r not in ALL_ROLES]
     if unknown:
         raise fail(f"--roles: unknown role {unknown[0]!r}; roles: {', '.join(ALL_ROLES)}")
@@ -57,6 +62,8 @@ def parse_roles(value: str | None) -> tuple[str, ...] | None:
 
 
 def connect(resolved: ResolvedHost) -> Host:
+    from mlflow_stack.engine.host import Host, HostError
+
     host = Host(resolved.target)
     try:
         host.connect()

@@ -9,12 +9,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
-from mlflow_stack import sandbox as sb
+if TYPE_CHECKING:
+    from mlflow_stack.sandbox import SandboxInfo
 
 T = TypeVar("T")
 NAME_HELP = "sandbox name, also its hostname (default: sandbox)"
@@ -22,6 +23,8 @@ NAME_HELP = "sandbox name, also its hostname (default: sandbox)"
 
 def _call(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
     """Run a sandbox function with progress on stderr; SandboxError -> one line, exit 1."""
+    from mlflow_stack.sandbox import SandboxError
+
     logger = logging.getLogger("mlflow_stack.sandbox")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -31,12 +34,19 @@ def _call(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         logger.propagate = False
     try:
         return fn(*args, **kwargs)
-    except sb.SandboxError as exc:
+    except SandboxError as exc:
         raise Exit(f"sandbox: {exc}", code=1) from None
 
 
-def _loaded(name: str) -> sb.SandboxInfo:
-    info = _call(sb.load, name)
+def _sb():
+    """The sandbox package, imported when a sandbox task runs (not for `invoke --list`)."""
+    from mlflow_stack import sandbox
+
+    return sandbox
+
+
+def _loaded(name: str) -> SandboxInfo:
+    info = _call(_sb().load, name)
     if info is None:
         hint = f"start it with `invoke sandbox.up --name {name}`"
         raise Exit(f"sandbox: {name} is not running: {hint}")
@@ -53,7 +63,7 @@ def _loaded(name: str) -> sb.SandboxInfo:
 def up(c, name="sandbox", port=2222, fresh=False):
     """Boot a local systemd test host (Debian 12, user ubuntu) reachable over SSH."""
     started = time.monotonic()
-    info = _call(sb.up, name, int(port), fresh=fresh)
+    info = _call(_sb().up, name, int(port), fresh=fresh)
     print(f"{info.name} is up ({time.monotonic() - started:.1f} s): ssh {info.host_string}")
     print(f"  key {info.key_file}, known_hosts {info.known_hosts}, pid {info.pid}")
     print(f"  ssh -F {info.ssh_config} {info.name}   or   invoke sandbox.ssh --name {info.name}")
@@ -63,7 +73,7 @@ def up(c, name="sandbox", port=2222, fresh=False):
 def down(c, name="sandbox", keep=False):
     """Stop a sandbox and delete its root filesystem and state."""
     started = time.monotonic()
-    if _call(sb.down, name, keep=keep):
+    if _call(_sb().down, name, keep=keep):
         print(f"{name} is down ({time.monotonic() - started:.1f} s)")
     else:
         print(f"{name}: no such sandbox")
@@ -73,7 +83,7 @@ def down(c, name="sandbox", keep=False):
 def reboot(c, name="sandbox"):
     """Restart a sandbox like a host reboot: its disk is kept, its services start at boot."""
     started = time.monotonic()
-    info = _call(sb.reboot, name)
+    info = _call(_sb().reboot, name)
     print(f"{info.name} rebooted ({time.monotonic() - started:.1f} s), pid {info.pid}")
 
 
@@ -89,7 +99,7 @@ def ssh(c, name="sandbox", command=None):
 @task(help={"name": NAME_HELP, "json": "print the status as one JSON object"})
 def status(c, name="sandbox", json_=False):
     """Show whether a sandbox runs (exit 3 if not), its pid, port, uptime, systemd state."""
-    facts = _call(sb.status, name)
+    facts = _call(_sb().status, name)
     if json_:
         print(json.dumps(facts))
     else:
@@ -102,7 +112,7 @@ def status(c, name="sandbox", json_=False):
 @task(name="list")
 def list_(c):
     """List the running sandboxes."""
-    for info in _call(sb.list_sandboxes):
+    for info in _call(_sb().list_sandboxes):
         print(f"{info.name:20} {info.host_string:24} pid {info.pid}")
 
 

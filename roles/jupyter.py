@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 
-import argon2
-
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
 from mlflow_stack.engine.runner import Role
@@ -35,6 +33,8 @@ DATA_PATH = f"{ROOT_DIR}/data/winequality-white.csv"
 
 def password_hash(password: str) -> str:
     """jupyter_server's `passwd()` format: 'argon2:' + an argon2id hash."""
+    import argon2  # only password auth needs it: imported here, not for every run
+
     hasher = argon2.PasswordHasher(memory_cost=10240, time_cost=10, parallelism=8)
     return "argon2:" + hasher.hash(password)
 
@@ -42,6 +42,8 @@ def password_hash(password: str) -> str:
 def hash_matches(hashed: str, password: str) -> bool:
     if not hashed.startswith("argon2:"):
         return False
+    import argon2
+
     try:
         return argon2.PasswordHasher().verify(hashed[len("argon2:") :], password)
     except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):

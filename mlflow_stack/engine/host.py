@@ -1,4 +1,9 @@
-"""One SSH connection per host: run commands (as root through `sudo -n`), feed stdin."""
+"""One SSH connection per host: run commands (as root through `sudo -n`), feed stdin.
+
+Paramiko and Fabric are imported when a connection opens, not with this module (the
+inventory uses `Target` without them). `connect_soon()` opens the connection in the
+background, so the controller does other work meanwhile; the first command waits for it.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import paramiko
-from fabric import Connection
+from typing import TYPE_CHECKING
 
 from mlflow_stack.secrets import mask
+
+if TYPE_CHECKING:
+    import paramiko
+    from fabric import Connection
 
 CONNECT_TIMEOUT = 10
 
@@ -66,6 +73,9 @@ class Host:
     commands: int = 0
     _conn: Connection | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _connect_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _opening: threading.Thread | None = field(default=None, repr=False)
+    _open_error: Exception | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -75,10 +85,37 @@ class Host:
     def is_root(self) -> bool:
         return self.target.user == "root"
 
+    def connect_soon(self) -> None:
+        """Start opening the connection in a background thread; `connect()` waits for it."""
+        if self._opening is not None or self._conn is not None:
+            return
+
+        def open_it() -> None:
+            try:
+                self._open()
+            except Exception as exc:  # raised by the `connect()` that waits for this thread
+                self._open_error = exc
+
+        self._opening = threading.Thread(target=open_it, name=f"connect {self.name}", daemon=True)
+        self._opening.start()
+
     def connect(self) -> None:
         """Open the SSH connection (once); errors become one-line `HostError`s."""
-        if self._conn is not None and self._conn.is_connected:
-            return
+        with self._connect_lock:
+            opening, self._opening = self._opening, None
+            if opening is not None:
+                opening.join()
+                error, self._open_error = self._open_error, None
+                if error is not None:
+                    raise error
+            if self._conn is not None and self._conn.is_connected:
+                return
+            self._open()
+
+    def _open(self) -> None:
+        import paramiko
+        from fabric import Connection
+
         t = self.target
         kwargs: dict = {"look_for_keys": t.key_file is None, "banner_timeout": CONNECT_TIMEOUT}
         if t.key_file is not None:
@@ -179,6 +216,10 @@ class Host:
         return result
 
     def close(self) -> None:
+        opening, self._opening = self._opening, None
+        if opening is not None:
+            opening.join()
+            self._open_error = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
