@@ -1,7 +1,9 @@
 """Role `mlflow_server`: the MLflow tracking server as a hardened systemd unit.
 
 The backend URI (with the database password) lives only in a 0600 env file; the schema is
-created or migrated explicitly before the first start; the role ends when /health answers.
+created or migrated explicitly before the first start; the unit runs `server.py`, which serves
+MLflow's app with uvicorn in one process (`mlflow server` would start a second one); the role
+ends when /health answers.
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ def build(ctx: RoleContext) -> list[Step]:
         db_unit=mysql.flavor(ctx.os).service if uses_mysql else "",
     )
     upgrade = (TEMPLATES_DIR / "mlflow" / "db_upgrade.py").read_text()
+    launcher = (TEMPLATES_DIR / "mlflow" / "server.py").read_text()
     steps += [
         File(
             ENV_FILE,
@@ -121,6 +124,7 @@ def build(ctx: RoleContext) -> list[Step]:
             notify=(UNIT,),
         ),
         File(f"{HOME}/db_upgrade.py", upgrade, "root", USER, 0o640),
+        File(f"{HOME}/server.py", launcher, "root", USER, 0o640, notify=(UNIT,)),
         Run(
             "tracking schema",
             f"PYTHONPYCACHEPREFIX={HOME}/.cache/pycache "

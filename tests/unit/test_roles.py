@@ -162,6 +162,9 @@ def test_mlflow_server_env_file_unit_and_schema():
     )
     assert "User=mlflow" in unit and "ProtectSystem=strict" in unit and "Restart=on-failure" in unit
     assert "After=network-online.target mariadb.service" in unit and "basic-auth" not in unit
+    assert "ExecStart=/opt/anaconda/envs/mlflow/bin/python /opt/mlflow/server.py --host" in unit
+    launcher = find(steps, "file /opt/mlflow/server.py")
+    assert launcher.notify == ("mlflow-server.service",) and "uvicorn.run(" in launcher.content
     schema = find(steps, "tracking schema")
     assert isinstance(schema, Run) and schema.user == "mlflow"
     fact = schema.needs[0]
