@@ -132,7 +132,9 @@ def build(ctx: RoleContext) -> list[Step]:
         config,
         File(f"/etc/systemd/system/{UNIT}", unit, notify=(UNIT,), unit_file=True),
         Service(UNIT),
-        WaitHttp("jupyter answers /api", f"http://127.0.0.1:{jv.port}/api", after=(UNIT,)),
+        WaitHttp(
+            "jupyter answers /api", f"http://127.0.0.1:{jv.port}/api", after=(UNIT,), defer=True
+        ),
     ]
 
 

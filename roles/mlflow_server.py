@@ -2,8 +2,9 @@
 
 The backend URI (with the database password) lives only in a 0600 env file; the schema is
 created or migrated explicitly before the first start; the unit runs `server.py`, which serves
-MLflow's app with uvicorn in one process (`mlflow server` would start a second one); the role
-ends when /health answers.
+MLflow's app with uvicorn in one process (`mlflow server` would start a second one); the run
+ends when /health answers (the wait is deferred to the end of the run so that the next roles
+proceed while MLflow starts).
 """
 
 from __future__ import annotations
@@ -136,7 +137,13 @@ def build(ctx: RoleContext) -> list[Step]:
         ),
         File(f"/etc/systemd/system/{UNIT}", unit, notify=(UNIT,), unit_file=True),
         Service(UNIT),
-        WaitHttp("mlflow answers /health", f"http://127.0.0.1:{mv.port}/health", after=(UNIT,)),
+        # Deferred: the next roles run while MLflow starts; the run ends when /health answers.
+        WaitHttp(
+            "mlflow answers /health",
+            f"http://127.0.0.1:{mv.port}/health",
+            after=(UNIT,),
+            defer=True,
+        ),
     ]
     return steps
 

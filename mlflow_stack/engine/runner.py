@@ -92,6 +92,7 @@ class _HostRun:
     dirty: bool = False
     generation: int = 0  # bumped by every change made on the host
     read_at: dict[str, int] = field(default_factory=dict)  # live fact -> generation read at
+    deferred: list[tuple[str, Step, Change]] = field(default_factory=list)  # waits for the end
 
     @property
     def host(self) -> Host:
@@ -170,6 +171,9 @@ class _HostRun:
         if change is None:
             self.emit(role, step.name, Status.OK, seconds=time.monotonic() - started)
             return True
+        if getattr(step, "defer", False) and not change.counts and not self.options.check:
+            self.deferred.append((role, step, change))
+            return True
         diff = self.diff_for(change)
         if not self.options.check:
             try:
@@ -193,6 +197,22 @@ class _HostRun:
         status = Status.CHANGED if change.counts else Status.OK
         self.emit(role, step.name, status, change.summary, time.monotonic() - started, diff)
         return True
+
+    def run_deferred(self) -> bool:
+        """The waits deferred to the end of the run, in order; each reported under its role."""
+        ok = True
+        for role, step, change in self.deferred:
+            started = time.monotonic()
+            try:
+                self.apply(step, change)
+                status, summary = Status.OK, change.summary
+            except (CommandError, HostError) as exc:
+                status, summary, ok = Status.FAILED, str(exc), False
+            seconds = time.monotonic() - started
+            self.emit(role, step.name, status, summary, seconds)
+            self.recap.role_seconds[role] = self.recap.role_seconds.get(role, 0.0) + seconds
+        self.deferred.clear()
+        return ok
 
     def run_role(self, role: str, steps: list[Step]) -> bool:
         """Each step in order; handlers run before a step that waits for them and at the end."""
@@ -277,6 +297,7 @@ def converge_host(job: HostJob, options: Options, reporter: Reporter) -> HostRec
                 break
         else:
             run.flush_handlers("handlers", list(run.pending), only_active=True)
+        run.run_deferred()
     except HostError as exc:
         recap.error = mask(str(exc))
     finally:

@@ -370,6 +370,9 @@ class WaitHttp(Step):
     expect: tuple[int, ...] = (200,)
     after: tuple[str, ...] = ()  # units whose (re)start in this run forces a fresh wait
     flush_before: bool = True
+    # Wait at the end of the run instead of here: later roles proceed while the service
+    # starts (nothing after it needs it). Its result still shows under its role.
+    defer: bool = False
 
     def __post_init__(self) -> None:
         self.name = self.label
