@@ -213,7 +213,7 @@ def build(ctx: RoleContext) -> list[Step]:
     hosts = tuple(dict.fromkeys(("localhost", "127.0.0.1", *mv.allow_from)))
     conf = render("mysql/60-mlflow-stack.cnf.j2", bind_address=mv.bind_address, port=mv.port)
     return [
-        Apt((fl.package,)),
+        Apt((fl.package,), background=True),  # installs while the anaconda role runs
         *(MaskedUnit(unit, notify=(fl.service,)) for unit in fl.sockets),
         File(fl.conf_file, conf, notify=(fl.service,)),
         Service(fl.service),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import secrets as _random
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ from mlflow_stack.engine.host import CommandError, Host, HostError
 from mlflow_stack.engine.report import HostRecap, Reporter, Status, StepResult
 from mlflow_stack.engine.steps import (
     PENDING_DIR,
+    Apt,
     Change,
     PlanContext,
     Service,
@@ -49,6 +51,7 @@ class Options:
 
 
 SUDO_PASSWORD_HINTS = ("a password is required", "a terminal is required")
+JOBS_DIR = "/var/lib/mlflow-stack/jobs"
 
 
 def probe(host: Host, facts: list[F.Fact]) -> dict[str, Any]:
@@ -68,6 +71,33 @@ def probe(host: Host, facts: list[F.Fact]) -> dict[str, Any]:
     except ValueError as exc:
         detail = result.stderr.strip().splitlines()[-1:] or ["no error output"]
         raise HostError(f"{host.name}: gathering facts failed ({exc}): {detail[0]}") from None
+
+
+def background_start_script(job: str, script: str, jobs_dir: str = JOBS_DIR) -> str:
+    """Run `script` as the transient unit `job` (it outlives the SSH session); its stdout,
+    stderr and exit code land in `jobs_dir`/job.{out,err,rc}."""
+    path = f"{jobs_dir}/{job}"
+    body = (
+        f"( {script}\n) >{path}.out 2>{path}.err </dev/null; "
+        f"echo $? >{path}.rc.tmp && mv {path}.rc.tmp {path}.rc"
+    )
+    return (
+        f"mkdir -p {jobs_dir} && rm -f {path}.out {path}.err {path}.rc && "
+        f"systemd-run --quiet --collect --unit={job} sh -c {q(body)}"
+    )
+
+
+def background_wait_script(job: str, jobs_dir: str = JOBS_DIR) -> str:
+    """Wait for a job from `background_start_script`; replay its output and exit code."""
+    path = f"{jobs_dir}/{job}"
+    return (
+        f"while [ ! -e {path}.rc ]; do "
+        f"if ! systemctl -q is-active {job}; then [ -e {path}.rc ] && break; "
+        f'echo "background job {job} ended without an exit status" >&2; exit 1; fi; '
+        "sleep 0.3; done; "
+        f"cat {path}.out; cat {path}.err >&2; rc=$(cat {path}.rc); "
+        f'rm -f {path}.out {path}.err {path}.rc; exit "$rc"'
+    )
 
 
 def as_user(script: str, user: str) -> str:
@@ -93,6 +123,8 @@ class _HostRun:
     generation: int = 0  # bumped by every change made on the host
     read_at: dict[str, int] = field(default_factory=dict)  # live fact -> generation read at
     deferred: list[tuple[str, Step, Change]] = field(default_factory=list)  # waits for the end
+    # steps started in the background: step name -> (role, step, job unit, change)
+    background: dict[str, tuple[str, Step, str, Change]] = field(default_factory=dict)
 
     @property
     def host(self) -> Host:
@@ -136,8 +168,7 @@ class _HostRun:
         for index, cmd in enumerate(change.commands):
             script = as_user(cmd.script, cmd.user) if cmd.user else cmd.script
             if index == 0 and step.notify:
-                markers = " ".join(f"{PENDING_DIR}/{q(u)}" for u in step.notify)
-                script = f"mkdir -p {PENDING_DIR} && touch {markers} && {{ {script}\n}}"
+                script = self.with_markers(step, script)
             self.host.check(script, step.name, stdin=cmd.stdin, timeout=cmd.timeout)
 
     def read(self, facts: list[F.Fact]) -> None:
@@ -149,7 +180,69 @@ class _HostRun:
         self.dirty = True
         self.generation += 1
 
+    @staticmethod
+    def with_markers(step: Step, script: str) -> str:
+        """`script` preceded by the pending-restart markers of the units `step` notifies."""
+        markers = " ".join(f"{PENDING_DIR}/{q(u)}" for u in step.notify)
+        return f"mkdir -p {PENDING_DIR} && touch {markers} && {{ {script}\n}}"
+
+    def start_background(self, plans: list[tuple[Role, list[Step]]]) -> None:
+        """Start the changes of `background` package steps on the host now (see `Apt`)."""
+        if self.options.check:
+            return
+        ctx = PlanContext(self.facts)
+        wanted: list[tuple[str, Step, Change]] = []
+        for role, steps in plans:
+            for step in steps:
+                if not isinstance(step, Apt):
+                    continue
+                try:
+                    change = step.plan(ctx)
+                except (StepError, KeyError):
+                    return
+                if change is None:
+                    continue
+                if not step.background or any(c.stdin or c.user for c in change.commands):
+                    return  # another apt runs in the foreground: keep them one at a time
+                wanted.append((role.name, step, change))
+        for role, step, change in wanted:
+            job = f"mlflow-stack-job-{_random.token_hex(4)}"
+            script = " && ".join(f"{{ {c.script}\n}}" for c in change.commands)
+            if step.notify:
+                script = self.with_markers(step, script)
+            try:
+                self.host.check(background_start_script(job, script), step.name)
+            except (CommandError, HostError):
+                continue  # not started: the step runs in the foreground in its turn
+            self.background[step.name] = (role, step, job, change)
+
+    def finish_background(self, role: str, step: Step) -> bool:
+        """Wait for `step`'s background job and report it as the step's result."""
+        _, _, job, change = self.background.pop(step.name)
+        started = time.monotonic()
+        timeout = max((c.timeout or 1800) for c in change.commands)
+        try:
+            self.host.check(background_wait_script(job), step.name, timeout=timeout)
+        except (CommandError, HostError) as exc:
+            self.emit(role, step.name, Status.FAILED, str(exc), time.monotonic() - started)
+            return False
+        self.changed_host()
+        self.changed.add(step.name)
+        for unit in step.notify:
+            if unit not in self.pending:
+                self.pending.append(unit)
+        summary = f"{change.summary} (in the background since the start of the run)"
+        self.emit(role, step.name, Status.CHANGED, summary, time.monotonic() - started)
+        return True
+
+    def finish_all_background(self) -> None:
+        """Jobs whose step was not reached (an earlier role failed): wait and report them."""
+        for role, step, _, _ in list(self.background.values()):
+            self.finish_background(role, step)
+
     def run_step(self, role: str, step: Step) -> bool:
+        if step.name in self.background:
+            return self.finish_background(role, step)
         started = time.monotonic()
         stale = [
             f for f in step.facts() if f.live and self.read_at.get(f.key, -1) < self.generation
@@ -286,6 +379,7 @@ def converge_host(job: HostJob, options: Options, reporter: Reporter) -> HostRec
         except StepError as exc:
             raise HostError(f"{job.host.name}: {exc}") from None
         run.read([f for _, steps in plans for s in steps for f in s.facts()])
+        run.start_background(plans)
         for role, steps in plans:
             role_started = time.monotonic()
             if run.dirty:
@@ -297,6 +391,7 @@ def converge_host(job: HostJob, options: Options, reporter: Reporter) -> HostRec
                 break
         else:
             run.flush_handlers("handlers", list(run.pending), only_active=True)
+        run.finish_all_background()
         run.run_deferred()
     except HostError as exc:
         recap.error = mask(str(exc))

@@ -95,6 +95,10 @@ class Apt(Step):
     packages: tuple[str, ...]
     max_list_age: int = 6 * 3600
     notify: tuple[str, ...] = ()
+    # Start the install on the host as soon as the run's facts are in, so that it proceeds
+    # while the roles before this step run; the step itself then waits for it and reports its
+    # result. Only when no other package step of the run installs anything (one apt at a time).
+    background: bool = False
 
     def __post_init__(self) -> None:
         self.name = "packages " + " ".join(self.packages)

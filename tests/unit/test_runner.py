@@ -7,10 +7,11 @@ import subprocess
 from dataclasses import dataclass, field
 
 from mlflow_stack.engine import facts as F
+from mlflow_stack.engine import runner
 from mlflow_stack.engine.host import RunResult, Target
-from mlflow_stack.engine.report import Reporter, Status
+from mlflow_stack.engine.report import HostRecap, Reporter, Status
 from mlflow_stack.engine.runner import HostJob, Options, Role, converge_host
-from mlflow_stack.engine.steps import Run, WaitHttp
+from mlflow_stack.engine.steps import Apt, Run, WaitHttp
 
 
 @dataclass
@@ -77,3 +78,82 @@ def test_deferred_wait_in_check_mode_is_planned_in_place(tmp_path):
         ("first", Status.OK),
         ("later", Status.CHANGED),
     ]
+
+
+FAKE_SYSTEMD_RUN = """#!/bin/sh
+# systemd-run stand-in: runs the command (the last two arguments: sh -c SCRIPT) detached.
+for last; do :; done
+nohup sh -c "$last" >/dev/null 2>&1 &
+"""
+
+
+def test_background_job_runs_detached_and_replays_output_and_exit_code(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "systemd-run").write_text(FAKE_SYSTEMD_RUN)
+    (bin_dir / "systemd-run").chmod(0o755)
+    (bin_dir / "systemctl").write_text("#!/bin/sh\nexit 0\n")  # the unit looks active
+    (bin_dir / "systemctl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    jobs = str(tmp_path / "jobs")
+    # `exit` (or a failing `set -e` script) still leaves an exit status behind
+    start = runner.background_start_script("job1", "echo out; echo err >&2; exit 3", jobs)
+    subprocess.run(["sh", "-c", start], check=True)
+    waited = subprocess.run(
+        ["sh", "-c", runner.background_wait_script("job1", jobs)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (waited.returncode, waited.stdout, waited.stderr) == (3, "out\n", "err\n")
+    assert not list((tmp_path / "jobs").iterdir())  # cleaned up
+
+
+def test_background_job_gone_without_status_fails_clearly(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "systemctl").write_text("#!/bin/sh\nexit 3\n")  # the unit is gone
+    (bin_dir / "systemctl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    waited = subprocess.run(
+        ["sh", "-c", runner.background_wait_script("job2", str(tmp_path))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert waited.returncode == 1 and "ended without an exit status" in waited.stderr
+
+
+@dataclass
+class RecordingHost(LocalHost):
+    """Records commands; answers the two probes from canned facts."""
+
+    facts: dict = field(default_factory=dict)
+    scripts: list = field(default_factory=list)
+
+    def run(self, script, *, stdin=None, timeout=None, **kwargs) -> RunResult:
+        self.commands += 1
+        self.scripts.append(script)
+        return RunResult(0, "", "", 0.0)
+
+
+def started_in_background(apt_steps: list, installed: dict) -> list[str]:
+    host = RecordingHost()
+    job = HostJob(host, [], None)
+    run = runner._HostRun(job, Options(), Reporter(json_mode=True), HostRecap("h"))
+    run.facts = {}
+    for step in apt_steps:
+        run.facts[F.Packages(step.packages).key] = installed
+        run.facts[F.AptListsAge().key] = 10
+    run.start_background([(Role("r", lambda ctx: apt_steps), apt_steps)])
+    return sorted(run.background)
+
+
+def test_background_install_starts_only_when_no_other_apt_runs():
+    base = Apt(("python3", "curl"))
+    db = Apt(("mariadb-server",), background=True)
+    present = {"python3": "3", "curl": "7"}
+    assert started_in_background([base, db], present) == ["packages mariadb-server"]
+    assert started_in_background([base, db], {}) == []  # curl missing: one apt at a time
+    everything = {**present, "mariadb-server": "10"}
+    assert started_in_background([base, db], everything) == []  # nothing to install
