@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from stack import NAME, SSH_PORT, inventory, median_range, provision
+from stack import NAME, SSH_PORT, inventory, invoke, median_range, provision
 
 from mlflow_stack import sandbox
 
@@ -33,6 +33,17 @@ def ssh_floor(info, runs: int) -> list[float]:
     return times
 
 
+def cold_provision(inv: Path) -> tuple[float, dict, list[dict]]:
+    """Like `stack.provision`, also returning every step's result (for the slowest steps)."""
+    import json
+
+    seconds, proc = invoke("provision", "--host", "bench", "--inventory", str(inv), "--json")
+    if proc.returncode != 0:
+        raise SystemExit(f"provision failed: {proc.stderr.strip()[-500:]}")
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    return seconds, report["recap"]["bench"], report["hosts"]["bench"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5, help="no-op runs (median)")
@@ -44,12 +55,17 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             inv = inventory(Path(tmp), name)
-            cold, recap = provision(inv)
+            cold, recap, steps = cold_provision(inv)
             print(
                 f"cold converge (bare sandbox -> all healthy): {cold:.1f} s wall, "
                 f"{recap['changed']} changes, {recap['ssh_commands']} SSH commands"
             )
             print("  per role: " + ", ".join(f"{k} {v:.1f}s" for k, v in recap["roles"].items()))
+            slowest = sorted(steps, key=lambda s: -s.get("seconds", 0))[:6]
+            print(
+                "  slowest steps: "
+                + ", ".join(f"{s['role']}/{s['step']} {s.get('seconds', 0):.1f}s" for s in slowest)
+            )
             walls, engine, commands = [], [], []
             for _ in range(args.runs):
                 wall, recap = provision(inv)
