@@ -290,6 +290,14 @@ class Unit(Fact):
 
 
 @dataclass(frozen=True)
+class LiveUnit(Unit):
+    """A `Unit` fact re-read once the host has changed (a package install may add the unit)."""
+
+    kind: ClassVar[str] = "live-unit"
+    live: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
 class Http(Fact):
     """HTTP status of a GET on the host (0 when nothing answers)."""
 

@@ -323,10 +323,12 @@ class MaskedUnit(Step):
         self.name = f"masked {self.unit}"
 
     def facts(self) -> list[F.Fact]:
-        return [F.Unit(self.unit)]
+        # Live: the unit usually comes with a package installed earlier in the same run
+        # (in the background since the start of it), after the facts were first read.
+        return [F.LiveUnit(self.unit)]
 
     def plan(self, ctx: PlanContext) -> Change | None:
-        info = ctx[F.Unit(self.unit)]
+        info = ctx[F.LiveUnit(self.unit)]
         if info.load_state in ("masked", "not-found") and not info.active:
             return None
         u = q(self.unit)

@@ -12,7 +12,7 @@ from mlflow_stack.engine import runner
 from mlflow_stack.engine.host import RunResult, Target
 from mlflow_stack.engine.report import HostRecap, Reporter, Status
 from mlflow_stack.engine.runner import HostJob, Options, Role, converge_host
-from mlflow_stack.engine.steps import Apt, Run, WaitHttp
+from mlflow_stack.engine.steps import Apt, MaskedUnit, Run, WaitHttp
 
 
 @dataclass
@@ -238,3 +238,10 @@ def test_background_command_in_check_mode_is_planned_in_place():
     job = HostJob(LocalHost(), [first, later], None)
     recap = converge_host(job, Options(check=True), Reporter(json_mode=True, check=True))
     assert [r.step for r in recap.results] == ["slow", "then", "other"]
+
+
+def test_masked_unit_reads_its_unit_again_after_a_change_in_the_run():
+    """A unit that a package step of the same run brought is masked in that run."""
+    masked = MaskedUnit("example.socket")
+    fact = masked.facts()[0]
+    assert fact.live  # the runner re-reads it before planning once the host changed

@@ -147,7 +147,7 @@ def test_service_plans():
 
 def test_masked_unit_plans():
     s = MaskedUnit("mariadb.socket", notify=("mariadb.service",))
-    key = F.Unit(s.unit).key
+    key = F.LiveUnit(s.unit).key
     change = plan(s, {key: unit(active="active", enabled="enabled")})  # Debian's default
     assert change.commands[0].script == (
         "systemctl disable --now mariadb.socket && systemctl mask mariadb.socket"
