@@ -1,11 +1,10 @@
 """Role `mlflow_server`: the MLflow tracking server as a hardened systemd unit.
 
-The backend URI (with the database password) lives only in a 0600 env file. The schema is
-created or migrated explicitly before the first start, in the background on the host: the
-later roles run meanwhile and the rest of this role follows once they are done. The unit runs
-`server.py`, which serves MLflow's app with uvicorn in one process (`mlflow server` would start
-a second one). The run ends when /health answers (that wait, too, is deferred to the end of the
-run so that the roles after it proceed while MLflow starts).
+The backend URI (with the database password) lives only in a 0600 env file; the schema is
+created or migrated explicitly before the first start; the unit runs `server.py`, which serves
+MLflow's app with uvicorn in one process (`mlflow server` would start a second one); the run
+ends when /health answers (the wait is deferred to the end of the run so that the next roles
+proceed while MLflow starts).
 """
 
 from __future__ import annotations
@@ -135,7 +134,6 @@ def build(ctx: RoleContext) -> list[Step]:
             needs=(schema,),
             user=USER,
             notify=(UNIT,),
-            background=True,  # the jupyter and demo_files roles proceed while it runs
         ),
         File(f"/etc/systemd/system/{UNIT}", unit, notify=(UNIT,), unit_file=True),
         Service(UNIT),

@@ -19,7 +19,6 @@ from mlflow_stack.engine.steps import (
     Apt,
     Change,
     PlanContext,
-    Run,
     Service,
     Step,
     StepError,
@@ -126,8 +125,6 @@ class _HostRun:
     deferred: list[tuple[str, Step, Change]] = field(default_factory=list)  # waits for the end
     # steps started in the background: step name -> (role, step, job unit, change)
     background: dict[str, tuple[str, Step, str, Change]] = field(default_factory=dict)
-    # roles set aside behind a background command: (role, its step, the steps after, units)
-    suspended: list[tuple[str, Step, list[Step], list[str]]] = field(default_factory=list)
 
     @property
     def host(self) -> Host:
@@ -214,7 +211,7 @@ class _HostRun:
             if step.notify:
                 script = self.with_markers(step, script)
             try:
-                self.host.check(background_start_script(job, script, JOBS_DIR), step.name)
+                self.host.check(background_start_script(job, script), step.name)
             except (CommandError, HostError):
                 continue  # not started: the step runs in the foreground in its turn
             self.background[step.name] = (role, step, job, change)
@@ -225,7 +222,7 @@ class _HostRun:
         started = time.monotonic()
         timeout = max((c.timeout or 1800) for c in change.commands)
         try:
-            self.host.check(background_wait_script(job, JOBS_DIR), step.name, timeout=timeout)
+            self.host.check(background_wait_script(job), step.name, timeout=timeout)
         except (CommandError, HostError) as exc:
             self.emit(role, step.name, Status.FAILED, str(exc), time.monotonic() - started)
             return False
@@ -243,8 +240,10 @@ class _HostRun:
         for role, step, _, _ in list(self.background.values()):
             self.finish_background(role, step)
 
-    def refresh_live(self, role: str, step: Step, started: float) -> bool:
-        """Read again the live facts of `step` that the run's changes may have made stale."""
+    def run_step(self, role: str, step: Step) -> bool:
+        if step.name in self.background:
+            return self.finish_background(role, step)
+        started = time.monotonic()
         stale = [
             f for f in step.facts() if f.live and self.read_at.get(f.key, -1) < self.generation
         ]
@@ -254,14 +253,6 @@ class _HostRun:
             except HostError as exc:
                 self.emit(role, step.name, Status.FAILED, str(exc), time.monotonic() - started)
                 return False
-        return True
-
-    def run_step(self, role: str, step: Step) -> bool:
-        if step.name in self.background:
-            return self.finish_background(role, step)
-        started = time.monotonic()
-        if not self.refresh_live(role, step, started):
-            return False
         ctx = PlanContext(
             self.facts, self.reload_pending, self.restarted, self.changed, set(self.pending)
         )
@@ -316,73 +307,15 @@ class _HostRun:
         self.deferred.clear()
         return ok
 
-    def run_role(self, role: str, steps: list[Step], units: list[str] | None = None) -> bool:
-        """Each step in order; handlers run before a step that waits for them and at the end.
-
-        A `background` command step that has to run is started on the host and the rest of
-        its role (handlers included) is set aside until the later roles are done.
-        """
-        units = owned_units(steps) if units is None else units
-        for index, step in enumerate(steps):
+    def run_role(self, role: str, steps: list[Step]) -> bool:
+        """Each step in order; handlers run before a step that waits for them and at the end."""
+        units = owned_units(steps)
+        for step in steps:
             if step.flush_before and not self.flush_handlers(role, units):
                 return False
-            if self.suspend(role, step, steps[index + 1 :], units):
-                return True
             if not self.run_step(role, step):
                 return False
         return self.flush_handlers(role, units)
-
-    def suspend(self, role: str, step: Step, rest: list[Step], units: list[str]) -> bool:
-        """Start `step` (a `Run` with `background`) on the host; set `rest` aside. False: the
-        step runs in the foreground as usual (check mode, nothing to do, or it did not start)."""
-        if not (isinstance(step, Run) and step.background) or self.options.check:
-            return False
-        started = time.monotonic()
-        if not self.refresh_live(role, step, started):
-            return False
-        ctx = PlanContext(
-            self.facts, self.reload_pending, self.restarted, self.changed, set(self.pending)
-        )
-        try:
-            change = step.plan(ctx)
-        except StepError:
-            return False  # run_step reports it
-        if change is None or any(c.stdin for c in change.commands):
-            return False
-        job = f"mlflow-stack-job-{_random.token_hex(4)}"
-        script = " && ".join(
-            f"{{ {as_user(c.script, c.user) if c.user else c.script}\n}}" for c in change.commands
-        )
-        if step.notify:
-            script = self.with_markers(step, script)
-        try:
-            self.host.check(background_start_script(job, script, JOBS_DIR), step.name)
-        except (CommandError, HostError):
-            return False
-        self.background[step.name] = (role, step, job, change)
-        self.suspended.append((role, step, rest, units))
-        self.reporter.note(self.host.name, f"{role}: {step.name}: started; the role goes on later")
-        return True
-
-    def resume_suspended(self) -> bool:
-        """The roles set aside by `suspend`: wait for their command, then their other steps."""
-        while self.suspended:
-            role, step, rest, units = self.suspended.pop(0)
-            started = time.monotonic()
-            ok = self.finish_background(role, step)
-            if ok and self.dirty:
-                try:
-                    self.read([f for s in rest for f in s.facts()])
-                except HostError as exc:
-                    self.emit(role, step.name, Status.FAILED, str(exc))
-                    ok = False
-                self.dirty = False
-            ok = ok and self.run_role(role, rest, units)
-            seconds = time.monotonic() - started
-            self.recap.role_seconds[role] = self.recap.role_seconds.get(role, 0.0) + seconds
-            if not ok:
-                return False
-        return True
 
     def flush_handlers(self, role: str, units: list[str], *, only_active: bool = False) -> bool:
         """Restart `units` (after one daemon-reload if a unit file changed).
@@ -457,8 +390,7 @@ def converge_host(job: HostJob, options: Options, reporter: Reporter) -> HostRec
             if not ok:
                 break
         else:
-            if run.resume_suspended():
-                run.flush_handlers("handlers", list(run.pending), only_active=True)
+            run.flush_handlers("handlers", list(run.pending), only_active=True)
         run.finish_all_background()
         run.run_deferred()
     except HostError as exc:

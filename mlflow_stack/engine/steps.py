@@ -351,10 +351,6 @@ class Run(Step):
     user: str | None = None
     timeout: float | None = 1800
     notify: tuple[str, ...] = ()
-    # Run on the host in the background; the steps after it in its role (and its handlers)
-    # go on once the later roles are done, so those roles proceed meanwhile. Only for a step
-    # whose role's later steps are the only ones that need its result.
-    background: bool = False
 
     def __post_init__(self) -> None:
         self.name = self.label

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 from dataclasses import dataclass, field
@@ -21,7 +20,6 @@ class LocalHost:
 
     target: Target = field(default_factory=lambda: Target("local", "127.0.0.1"))
     commands: int = 0
-    fake_bin: str | None = None  # a directory of stand-ins for systemd-run and systemctl
 
     @property
     def name(self) -> str:
@@ -29,19 +27,10 @@ class LocalHost:
 
     def run(self, script, *, stdin=None, timeout=None, **kwargs) -> RunResult:
         self.commands += 1
-        env = None
-        if self.fake_bin:
-            env = {**os.environ, "PATH": f"{self.fake_bin}:/usr/bin:/bin"}
-        elif "systemctl" in script or "systemd-run" in script:
-            # never touch this machine's units (a handler would)
+        if "systemctl" in script:  # never touch this machine's units (a handler would)
             return RunResult(1, "", "systemctl is not run on the test machine", 0.0)
         proc = subprocess.run(
-            ["sh", "-c", script],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
+            ["sh", "-c", script], input=stdin, capture_output=True, text=True, timeout=timeout
         )
         return RunResult(proc.returncode, proc.stdout, proc.stderr, 0.0)
 
@@ -168,76 +157,6 @@ def test_background_install_starts_only_when_no_other_apt_runs():
     assert started_in_background([base, db], {}) == []  # curl missing: one apt at a time
     everything = {**present, "mariadb-server": "10"}
     assert started_in_background([base, db], everything) == []  # nothing to install
-
-
-def fake_systemd(tmp_path) -> str:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "systemd-run").write_text(FAKE_SYSTEMD_RUN)
-    (bin_dir / "systemctl").write_text("#!/bin/sh\nexit 0\n")
-    for tool in bin_dir.iterdir():
-        tool.chmod(0o755)
-    return str(bin_dir)
-
-
-def test_background_command_sets_the_rest_of_its_role_after_the_later_roles(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "JOBS_DIR", str(tmp_path / "jobs"))
-    log = tmp_path / "log"
-    always = F.Shell("always", "false")
-
-    def step(label, text, **kwargs):
-        return Run(label, f"echo {text} >> {log}", when=lambda c: True, needs=(always,), **kwargs)
-
-    first = Role("first", lambda ctx: [step("slow", "slow", background=True), step("then", "then")])
-    later = Role("later", lambda ctx: [step("other", "other")])
-    job = HostJob(LocalHost(fake_bin=fake_systemd(tmp_path)), [first, later], None)
-    recap = converge_host(job, Options(), Reporter(json_mode=True))
-    assert not recap.failed, recap.results
-    assert [(r.role, r.step) for r in recap.results] == [
-        ("later", "other"),
-        ("first", "slow"),
-        ("first", "then"),
-    ]
-    lines = log.read_text().split()
-    assert lines[-1] == "then" and sorted(lines[:2]) == ["other", "slow"]
-    assert set(recap.role_seconds) == {"first", "later"}
-
-
-def test_background_command_failure_fails_its_step_and_skips_the_rest(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "JOBS_DIR", str(tmp_path / "jobs"))
-    always = F.Shell("always", "false")
-    first = Role(
-        "first",
-        lambda ctx: [
-            Run(
-                "slow",
-                "echo broken >&2; exit 4",
-                when=lambda c: True,
-                needs=(always,),
-                background=True,
-            ),
-            Run("then", "true", when=lambda c: True, needs=(always,)),
-        ],
-    )
-    job = HostJob(LocalHost(fake_bin=fake_systemd(tmp_path)), [first], None)
-    recap = converge_host(job, Options(), Reporter(json_mode=True))
-    assert [(r.step, r.status) for r in recap.results] == [("slow", Status.FAILED)]
-    assert "exit 4" in recap.results[0].summary and "broken" in recap.results[0].summary
-
-
-def test_background_command_in_check_mode_is_planned_in_place():
-    always = F.Shell("always", "false")
-    first = Role(
-        "first",
-        lambda ctx: [
-            Run("slow", "true", when=lambda c: True, needs=(always,), background=True),
-            Run("then", "true", when=lambda c: True, needs=(always,)),
-        ],
-    )
-    later = Role("later", lambda ctx: [Run("other", "true", when=lambda c: True, needs=(always,))])
-    job = HostJob(LocalHost(), [first, later], None)
-    recap = converge_host(job, Options(check=True), Reporter(json_mode=True, check=True))
-    assert [r.step for r in recap.results] == ["slow", "then", "other"]
 
 
 def test_masked_unit_reads_its_unit_again_after_a_change_in_the_run():
