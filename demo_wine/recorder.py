@@ -1,18 +1,32 @@
 """Record every finished Optuna trial as its own MLflow child run, cheaply and off-thread.
 
-Per trial, exactly three requests whatever the number of runs already stored:
-``create_run`` (tags, incl. ``mlflow.parentRunId``), one ``log_batch`` (params + metrics) and
-``set_terminated``. No model, no per-value calls, no searches. The optimizer thread only
-enqueues; a small thread pool talks to the server so HTTP latency (and the ~40 ms keep-alive
-stall of a multi-worker uvicorn server) overlaps with optimisation. :meth:`close` waits until
-every enqueued trial has its run, retrying failed ones once, and raises if any is still missing.
+Two ways, one interface (``note`` metrics from the objective, pass the recorder to
+``study.optimize(callbacks=[...])``, then :meth:`close`):
+
+* :class:`StoreRecorder` writes the trial runs straight into the MLflow *tracking database*
+  (the server's backend store, or the local ``sqlite:///`` store), many trials per
+  transaction, from one background thread. Rows are exactly what MLflow's own SQL store writes
+  for ``create_run`` + ``log_batch`` + ``set_terminated`` (a test compares them), using MLflow's
+  table definitions; the schema must be at the installed MLflow's head and the parent run must
+  already be in that database (so it is the server's), else it refuses. Run ids derive from
+  the parent run and the trial number, so a batch written twice (a retry after a lost commit
+  acknowledgement) never duplicates a run. ~0.5 ms per trial instead of ~80 ms of server CPU.
+* :class:`TrialRecorder` sends exactly three requests per trial to the tracking server
+  (``create_run``, one ``log_batch``, ``set_terminated``) from a thread pool, for workers that
+  cannot reach the database.
+
+:meth:`close` waits until every enqueued trial has its run, retrying failed ones once, and
+raises :class:`RecordingError` if any is still missing.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 import threading
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,29 +51,12 @@ class TrialRecord:
     error: str | None = field(default=None, repr=False)
 
 
-class TrialRecorder:
-    """Optuna callback: ``study.optimize(..., callbacks=[recorder])``, then :meth:`close`."""
+class _Recorder:
+    """What both recorders share: metrics noted by the objective, the Optuna callback."""
 
-    def __init__(
-        self,
-        client: Any,
-        experiment_id: str,
-        parent_run_id: str,
-        tags: dict[str, str],
-        *,
-        threads: int = 4,
-        max_pending: int = 10_000,
-    ) -> None:
-        os.environ.setdefault(_SUPPRESS_URL, "true")
-        self._client = client
-        self._experiment_id = experiment_id
-        self._parent = parent_run_id
-        self._tags = {**tags, "mlflow.parentRunId": parent_run_id}
-        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="trials")
-        self._slots = threading.BoundedSemaphore(max_pending)
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._metrics: dict[int, dict[str, float]] = {}
-        self._pending: list[tuple[TrialRecord, Future[None]]] = []
         self.records: dict[int, TrialRecord] = {}
 
     def note(self, number: int, metrics: dict[str, float]) -> None:
@@ -81,6 +78,37 @@ class TrialRecorder:
             end_ms=_ms(end),
         )
         self.submit(record)
+
+    def submit(self, record: TrialRecord) -> None:
+        raise NotImplementedError
+
+    def run_id(self, number: int) -> str | None:
+        record = self.records.get(number)
+        return record.run_id if record else None
+
+
+class TrialRecorder(_Recorder):
+    """Through the tracking server: three requests per trial from a thread pool."""
+
+    def __init__(
+        self,
+        client: Any,
+        experiment_id: str,
+        parent_run_id: str,
+        tags: dict[str, str],
+        *,
+        threads: int = 4,
+        max_pending: int = 10_000,
+    ) -> None:
+        super().__init__()
+        os.environ.setdefault(_SUPPRESS_URL, "true")
+        self._client = client
+        self._experiment_id = experiment_id
+        self._parent = parent_run_id
+        self._tags = {**tags, "mlflow.parentRunId": parent_run_id}
+        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="trials")
+        self._slots = threading.BoundedSemaphore(max_pending)
+        self._pending: list[tuple[TrialRecord, Future[None]]] = []
 
     def submit(self, record: TrialRecord) -> None:
         self._slots.acquire()
@@ -137,17 +165,278 @@ class TrialRecorder:
             except Exception as exc:
                 record.error = f"{type(exc).__name__}: {exc}"
                 still.append(record)
-        if still:
-            first = str(still[0].error).splitlines()[0]
-            raise RecordingError(
-                f"{len(still)} of {len(self.records)} trials have no MLflow run "
-                f"(first: trial {still[0].number}: {first})"
-            )
+        _raise_if_missing(still, len(self.records))
         return len(self.records)
 
-    def run_id(self, number: int) -> str | None:
-        record = self.records.get(number)
-        return record.run_id if record else None
+
+class StoreMismatch(RuntimeError):
+    """The database is not usable as this MLflow's tracking store (schema, parent run)."""
+
+
+_RUN_NAMESPACE = uuid.UUID("6f0d7a52-3c7e-4d2b-9a51-2b8d6d1f4e11")
+
+
+def trial_run_id(parent_run_id: str, number: int) -> str:
+    """The MLflow run id of trial ``number`` under ``parent_run_id`` (deterministic, so a
+    batch written twice cannot create a second run for the same trial)."""
+    return uuid.uuid5(_RUN_NAMESPACE, f"{parent_run_id}/{number}").hex
+
+
+class StoreRecorder(_Recorder):
+    """Straight into the MLflow tracking database, many trials per transaction.
+
+    ``store_uri`` is an SQLAlchemy URL of the tracking server's backend store (or the local
+    ``sqlite:///`` store). One background thread writes whatever has accumulated every
+    ``interval`` seconds (at most ``max_batch`` trials per transaction).
+    """
+
+    def __init__(
+        self,
+        store_uri: str,
+        experiment_id: str,
+        parent_run_id: str,
+        tags: dict[str, str],
+        *,
+        interval: float = 0.2,
+        max_batch: int = 500,
+        attempts: int = 3,
+    ) -> None:
+        super().__init__()
+        self._engine = _engine(store_uri)
+        try:
+            self._artifact_root = _check_store(self._engine, experiment_id, parent_run_id)
+        except BaseException:
+            self._engine.dispose()
+            raise
+        self._experiment_id = int(experiment_id)
+        self._parent = parent_run_id
+        self._tags = {**tags, "mlflow.parentRunId": parent_run_id}
+        self._interval = interval
+        self._max_batch = max_batch
+        self._attempts = attempts
+        self._queue: list[TrialRecord] = []
+        self._failed: list[TrialRecord] = []
+        self._wake = threading.Condition(self._lock)
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="trial-store", daemon=True)
+        self._thread.start()
+
+    def submit(self, record: TrialRecord) -> None:
+        record.run_id = trial_run_id(self._parent, record.number)
+        with self._lock:
+            self.records[record.number] = record
+            self._queue.append(record)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                if not self._closing:
+                    self._wake.wait(self._interval)  # let trials accumulate into one batch
+                batch = self._queue[: self._max_batch]
+                del self._queue[: self._max_batch]
+                closing = self._closing
+            if batch:
+                self._write_with_retries(batch)
+            elif closing:
+                return
+
+    def _write_with_retries(self, batch: list[TrialRecord]) -> None:
+        for attempt in range(1, self._attempts + 1):
+            try:
+                self.write(batch)
+                for rec in batch:
+                    rec.error = None
+                return
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                if attempt < self._attempts:
+                    time.sleep(0.2 * attempt)
+        for rec in batch:
+            rec.error = error
+        with self._lock:
+            self._failed.extend(batch)
+
+    def write(self, batch: list[TrialRecord]) -> int:
+        """Insert the runs of ``batch`` in one transaction, skipping runs that already exist
+        (idempotent); return how many were inserted."""
+        from sqlalchemy import select
+
+        rows = _Rows(self._artifact_root, self._experiment_id, self._tags)
+        for rec in batch:
+            rows.add(rec)
+        runs = rows.tables["runs"]
+        with self._engine.begin() as conn:
+            ids = [r["run_uuid"] for r in rows.runs]
+            existing = set(
+                conn.execute(select(runs.c.run_uuid).where(runs.c.run_uuid.in_(ids))).scalars()
+            )
+            for name, table_rows in rows.by_table().items():
+                fresh = [r for r in table_rows if r["run_uuid"] not in existing]
+                if fresh:
+                    conn.execute(rows.tables[name].insert(), fresh)
+        return len(ids) - len(existing)
+
+    def close(self) -> int:
+        """Write what is queued, wait for the writer, retry failed trials once; the number of
+        trials recorded."""
+        with self._lock:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join()
+        with self._lock:
+            failed, self._failed = self._failed, []
+        still = []
+        for rec in failed:
+            try:
+                self.write([rec])
+                rec.error = None
+            except Exception as exc:
+                rec.error = f"{type(exc).__name__}: {exc}"
+                still.append(rec)
+        self._engine.dispose()
+        _raise_if_missing(still, len(self.records))
+        return len(self.records)
+
+
+class _Rows:
+    """The rows MLflow's SQL store writes for one finished run (create + log_batch + end)."""
+
+    def __init__(self, artifact_root: str, experiment_id: int, tags: dict[str, str]) -> None:
+        from mlflow.store.tracking.dbmodels.models import (
+            SqlLatestMetric,
+            SqlMetric,
+            SqlParam,
+            SqlRun,
+            SqlTag,
+        )
+
+        self.tables = {
+            "runs": SqlRun.__table__,
+            "tags": SqlTag.__table__,
+            "params": SqlParam.__table__,
+            "metrics": SqlMetric.__table__,
+            "latest_metrics": SqlLatestMetric.__table__,
+        }
+        self._root = artifact_root
+        self._experiment_id = experiment_id
+        self._tags = tags
+        self.runs: list[dict[str, Any]] = []
+        self.tags: list[dict[str, Any]] = []
+        self.params: list[dict[str, Any]] = []
+        self.metrics: list[dict[str, Any]] = []
+        self.latest: list[dict[str, Any]] = []
+
+    def by_table(self) -> dict[str, list[dict[str, Any]]]:
+        # Parents before children: runs first (foreign keys).
+        return {
+            "runs": self.runs,
+            "tags": self.tags,
+            "params": self.params,
+            "metrics": self.metrics,
+            "latest_metrics": self.latest,
+        }
+
+    def add(self, rec: TrialRecord) -> None:
+        from mlflow.utils.uri import append_to_uri_path
+
+        run_id = rec.run_id
+        name = f"trial-{rec.number:05d}"
+        self.runs.append(
+            {
+                "run_uuid": run_id,
+                "name": name,
+                "source_type": "UNKNOWN",
+                "source_name": "",
+                "entry_point_name": "",
+                "user_id": "unknown",
+                "status": "FINISHED" if rec.state == "COMPLETE" else "FAILED",
+                "start_time": rec.start_ms,
+                "end_time": rec.end_ms,
+                "deleted_time": None,
+                "source_version": "",
+                "lifecycle_stage": "active",
+                "artifact_uri": append_to_uri_path(self._root, run_id, "artifacts"),
+                "experiment_id": self._experiment_id,
+            }
+        )
+        tags = {
+            **self._tags,
+            "optuna.trial": str(rec.number),
+            "optuna.state": rec.state,
+            "mlflow.runName": name,
+        }
+        self.tags += [{"key": k, "value": str(v), "run_uuid": run_id} for k, v in tags.items()]
+        self.params += [
+            {"key": k, "value": repr(v) if isinstance(v, float) else str(v), "run_uuid": run_id}
+            for k, v in rec.params.items()
+        ]
+        for key, raw in rec.metrics.items():
+            is_nan, value = _sanitize(float(raw))
+            row = {
+                "key": key,
+                "value": value,
+                "timestamp": rec.end_ms,
+                "step": 0,
+                "is_nan": is_nan,
+                "run_uuid": run_id,
+            }
+            self.metrics.append(row)
+            self.latest.append(row)
+
+
+def _sanitize(value: float) -> tuple[bool, float]:
+    """As MLflow's SQL store stores metric values: NaN as 0 + flag, infinities clamped."""
+    if math.isnan(value):
+        return True, 0.0
+    if math.isinf(value):
+        return False, math.copysign(sys.float_info.max, value)
+    return False, value
+
+
+def _engine(store_uri: str) -> Any:
+    import sqlalchemy
+
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if store_uri.startswith("sqlite"):
+        kwargs["connect_args"] = {"timeout": 60}  # the server writes to the same file
+    return sqlalchemy.create_engine(store_uri, **kwargs)
+
+
+def _check_store(engine: Any, experiment_id: str, parent_run_id: str) -> str:
+    """Raise :class:`StoreMismatch` unless the database is at this MLflow's schema head and
+    holds the (active) parent run in ``experiment_id``; return the experiment's artifact root."""
+    from mlflow.store.db.utils import _verify_schema
+    from mlflow.store.tracking.dbmodels.models import SqlExperiment, SqlRun
+    from sqlalchemy import select
+
+    try:
+        _verify_schema(engine)
+        with engine.connect() as conn:
+            parent = conn.execute(
+                select(SqlRun.experiment_id, SqlRun.lifecycle_stage).where(
+                    SqlRun.run_uuid == parent_run_id
+                )
+            ).first()
+            root = conn.execute(
+                select(SqlExperiment.artifact_location).where(
+                    SqlExperiment.experiment_id == int(experiment_id)
+                )
+            ).scalar()
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        raise StoreMismatch(f"{type(exc).__name__}: {text[0] if text else ''}") from None
+    if parent is None or str(parent[0]) != str(experiment_id) or parent[1] != "active":
+        raise StoreMismatch(f"parent run {parent_run_id} is not in this database")
+    return root
+
+
+def _raise_if_missing(still: list[TrialRecord], total: int) -> None:
+    if still:
+        first = str(still[0].error).splitlines()[0]
+        raise RecordingError(
+            f"{len(still)} of {total} trials have no MLflow run "
+            f"(first: trial {still[0].number}: {first})"
+        )
 
 
 def _ms(moment: Any) -> int:

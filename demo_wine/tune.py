@@ -39,6 +39,8 @@ from demo_wine.model import ALPHA_RANGE, L1_RATIO_RANGE
 
 DEFAULT_STUDY = "wine-elasticnet"
 STORAGE_ENV = "DEMO_WINE_STORAGE"  # the storage URL (with its password) off the command line
+# The MLflow server's backend database: trial runs go there directly (see recorder.py).
+MLFLOW_DB_ENV = "DEMO_WINE_MLFLOW_DB"
 DEFAULT_EXPERIMENT = "wine-tuning"
 SAMPLERS = ("tpe", "random")
 
@@ -147,8 +149,7 @@ def tune(
     from mlflow.entities import Metric, Param, RunTag
 
     from demo_wine.model import fit, scores
-    from demo_wine.recorder import TrialRecorder
-    from demo_wine.tracking import base_tags, configure, experiment_id, is_remote
+    from demo_wine.tracking import base_tags, configure, experiment_id
 
     uri = configure()
     client = MlflowClient()
@@ -184,8 +185,7 @@ def tune(
     }
     client.log_batch(parent, params=[Param(k, str(v)) for k, v in context.items()])
 
-    threads = recorder_threads or (max(8, 2 * jobs) if is_remote(uri) else 1)
-    recorder = TrialRecorder(client, exp_id, parent, tags, threads=threads)
+    recorder, via = _recorder(client, uri, exp_id, parent, tags, recorder_threads or 0, jobs)
 
     def objective(trial: Any) -> float:
         alpha = trial.suggest_float("alpha", *ALPHA_RANGE, log=True)
@@ -235,6 +235,7 @@ def tune(
         "trials_recorded": recorded,
         "storage_outages": guard.outages,
         "trials_cut_off": len(guard.cut_off),
+        "recorded_via": via,
         **result,
         "parent_run_id": parent,
         "experiment_id": exp_id,
@@ -242,6 +243,30 @@ def tune(
         "trials_per_s": round(summary["trials_per_s"], 2),
         "elapsed_s": round(time.perf_counter() - started, 3),
     }
+
+
+def _recorder(
+    client: Any,
+    uri: str,
+    exp_id: str,
+    parent: str,
+    tags: dict[str, str],
+    threads: int,
+    jobs: int,
+) -> tuple[Any, str]:
+    """Record trial runs straight into the tracking database when we have it (the local
+    store, or the server's backend from ``$DEMO_WINE_MLFLOW_DB``); else through the server."""
+    from demo_wine.recorder import StoreMismatch, StoreRecorder, TrialRecorder
+    from demo_wine.tracking import is_remote
+
+    store = os.environ.get(MLFLOW_DB_ENV, "").strip() or (None if is_remote(uri) else uri)
+    if store:
+        try:
+            return StoreRecorder(store, exp_id, parent, tags), "database"
+        except StoreMismatch as exc:
+            sys.stderr.write(f"not writing trial runs to {redact(store)} directly: {exc}\n")
+    threads = threads or (max(8, 2 * jobs) if is_remote(uri) else 1)
+    return TrialRecorder(client, exp_id, parent, tags, threads=threads), "server"
 
 
 def _finish(

@@ -20,6 +20,7 @@ TUNE_KEYS = {
     "trials_recorded",
     "storage_outages",
     "trials_cut_off",
+    "recorded_via",
     "trials_total",
     "best_trial",
     "best_params",
@@ -59,6 +60,7 @@ def test_tune_records_every_trial_and_registers_champion(store: Path) -> None:
     assert set(result) == TUNE_KEYS
     assert result["trials_done"] == result["trials_recorded"] == result["trials_total"] == 24
     assert result["storage"] == "in-memory"
+    assert result["recorded_via"] == "database"  # the local store is the database
     assert set(result["best_params"]) == {"alpha", "l1_ratio"}
 
     runs = children(result["experiment_id"], result["parent_run_id"])
@@ -97,6 +99,22 @@ def test_threads_record_every_trial_without_registering(store: Path) -> None:
     assert result["trials_recorded"] == 10 and result["registered_version"] is None
     runs = children(result["experiment_id"], result["parent_run_id"])
     assert sorted(int(r.data.tags["optuna.trial"]) for r in runs) == list(range(10))
+
+
+def test_a_database_that_is_not_the_tracking_store_is_refused(
+    store: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """DEMO_WINE_MLFLOW_DB pointing elsewhere (no MLflow schema, or not holding our parent
+    run): trial runs go through the tracking client instead, none is lost."""
+    from demo_wine.tune import tune
+
+    other = store / "other.db"
+    monkeypatch.setenv("DEMO_WINE_MLFLOW_DB", f"sqlite:///{other}")
+    result = tune(n_trials=6, register=False, experiment="fallback", study_name="fb")
+    assert result["recorded_via"] == "server"
+    assert "not writing trial runs to" in capsys.readouterr().err
+    runs = children(result["experiment_id"], result["parent_run_id"])
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in runs) == list(range(6))
 
 
 @pytest.mark.parametrize(
