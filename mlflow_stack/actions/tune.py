@@ -3,8 +3,10 @@
 With one process on one host the study is local (in memory). Otherwise every process joins
 one study in the server's `optuna` database (Optuna's distributed mode), all log to the one
 MLflow server, and when they are done the server finalises: registers the best trial as
-`wine-elasticnet` and points the `champion` alias at it. Database credentials travel on
-stdin, never on a command line.
+`wine-elasticnet` and points the `champion` alias at it. Processes on the server's machine
+(MySQL backend) write their trial runs straight into the MLflow database (`DEMO_WINE_MLFLOW_DB`,
+see demo_wine/recorder.py), many per transaction; the rest goes through the server. Database
+credentials travel on stdin, never on a command line.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from mlflow_stack.actions.remote import (
 from mlflow_stack.engine.host import Host
 from mlflow_stack.inventory import ResolvedHost
 from mlflow_stack.secrets import Secret
+from roles.mlflow_server import backend_uri
 
 STORAGE_ENV = "DEMO_WINE_STORAGE"
+MLFLOW_DB_ENV = "DEMO_WINE_MLFLOW_DB"
 
 
 def split_trials(total: int, slots: int) -> list[int]:
@@ -45,10 +49,31 @@ def storage_url(password: Secret, db_host: str, port: int) -> Secret:
     )
 
 
+def mlflow_db_url(password: Secret, port: int) -> Secret:
+    """The MLflow server's backend database, as seen from the server's own machine."""
+    return Secret(backend_uri("mysql", password.reveal(), port))
+
+
 def reach(server: ResolvedHost, worker: ResolvedHost) -> str:
     """How a worker reaches the server's services: loopback when they share a machine."""
     same = worker.target.address == server.target.address
     return "127.0.0.1" if same else server.target.address
+
+
+def process_secrets(
+    server: ResolvedHost, worker: ResolvedHost, password: Secret | None, shared: bool
+) -> dict[str, Secret]:
+    """Env (name -> secret, sent on stdin) of one tuning process on `worker`: the shared
+    study's storage, and the MLflow database when the worker is the server's machine and the
+    backend is MySQL (trial runs go there directly)."""
+    out = {}
+    if password is None:
+        return out
+    if shared:
+        out[STORAGE_ENV] = storage_url(password, reach(server, worker), server.vars.mysql.port)
+    if server.vars.mlflow.backend == "mysql" and reach(server, worker) == "127.0.0.1":
+        out[MLFLOW_DB_ENV] = mlflow_db_url(password, server.vars.mysql.port)
+    return out
 
 
 @dataclass
@@ -86,13 +111,14 @@ def _run_process(
     host: Host,
     layout: Layout,
     args: list[str],
-    storage: Secret | None,
+    secrets: dict[str, Secret],
     printer: Callable[[str], None],
 ) -> dict:
-    secret_env = (STORAGE_ENV,) if storage else ()
-    stdin = secret_stdin(storage) if storage else None
+    """Run demo_wine.tune; `secrets` (env name -> value) are sent on stdin."""
+    names = tuple(secrets)
+    stdin = secret_stdin(*secrets.values()) if secrets else None
     result = host.run(
-        demo_command(layout, args, secret_env=secret_env),
+        demo_command(layout, args, secret_env=names),
         stdin=stdin,
         on_output=printer,
         timeout=6 * 3600,
@@ -122,14 +148,15 @@ def tune(
     shared = len(slots) > 1
     outcome = TuneOutcome(study)
     server_host = connections[server.name]
-    password = read_secret(server_host, "db_password") if shared else None
+    direct = server.vars.mlflow.backend == "mysql"
+    password = read_secret(server_host, "db_password") if shared or direct else None
     lock = threading.Lock()
+
+    def secrets_for(h: ResolvedHost) -> dict[str, Secret]:
+        return process_secrets(server, h, password, shared)
 
     def work(slot_share):
         (h, index), share = slot_share
-        storage = (
-            storage_url(password, reach(server, h), server.vars.mysql.port) if (password) else None
-        )
         layout = replace(
             Layout.of(h), tracking_host=reach(server, h), mlflow_port=server.vars.mlflow.port
         )
@@ -139,7 +166,7 @@ def tune(
                 connections[h.name],
                 layout,
                 args,
-                storage,
+                secrets_for(h),
                 lambda line: printer(f"{h.name}#{index}", line),
             )
             return ProcessResult(h.name, index, res)
@@ -160,12 +187,11 @@ def tune(
     if not any(r.result for r in results):
         raise ActionError("every tuning process failed: " + "; ".join(outcome.failures))
     if shared:
-        storage = storage_url(password, "127.0.0.1", server.vars.mysql.port)
         outcome.final = _run_process(
             server_host,
             Layout.of(server),
             tune_args(0, study, experiment, register=True),
-            storage,
+            secrets_for(server),
             lambda line: printer(f"{server.name}:final", line),
         )
     else:
