@@ -9,34 +9,21 @@ default (``sqlite:///mlflow.db`` in a temp dir), with and without the decision a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_tune import DEFAULT_DATA, REPO, mlflow_server
+from bench_tune import mlflow_server
+from child import DEFAULT_DATA, run_json
 
 
 def timed_train(uri: str, cwd: Path, data: str, *extra: str) -> tuple[float, float]:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "demo_wine.train", "--data", data, "--experiment", "bench", *extra],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    wall = time.perf_counter() - t0
-    if proc.returncode:
-        raise RuntimeError(proc.stderr[-2000:])
-    return wall, json.loads(proc.stdout.strip().splitlines()[-1])["elapsed_s"]
+    args = ["--data", data, "--experiment", "bench", *extra]
+    wall, result = run_json("demo_wine.train", args, cwd=cwd, env={"MLFLOW_TRACKING_URI": uri})
+    return wall, result["elapsed_s"]
 
 
 def main() -> int:

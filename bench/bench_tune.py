@@ -3,22 +3,25 @@
 Starts `mlflow server` (SQLite backend, artifacts proxied, 127.0.0.1, free port) once per worker
 setting, then measures in the same run:
 
-* ours     — ``python -m demo_wine.tune --n-trials N --no-register`` (child run per trial:
-             create_run + one log_batch + set_terminated, from a background thread pool);
+* ours-db  — ``python -m demo_wine.tune --n-trials N --no-register`` with
+             ``DEMO_WINE_MLFLOW_DB`` set to the server's database: trial runs are written
+             straight into it, many per transaction (what `invoke tune` does on the server host);
+* ours     — the same through the server's REST API (create_run + one log_batch +
+             set_terminated per trial, from a background thread pool; workers on other hosts);
 * naive    — one ``start_run(nested=True)`` + ``log_param``/``log_metric`` per value;
 * callback — optuna-integration's ``MLflowCallback`` (nested runs).
 
 The two references run fewer trials (``--ref-trials``) and are extrapolated per trial. Server
 CPU per trial (all processes of the server's session) shows where the time goes.
 
-    .venv/bin/python bench/bench_tune.py [--n-trials 2000] [--ref-trials 100] [--workers 1,4]
+    .venv/bin/python bench/bench_tune.py [--n-trials 2000] [--ref-trials 100] [--workers 1,default]
+                                         [--kinds ours-db,ours,naive,callback]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -30,8 +33,9 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "winequality-white.csv"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from child import DEFAULT_DATA, REPO, run_json
+
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -97,39 +101,24 @@ def mlflow_server(workers: str, workdir: Path) -> Iterator[tuple[str, int]]:
         log.close()
 
 
-def bench_ours(url: str, n: int, data: str, workdir: Path) -> dict:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "PYTHONPATH": str(REPO)}
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "demo_wine.tune",
-            "--n-trials",
-            str(n),
-            "--no-register",
-            "--data",
-            data,
-            "--experiment",
-            "bench-ours",
-            "--study",
-            f"bench-{time.time_ns()}",
-        ],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    wall = time.perf_counter() - t0
-    if proc.returncode:
-        raise RuntimeError(proc.stderr[-2000:])
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+def bench_ours(url: str, n: int, data: str, workdir: Path, direct: bool) -> dict:
+    """Our tuner; ``direct``: trial runs straight into the server's database (its SQLite
+    file here, the MySQL backend on a host), else through the server's REST API."""
+    env = {"MLFLOW_TRACKING_URI": url}
+    if direct:
+        env["DEMO_WINE_MLFLOW_DB"] = f"sqlite:///{workdir}/mlflow.db"
+    args = ["--n-trials", str(n), "--no-register", "--data", data]
+    args += ["--experiment", "bench-ours", "--study", f"bench-{time.time_ns()}"]
+    wall, result = run_json("demo_wine.tune", args, cwd=workdir, env=env)
+    want = "database" if direct else "server"
+    if result["recorded_via"] != want:
+        raise RuntimeError(f"trials were recorded via {result['recorded_via']}, not {want}")
     return {
         "trials": result["trials_recorded"],
         "wall": wall,
         "loop": result["trials_done"] / result["trials_per_s"],
         "optimize": result["optimize_s"],
+        "cpu": result["_cpu_s"],
     }
 
 
@@ -198,13 +187,24 @@ def bench_reference(kind: str, url: str, n: int, data: str) -> dict:
     return {"trials": n, "wall": wall}
 
 
+KINDS = ("ours-db", "ours", "naive", "callback")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n-trials", type=int, default=2000)
     p.add_argument("--ref-trials", type=int, default=100)
     p.add_argument("--workers", default="1,default", help="comma list: 1, 2, default (=4)")
+    p.add_argument(
+        "--kinds",
+        default=",".join(KINDS),
+        help=f"comma list of {', '.join(KINDS)} (default all)",
+    )
     p.add_argument("--data", default=os.environ.get("DEMO_WINE_DATA", str(DEFAULT_DATA)))
     args = p.parse_args()
+    kinds = [k for k in args.kinds.split(",") if k]
+    if unknown := set(kinds) - set(KINDS):
+        p.error(f"unknown kinds: {', '.join(sorted(unknown))}")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     sys.path.insert(0, str(REPO))
     n = args.n_trials
@@ -221,31 +221,33 @@ def main() -> int:
             label = "default (4)" if workers == "default" else workers
             print(f"\n--workers {label}", flush=True)
             rows = []
-            for kind in ("ours", "naive", "callback"):
+            for kind in kinds:
                 cpu0 = session_cpu(sid)
-                if kind == "ours":
-                    r = bench_ours(url, n, args.data, Path(tmp))
+                if kind.startswith("ours"):
+                    r = bench_ours(url, n, args.data, Path(tmp), direct=kind == "ours-db")
                 else:
                     r = bench_reference(kind, url, args.ref_trials, args.data)
                 r["server_cpu"] = session_cpu(sid) - cpu0
-                per = (r["loop"] if kind == "ours" else r["wall"]) / r["trials"]
+                ours = kind.startswith("ours")
+                per = (r["loop"] if ours else r["wall"]) / r["trials"]
                 rows.append((kind, r, per))
                 extra = (
-                    f"; process wall {r['wall']:.1f} s, optimizer alone {r['optimize']:.1f} s"
-                    if kind == "ours"
+                    f"; process wall {r['wall']:.1f} s (CPU {r['cpu']:.1f} s), "
+                    f"optimizer alone {r['optimize']:.1f} s"
+                    if ours
                     else f"; {n} extrapolated: {per * n:.0f} s"
                 )
                 print(
                     f"  {kind:8} measured {r['trials']:5d} trials in "
-                    f"{r['loop'] if kind == 'ours' else r['wall']:7.1f} s = "
+                    f"{r['loop'] if ours else r['wall']:7.1f} s = "
                     f"{1 / per:6.1f} trials/s, {per * 1000:6.1f} ms/trial, server CPU "
                     f"{r['server_cpu'] / r['trials'] * 1000:5.1f} ms/trial{extra}",
                     flush=True,
                 )
-            ours = rows[0][2]
+            best = min(per for _, _, per in rows)
             print(
-                "  speed-up of ours: "
-                + ", ".join(f"{k} x{per / ours:.1f}" for k, _, per in rows[1:]),
+                "  per trial relative to the fastest: "
+                + ", ".join(f"{k} x{per / best:.1f}" for k, _, per in rows),
                 flush=True,
             )
     return 0
