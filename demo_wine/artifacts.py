@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import shutil
+import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -60,3 +64,52 @@ def write_all(
     ax.set_title("Predicted vs actual")
     fig.savefig(out / PRED_PLOT, dpi=90)
     return [out / name for name in ALL]
+
+
+class ArtifactJob:
+    """:func:`write_all` into a temp dir, in a forked process when this process has a single
+    thread (so the plots, matplotlib's import included, use the other core while the caller
+    imports MLflow and logs the model); inline otherwise (forking a threaded process can
+    deadlock the child on a lock held by another thread). :meth:`wait` returns the dir."""
+
+    def __init__(self, model: Any, x_train: Any, y_train: Any, x_test: Any, y_test: Any) -> None:
+        self.dir = tempfile.mkdtemp(prefix="demo-wine-")
+        args = (model, x_train, y_train, x_test, y_test, self.dir)
+        self._proc = None
+        self._error: str | None = None
+        if "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1:
+            self._proc = multiprocessing.get_context("fork").Process(
+                target=write_all, args=args, name="demo-wine-artifacts", daemon=True
+            )
+            self._proc.start()
+        else:
+            try:
+                write_all(*args)
+            except Exception as exc:
+                self._error = f"{type(exc).__name__}: {exc}"
+
+    @property
+    def forked(self) -> bool:
+        return self._proc is not None
+
+    def wait(self, timeout: float = 300.0) -> str:
+        """The directory holding the four artifacts; raise if the writer failed."""
+        if self._error:
+            raise RuntimeError(f"writing the decision artifacts failed: {self._error}")
+        if self._proc is not None:
+            self._proc.join(timeout)
+            code = self._proc.exitcode
+            if code != 0:
+                if code is None:
+                    self._proc.kill()
+                raise RuntimeError(f"writing the decision artifacts failed (exit code {code})")
+        missing = [name for name in ALL if not (Path(self.dir) / name).is_file()]
+        if missing:
+            raise RuntimeError(f"decision artifacts missing: {', '.join(missing)}")
+        return self.dir
+
+    def cleanup(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +22,21 @@ from demo_wine.model import DEFAULT_ALPHA, DEFAULT_L1_RATIO, validate_params
 DEFAULT_EXPERIMENT = "wine"
 
 
+def fit_and_score(data: Split, alpha: float, l1_ratio: float, *, artifacts: bool) -> Any:
+    """Fit on the train part, score on the test part, start writing the decision artifacts
+    (see :class:`demo_wine.artifacts.ArtifactJob`); needs no MLflow."""
+    from demo_wine.model import fit, scores
+
+    model = fit(data.x_train, data.y_train, alpha, l1_ratio, data.seed)
+    metrics = scores(data.y_test, model.predict(data.x_test))
+    job = None
+    if artifacts:
+        from demo_wine.artifacts import ArtifactJob
+
+        job = ArtifactJob(model, data.x_train, data.y_train, data.x_test, data.y_test)
+    return model, metrics, job
+
+
 def log_training(
     data: Split,
     alpha: float,
@@ -32,35 +46,36 @@ def log_training(
     params: dict[str, Any] | None = None,
     tags: dict[str, str] | None = None,
     skip_params: set[str] | None = None,
+    fitted: Any = None,
 ) -> dict[str, Any]:
     """Fit on the train part, score on the test part and log it all into the active run
-    (params named in ``skip_params`` are already logged and left alone)."""
+    (params named in ``skip_params`` are already logged and left alone). ``fitted``: the
+    result of :func:`fit_and_score` when the caller already fitted (before importing MLflow)."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
-    from demo_wine import artifacts as arts
-    from demo_wine.model import fit, scores
     from demo_wine.tracking import base_tags, log_model
 
-    model = fit(data.x_train, data.y_train, alpha, l1_ratio, data.seed)
-    metrics = scores(data.y_test, model.predict(data.x_test))
-    all_params = {"alpha": alpha, "l1_ratio": l1_ratio, **data.params(), **(params or {})}
-    all_params = {k: v for k, v in all_params.items() if k not in (skip_params or ())}
-    all_tags = {**base_tags(), "model_type": "ElasticNet", **(tags or {})}
-    run_id = mlflow.active_run().info.run_id
-    now = int(time.time() * 1000)
-    MlflowClient().log_batch(
-        run_id,
-        metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
-        params=[Param(k, str(v)) for k, v in all_params.items()],
-        tags=[RunTag(k, str(v)) for k, v in all_tags.items()],
-    )
-    info = log_model(model, data.x_train)
-    if artifacts:
-        with tempfile.TemporaryDirectory(prefix="demo-wine-") as tmp:
-            arts.write_all(model, data.x_train, data.y_train, data.x_test, data.y_test, tmp)
-            mlflow.log_artifacts(tmp)
+    model, metrics, job = fitted or fit_and_score(data, alpha, l1_ratio, artifacts=artifacts)
+    try:
+        all_params = {"alpha": alpha, "l1_ratio": l1_ratio, **data.params(), **(params or {})}
+        all_params = {k: v for k, v in all_params.items() if k not in (skip_params or ())}
+        all_tags = {**base_tags(), "model_type": "ElasticNet", **(tags or {})}
+        run_id = mlflow.active_run().info.run_id
+        now = int(time.time() * 1000)
+        MlflowClient().log_batch(
+            run_id,
+            metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+            params=[Param(k, str(v)) for k, v in all_params.items()],
+            tags=[RunTag(k, str(v)) for k, v in all_tags.items()],
+        )
+        info = log_model(model, data.x_train)
+        if job is not None:
+            mlflow.log_artifacts(job.wait())
+    finally:
+        if job is not None:
+            job.cleanup()
     return {"run_id": run_id, "metrics": metrics, "model_uri": info.model_uri, "model": model}
 
 
@@ -87,22 +102,31 @@ def train(
     frame, digest = load_with_digest(source)
     parts = split(frame, seed=seed)
 
-    import mlflow
+    # Fit and start the plots (another process, the other core) before importing MLflow.
+    fitted = fit_and_score(parts, alpha, l1_ratio, artifacts=artifacts)
+    try:
+        import mlflow
 
-    from demo_wine.tracking import configure, experiment_id
+        from demo_wine.tracking import configure, experiment_id
 
-    configure()
-    # Under `mlflow run` the run (and its experiment) already exist: MLFLOW_RUN_ID.
-    where = {} if os.environ.get("MLFLOW_RUN_ID") else {"experiment_id": experiment_id(experiment)}
-    with mlflow.start_run(run_name=run_name, **where) as run:
-        out = log_training(
-            parts,
-            alpha,
-            l1_ratio,
-            artifacts=artifacts,
-            params={"data": source, "data_sha256": digest},
-            skip_params=set(run.data.params),  # `mlflow run` logged its -P values already
+        configure()
+        # Under `mlflow run` the run (and its experiment) already exist: MLFLOW_RUN_ID.
+        where = (
+            {} if os.environ.get("MLFLOW_RUN_ID") else {"experiment_id": experiment_id(experiment)}
         )
+        with mlflow.start_run(run_name=run_name, **where) as run:
+            out = log_training(
+                parts,
+                alpha,
+                l1_ratio,
+                artifacts=artifacts,
+                params={"data": source, "data_sha256": digest},
+                skip_params=set(run.data.params),  # `mlflow run` logged its -P values already
+                fitted=fitted,
+            )
+    finally:
+        if fitted[2] is not None:
+            fitted[2].cleanup()
     return {
         "run_id": out["run_id"],
         "experiment_id": run.info.experiment_id,

@@ -50,6 +50,14 @@ def test_train_original_defaults_in_sane_range(store: Path) -> None:
 
     sample = load_wine().loc[:4, list(reversed(FEATURES))]  # column order by name via signature
     assert len(model.predict(sample)) == 5
+    # The signature (inferred from the first rows) is the one of the whole training split.
+    from mlflow.models import infer_signature
+
+    from demo_wine.data import split
+
+    x_train = split(load_wine()).x_train
+    fitted = mlflow.sklearn.load_model(result["model_uri"])
+    assert model.metadata.signature == infer_signature(x_train, fitted.predict(x_train))
 
 
 def test_bad_data_creates_no_run(store: Path) -> None:
@@ -118,3 +126,35 @@ def test_cli_bad_input_one_line_exit_2_no_run(
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stdout == ""
     assert run_count(db) == 0
+
+
+@pytest.mark.parametrize("fork", [True, False])
+def test_artifact_job_writes_all_four_or_fails_loudly(
+    wine_csv: Path, monkeypatch: pytest.MonkeyPatch, fork: bool
+) -> None:
+    """The decision artifacts are written in a forked process when this one has a single
+    thread, inline otherwise; either way a writer that fails raises in wait()."""
+    import threading
+
+    from demo_wine.data import load_wine, split
+    from demo_wine.model import fit
+
+    monkeypatch.setattr(threading, "active_count", lambda: 1 if fork else 2)
+    parts = split(load_wine(str(wine_csv)))
+    model = fit(parts.x_train, parts.y_train, 0.5, 0.1)
+    job = artifacts.ArtifactJob(model, parts.x_train, parts.y_train, parts.x_test, parts.y_test)
+    try:
+        assert job.forked is fork
+        out = Path(job.wait())
+        assert sorted(p.name for p in out.iterdir()) == sorted(artifacts.ALL)
+        assert (out / artifacts.IMPORTANCE_PLOT).read_bytes()[:4] == b"\x89PNG"
+    finally:
+        job.cleanup()
+    assert not out.exists()
+
+    broken = artifacts.ArtifactJob(object(), parts.x_train, parts.y_train, parts.x_test, None)
+    try:
+        with pytest.raises(RuntimeError, match="writing the decision artifacts failed"):
+            broken.wait()
+    finally:
+        broken.cleanup()
