@@ -199,7 +199,7 @@ class StoreRecorder(_Recorder):
         *,
         interval: float = 0.2,
         max_batch: int = 500,
-        attempts: int = 3,
+        patience_s: float = 180.0,
     ) -> None:
         super().__init__()
         self._engine = _engine(store_uri)
@@ -213,7 +213,7 @@ class StoreRecorder(_Recorder):
         self._tags = {**tags, "mlflow.parentRunId": parent_run_id}
         self._interval = interval
         self._max_batch = max_batch
-        self._attempts = attempts
+        self._patience_s = patience_s
         self._queue: list[TrialRecord] = []
         self._failed: list[TrialRecord] = []
         self._wake = threading.Condition(self._lock)
@@ -241,7 +241,11 @@ class StoreRecorder(_Recorder):
                 return
 
     def _write_with_retries(self, batch: list[TrialRecord]) -> None:
-        for attempt in range(1, self._attempts + 1):
+        """Write ``batch``, retrying for up to ``patience_s`` (a database restart pauses the
+        recording as it pauses the search); then leave it to :meth:`close`."""
+        deadline = time.monotonic() + self._patience_s
+        pause = 0.2
+        while True:
             try:
                 self.write(batch)
                 for rec in batch:
@@ -249,8 +253,10 @@ class StoreRecorder(_Recorder):
                 return
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
-                if attempt < self._attempts:
-                    time.sleep(0.2 * attempt)
+                if time.monotonic() + pause > deadline:
+                    break
+                time.sleep(pause)
+                pause = min(2 * pause, 5.0)
         for rec in batch:
             rec.error = error
         with self._lock:

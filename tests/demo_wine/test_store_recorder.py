@@ -128,7 +128,7 @@ def test_refuses_a_schema_that_is_not_at_mlflows_head(tracking) -> None:
 
 def test_unwritable_trials_raise_on_close(tracking) -> None:
     uri, db, _, exp, parent = tracking
-    rec = StoreRecorder(uri, exp, parent, {}, interval=0.01, attempts=1)
+    rec = StoreRecorder(uri, exp, parent, {}, interval=0.01, patience_s=0)
     with sqlite3.connect(db) as conn:  # make every insert into `runs` fail
         conn.execute(
             "CREATE TRIGGER no_runs BEFORE INSERT ON runs BEGIN SELECT RAISE(ABORT, 'no'); END"
@@ -137,3 +137,25 @@ def test_unwritable_trials_raise_on_close(tracking) -> None:
         rec(None, frozen(n))
     with pytest.raises(RecordingError, match="3 of 3 trials have no MLflow run"):
         rec.close()
+
+
+def test_a_database_outage_only_delays_the_runs(tracking) -> None:
+    """Writes that fail for a while (a database restart) are retried until they succeed."""
+    uri, db, client, exp, parent = tracking
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "CREATE TRIGGER no_runs BEFORE INSERT ON runs BEGIN SELECT RAISE(ABORT, 'down'); END"
+        )
+    rec = StoreRecorder(uri, exp, parent, {}, interval=0.01, patience_s=60)
+    for n in range(4):
+        rec.note(n, {"val_rmse": 0.8})
+        rec(None, frozen(n))
+    import time
+
+    time.sleep(1.0)  # the writer is failing and retrying meanwhile
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1  # the parent
+        conn.execute("DROP TRIGGER no_runs")
+    assert rec.close() == 4
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert len(children) == 4
