@@ -187,13 +187,16 @@ def tune(
 
     recorder, via = _recorder(client, uri, exp_id, parent, tags, recorder_threads or 0, jobs)
 
+    def evaluate(alpha: float, l1_ratio: float) -> dict[str, float]:
+        model = fit(x_fit, y_fit, alpha, l1_ratio, seed, quiet=False)
+        return {f"val_{k}": v for k, v in scores(y_val, model.predict(x_val)).items()}
+
     def objective(trial: Any) -> float:
         alpha = trial.suggest_float("alpha", *ALPHA_RANGE, log=True)
         l1_ratio = trial.suggest_float("l1_ratio", *L1_RATIO_RANGE)
-        model = fit(x_fit, y_fit, alpha, l1_ratio, seed, quiet=False)
-        metrics = scores(y_val, model.predict(x_val))
-        recorder.note(trial.number, {f"val_{k}": v for k, v in metrics.items()})
-        return metrics["rmse"]
+        metrics = evaluate(alpha, l1_ratio)
+        recorder.note(trial.number, metrics)
+        return metrics["val_rmse"]
 
     from demo_wine.outages import OutageGuard
 
@@ -205,6 +208,11 @@ def tune(
             warnings.simplefilter("ignore")  # ConvergenceWarning for tiny alpha
             guard.optimize(objective, n_trials, jobs)
         optimize_s = time.perf_counter() - t0
+        recovered = 0
+        if n_trials == 0:  # finalising a shared study: record what dead workers could not
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                recovered = _recover(study, recorder, client, exp_id, study_name, evaluate)
         recorded = recorder.close()
         loop_s = time.perf_counter() - t0
         result = _finish(study, recorder, parts, parent, exp_id, context, register, n_trials)
@@ -216,11 +224,12 @@ def tune(
     finally:
         if status != "FINISHED":
             client.set_terminated(parent, status=status)
-    done = len(recorder.records)
+    done = len(recorder.records) - recovered
     now = int(time.time() * 1000)
     summary = {
         "trials_done": float(done),
         "trials_recorded": float(recorded),
+        "trials_recovered": float(recovered),
         "trials_per_s": done / loop_s if loop_s > 0 else 0.0,
         "optimize_s": optimize_s,
         "best_val_rmse": result["best_value"],
@@ -235,6 +244,7 @@ def tune(
         "trials_recorded": recorded,
         "storage_outages": guard.outages,
         "trials_cut_off": len(guard.cut_off),
+        "trials_recovered": recovered,
         "recorded_via": via,
         **result,
         "parent_run_id": parent,
@@ -243,6 +253,42 @@ def tune(
         "trials_per_s": round(summary["trials_per_s"], 2),
         "elapsed_s": round(time.perf_counter() - started, 3),
     }
+
+
+def _recover(study: Any, recorder: Any, client: Any, exp_id: str, name: str, evaluate: Any) -> int:
+    """Record the study's finished trials that have no MLflow run in ``exp_id`` (a worker
+    died before its recorder wrote them). Their metrics are recomputed: the fit is
+    deterministic (same split, seed and parameters), so they equal the lost ones. Run this
+    after the workers have stopped; returns the number of trials recorded here."""
+    if "'" in name:
+        sys.stderr.write(f"study name {name!r} has a quote: not checking for lost trial runs\n")
+        return 0
+    recorded: set[str] = set()
+    token = None
+    while True:
+        page = client.search_runs(
+            [exp_id], f"tags.`optuna.study` = '{name}'", max_results=1000, page_token=token
+        )
+        recorded |= {
+            r.data.tags.get("optuna.trial", "")
+            for r in page
+            if r.data.tags.get("role") != "best-model"
+        }
+        token = page.token
+        if not token:
+            break
+    missing = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state.is_finished() and str(t.number) not in recorded
+    ]
+    for trial in missing:
+        if trial.state.name == "COMPLETE":
+            recorder.note(trial.number, evaluate(trial.params["alpha"], trial.params["l1_ratio"]))
+        recorder(study, trial)
+    if missing:
+        sys.stderr.write(f"recorded {len(missing)} finished trials that had no MLflow run\n")
+    return len(missing)
 
 
 def _recorder(

@@ -20,6 +20,7 @@ TUNE_KEYS = {
     "trials_recorded",
     "storage_outages",
     "trials_cut_off",
+    "trials_recovered",
     "recorded_via",
     "trials_total",
     "best_trial",
@@ -211,3 +212,44 @@ def test_two_processes_share_a_study_then_finalise(store: Path) -> None:
     assert final["trials_done"] == 0 and final["trials_total"] == 24
     assert final["best_value"] == pytest.approx(min(t.value for t in trials))
     assert final["registered_version"] and final["alias_set"] is True
+
+
+def test_finalising_records_trials_a_dead_worker_left_without_a_run(store: Path) -> None:
+    """Trials finished in the shared study whose worker died before recording them get
+    their run at finalisation (metrics recomputed, equal to the trial's value), once."""
+    import optuna
+
+    from demo_wine.data import load_wine, split, validation_split
+    from demo_wine.model import ALPHA_RANGE, L1_RATIO_RANGE, fit, scores
+    from demo_wine.tune import tune
+
+    storage = f"sqlite:///{store}/optuna.db"
+    first = tune(4, storage=storage, study_name="dead", register=False, experiment="dead")
+    assert first["trials_recorded"] == 4 and first["trials_recovered"] == 0
+
+    inner = validation_split(split(load_wine()))
+
+    def dead_worker(trial: optuna.Trial) -> float:  # finishes trials, records nothing
+        a = trial.suggest_float("alpha", *ALPHA_RANGE, log=True)
+        r = trial.suggest_float("l1_ratio", *L1_RATIO_RANGE)
+        model = fit(inner.x_train.to_numpy(), inner.y_train.to_numpy(), a, r)
+        return scores(inner.y_test.to_numpy(), model.predict(inner.x_test.to_numpy()))["rmse"]
+
+    study = optuna.load_study(study_name="dead", storage=storage)
+    study.optimize(dead_worker, n_trials=3)
+
+    final = tune(0, storage=storage, study_name="dead", experiment="dead")
+    assert final["trials_done"] == 0 and final["trials_recovered"] == 3
+    assert final["trials_recorded"] == 3 and final["trials_total"] == 7
+    runs = children(final["experiment_id"])
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in runs) == list(range(7))
+    values = {t.number: t.value for t in study.get_trials()}
+    for r in children(final["experiment_id"], final["parent_run_id"]):
+        number = int(r.data.tags["optuna.trial"])
+        assert number >= 4
+        assert r.data.metrics["val_rmse"] == pytest.approx(values[number], rel=1e-9)
+        assert {"val_mae", "val_r2"} <= set(r.data.metrics)
+
+    again = tune(0, storage=storage, study_name="dead", experiment="dead", register=False)
+    assert again["trials_recovered"] == 0
+    assert len(children(final["experiment_id"])) == 7
