@@ -268,7 +268,7 @@ class StoreRecorder(_Recorder):
         from sqlalchemy import select
 
         rows = _Rows(self._artifact_root, self._experiment_id, self._tags)
-        for rec in batch:
+        for rec in {r.run_id: r for r in batch}.values():  # a trial handed over twice: one run
             rows.add(rec)
         runs = rows.tables["runs"]
         with self._engine.begin() as conn:

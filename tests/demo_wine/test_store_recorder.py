@@ -4,6 +4,7 @@ own SQL store writes for create_run + log_batch + set_terminated (the server's c
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -103,13 +104,16 @@ def test_a_batch_written_twice_creates_no_second_run(tracking) -> None:
     again = StoreRecorder(uri, exp, parent, {}, interval=0.01)
     batch = [rec.records[n] for n in range(7) if n in rec.records]
     assert again.write(batch) == 0  # all present already
+    twice = StoreRecorder(uri, exp, parent, {}, interval=0.01)
+    assert twice.write([replace(rec.records[0], number=5, run_id=trial_run_id(parent, 5))] * 2) == 1
+    twice.close()
     again.close()
     children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
     assert sorted(r.info.run_id for r in children) == sorted(
-        trial_run_id(parent, n) for n in range(5)
+        trial_run_id(parent, n) for n in range(6)
     )
     with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT COUNT(*) FROM metrics").fetchone()[0] == 5
+        assert conn.execute("SELECT COUNT(*) FROM metrics").fetchone()[0] == 6
 
 
 def test_refuses_a_database_without_the_parent_run(tracking, tmp_path: Path) -> None:
