@@ -61,13 +61,16 @@ def prune_orphans() -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every test under tests/e2e `e2e`, and skip them when no sandbox can run."""
+    """Mark every test under tests/e2e `e2e`, skip them when no sandbox can run, and put the
+    host-restart test last."""
     reason = skip_reason()
     for item in items:
         if HERE in Path(str(item.path)).parents:
             item.add_marker(pytest.mark.e2e)
             if reason:
                 item.add_marker(pytest.mark.skip(reason=reason))
+    # A test that reboots the session's sandbox goes last (a stable sort keeps the rest's order).
+    items.sort(key=lambda item: item.get_closest_marker("host_restart") is not None)
 
 
 @pytest.fixture(scope="session")

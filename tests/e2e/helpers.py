@@ -63,3 +63,30 @@ def sh(h: Host, script: str, **kwargs) -> str:
     result = h.run(script, **kwargs)
     assert result.ok, f"{script!r} failed ({result.rc}): {result.stderr.strip()}"
     return result.stdout
+
+
+def ok(proc: subprocess.CompletedProcess) -> str:
+    """The stdout of a CLI run that must have succeeded."""
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The single stderr line of a CLI run that must have failed cleanly (no traceback)."""
+    assert proc.returncode != 0, proc.stdout
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def wait_until(check, seconds: float, what: str):
+    """Poll `check()` every 0.5 s until it is truthy (and return it); fail after `seconds`."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} not within {seconds:.0f} s"
+        time.sleep(0.5)

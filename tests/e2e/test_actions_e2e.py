@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from tests.e2e.helpers import ROOT, host, invoke, sh
+from tests.e2e.helpers import ROOT, error_line, host, invoke, ok, sh, wait_until
 
 pytestmark = pytest.mark.e2e
 SERVE_PORT = 54400
@@ -22,18 +22,6 @@ SERVE_PORT = 54400
 
 def cli(stack, *args, timeout=900):
     return invoke(*args, "--inventory", str(stack["inv"]), timeout=timeout)
-
-
-def ok(proc):
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return proc.stdout
-
-
-def error_line(proc) -> str:
-    assert proc.returncode != 0, proc.stdout
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr  # one clear line, no traceback
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +121,7 @@ def test_serve_on_a_busy_port_starts_nothing(stack, trained):
     h.close()
 
 
-def test_check_mysql_passes_then_fails_when_the_database_is_down(stack):
+def test_check_mysql_fails_when_the_database_is_down_and_provision_repairs_it(stack):
     out = ok(cli(stack, "check-mysql"))
     assert "FAIL" not in out and "user mlflow logs in (PyMySQL over an SSH tunnel)" in out
     h = host(stack["info"])
@@ -142,8 +130,13 @@ def test_check_mysql_passes_then_fails_when_the_database_is_down(stack):
         proc = cli(stack, "check-mysql")
         assert "service mariadb.service: inactive" in error_line(proc)
         assert "systemctl start mariadb.service" in proc.stderr
+        # Provisioning repairs it: the database state is read again once MariaDB runs, so
+        # nothing is planned from the stopped server's (unreadable) state.
+        fixed = ok(cli(stack, "provision", "--roles", "mysql"))
+        assert "service mariadb.service: start" in fixed and "failed=0" in fixed
+        assert "FAIL" not in ok(cli(stack, "check-mysql"))
     finally:
-        sh(h, "systemctl start mariadb")
+        h.run("systemctl start mariadb")
         h.close()
 
 
@@ -193,7 +186,7 @@ def test_tunnel_forwards_the_mlflow_port(stack):
     assert "tunnel closed" in rest
 
 
-def test_tune_across_a_server_and_a_worker_host(stack, fresh_sandbox, tmp_path, wine_csv):
+def test_tune_across_two_hosts_under_load(stack, fresh_sandbox, tmp_path, wine_csv):
     worker = fresh_sandbox()
     text = stack["inv"].read_text()
     inv = tmp_path / "inventory.yaml"
@@ -209,6 +202,19 @@ def test_tune_across_a_server_and_a_worker_host(stack, fresh_sandbox, tmp_path, 
     prov = invoke("provision", "--host", "w1", "--inventory", str(inv), timeout=1200)
     assert prov.returncode == 0, prov.stdout[-3000:] + prov.stderr[-2000:]
     assert "mysql" not in prov.stdout and "demo_files" in prov.stdout  # worker roles only
+    # Load: four trainings on the server while both hosts tune.
+    alphas = ("0.11", "0.22", "0.33", "0.44")
+    train = [sys.executable, "-m", "invoke", "train", "--experiment", "e2e-load", "--quiet"]
+    trainings = [
+        subprocess.Popen(
+            [*train, "--alpha", alpha, "--inventory", str(inv)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for alpha in alphas
+    ]
     out = ok(
         invoke(
             "tune",
@@ -240,6 +246,11 @@ def test_tune_across_a_server_and_a_worker_host(stack, fresh_sandbox, tmp_path, 
     trial_runs = children[children["tags.optuna.state"].notna()]  # the recorder's trial runs
     assert len(trial_runs) == 40 and trial_runs["tags.optuna.trial"].nunique() == 40
     assert trial_runs["tags.mlflow.parentRunId"].notna().all()
+    for alpha, training in zip(alphas, trainings, strict=True):
+        stdout, stderr = training.communicate(timeout=600)
+        assert training.returncode == 0, stdout[-1000:] + stderr[-2000:]
+        run = mlflow.get_run(re.search(r"^run ([0-9a-f]{32}) ", stdout, re.M).group(1))
+        assert run.info.status == "FINISHED" and run.data.params["alpha"] == alpha
 
 
 def test_wrong_key_and_sudo_password_are_clear_errors(stack, tmp_path):
@@ -266,18 +277,6 @@ def test_wrong_key_and_sudo_password_are_clear_errors(stack, tmp_path):
     assert f"SSH authentication failed for ubuntu@127.0.0.1:{info.port}" in error_line(proc)
     proc = invoke("provision", "--host", "nosudo", "--inventory", str(inv), timeout=120)
     assert "sudo needs a password for nosudo" in error_line(proc)
-
-
-def wait_until(check, seconds: float, what: str):
-    import time
-
-    deadline = time.monotonic() + seconds
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not within {seconds:.0f} s"
-        time.sleep(0.5)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """Bad input on the command line and in the inventory: one clear line, exit ≠ 0, nothing run.
 
 These cases fail before any host is touched (the ones that need a host are in
-tests/e2e/test_bad_input_e2e.py).
+tests/e2e/test_actions_e2e.py::test_bad_input_is_one_clear_line and the tests after it).
 """
 
 from __future__ import annotations
