@@ -1,10 +1,12 @@
 """Role `mlflow_server`: the MLflow tracking server as a hardened systemd unit.
 
-The backend URI (with the database password) lives only in a 0600 env file; the schema is
-created or migrated explicitly before the first start; the unit runs `server.py`, which serves
-MLflow's app with uvicorn in one process (`mlflow server` would start a second one); the run
-ends when /health answers (the wait is deferred to the end of the run so that the next roles
-proceed while MLflow starts).
+The backend URI (with the database password) lives only in a 0600 env file. An empty database
+gets its schema from the server's first start (MLflow creates it when it opens the store), so
+the 67 migrations run while the next roles proceed; an older schema is migrated explicitly
+(`db_upgrade.py`) before the restart, which MLflow would refuse. The unit runs `server.py`,
+which serves MLflow's app with uvicorn in one process (`mlflow server` would start a second
+one); the run ends when /health answers (the wait is deferred to the end of the run so that
+the next roles proceed while MLflow starts).
 """
 
 from __future__ import annotations
@@ -45,16 +47,22 @@ def backend_uri(backend: str, password: str, port: int) -> str:
 
 
 def schema_fact(backend: str) -> F.Shell:
-    """The schema revision recorded in the tracking database (empty when none)."""
+    """The schema revision recorded in the tracking database (empty when none); live, so a
+    database the run has just started or created is read again before the schema step."""
     if backend == "sqlite":
         read = (
             "import sqlite3; c = sqlite3.connect('file:" + SQLITE_PATH + "?mode=ro', uri=True); "
             "print(c.execute('select version_num from alembic_version').fetchone()[0])"
         )
-        return F.Shell("mlflow schema", f"python3 -c {q(read)}")
-    return F.Shell(
+        return F.LiveShell("mlflow schema", f"python3 -c {q(read)}")
+    return F.LiveShell(
         "mlflow schema", 'mysql -N -B -e "SELECT version_num FROM mlflow.alembic_version"'
     )
+
+
+def needs_migration(version: str) -> bool:
+    """An existing schema older than the pinned MLflow's (an empty one the server creates)."""
+    return version.strip() not in ("", SCHEMA_HEAD)
 
 
 def allowed_hosts(ctx: RoleContext) -> list[str]:
@@ -127,10 +135,10 @@ def build(ctx: RoleContext) -> list[Step]:
         File(f"{HOME}/db_upgrade.py", upgrade, "root", USER, 0o640),
         File(f"{HOME}/server.py", launcher, "root", USER, 0o640, notify=(UNIT,)),
         Run(
-            "tracking schema",
+            "migrate tracking schema",
             f"PYTHONPYCACHEPREFIX={HOME}/.cache/pycache "
             f"{env_prefix}/bin/python {HOME}/db_upgrade.py {ENV_FILE}",
-            when=lambda c: c[schema].output.strip() != SCHEMA_HEAD,
+            when=lambda c: needs_migration(c[schema].output),
             needs=(schema,),
             user=USER,
             notify=(UNIT,),
@@ -141,6 +149,7 @@ def build(ctx: RoleContext) -> list[Step]:
         WaitHttp(
             "mlflow answers /health",
             f"http://127.0.0.1:{mv.port}/health",
+            timeout=300,  # a first start creates the schema
             after=(UNIT,),
             defer=True,
         ),

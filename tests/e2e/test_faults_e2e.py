@@ -113,18 +113,21 @@ def test_a_full_disk_fails_clearly_then_converges(bare):
 
 
 def test_a_controller_killed_mid_provision_converges_next_time(bare):
-    """Killed during a package install, then between a unit change and its restart."""
+    """Killed during apt's and uv's package installs, then between a unit change and its
+    restart."""
     h = host(bare["info"])
-    # Undo MariaDB and the MLflow schema so that the next run installs and migrates again.
+    # Undo MariaDB and the MLflow schema so that the next runs install and create them again.
     sh(h, "mysql -e 'DROP DATABASE mlflow' && systemctl stop mariadb && "
           "DEBIAN_FRONTEND=noninteractive apt-get -qq purge -y mariadb-server "
           "mariadb-server-core >/dev/null")  # fmt: skip
     # 1. while dpkg unpacks MariaDB: the killed run's apt-get goes on, holding dpkg's lock
     kill_provision_when(bare, "pgrep -f '[-]-status-fd' >/dev/null", "dpkg install")
-    # 2. while the schema migration runs: the killed run's migration goes on too
-    kill_provision_when(bare, "pgrep -f 'db_upgrad[e].py' >/dev/null", "schema migration")
+    # 2. while uv installs an env: the killed run leaves it half-made
+    sh(h, "rm -rf /opt/anaconda/envs/demo")
+    kill_provision_when(bare, "pgrep -x uv >/dev/null", "uv install")
     out = ok(provision(bare))
     assert "failed=0" in out
+    assert sh(h, "/opt/anaconda/envs/demo/bin/python -c 'import mlflow, sklearn'") == ""
     # 3. between the unit's change and its restart: the pending marker is on the host
     bare["write"](workers=2)
     unit = "mlflow-server.service"
