@@ -214,7 +214,7 @@ def test_a_host_restart_brings_everything_back(stack):
     study = f"reboot-{int(time.time())}"
     cli("tune", "--n-trials", "12", "--study", study, "--quiet")
     champion = "models:/wine-elasticnet@champion"
-    cli("serve", "--model", champion, "--name", "reboot", "--port", "54410")
+    cli("serve", "--model", champion, "--name", "reboot", "--port", "54420")
     mlflow.set_tracking_uri(stack["tracking_uri"])
     client = MlflowClient()
     version = client.get_model_version_by_alias("wine-elasticnet", "champion").version
