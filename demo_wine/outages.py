@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from demo_wine.errors import InputError
 
 DEFAULT_PATIENCE_S = 180.0
+OWNER_ATTR = "demo_wine:owner"  # system attribute: the process that created a trial
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -50,6 +53,7 @@ class OutageGuard:
         self._patience_s = DEFAULT_PATIENCE_S if patience_s is None else patience_s
         self._lock = threading.Lock()
         self._created: set[int] = set()  # ids of the trials this process created
+        self._token = uuid.uuid4().hex  # written into each trial at its creation
         self._finished: set[int] = set()  # ids of those handed to the recorder
         self.cut_off: list[int] = []  # trial numbers failed because of an outage
         self.outages = 0
@@ -61,7 +65,9 @@ class OutageGuard:
         def create_tracked(study_id: int, template_trial: Any = None) -> int:
             # An outage can cut a trial off after its creation and before its objective runs
             # (Optuna reads the study for the sampler in between): remember every trial we own.
-            trial_id = create(study_id, template_trial)
+            # The owner mark is written in the creating transaction, so a trial whose creation
+            # committed but whose answer was lost with the connection is found as ours too.
+            trial_id = create(study_id, template_trial or self._owned_template())
             with self._lock:
                 self._created.add(trial_id)
             return trial_id
@@ -94,6 +100,23 @@ class OutageGuard:
                 self._wait_for_storage(exc)
                 self._fail_cut_off_trials()
 
+    def _owned_template(self) -> Any:
+        from optuna.trial import FrozenTrial, TrialState
+
+        return FrozenTrial(
+            number=-1,
+            state=TrialState.RUNNING,
+            value=None,
+            datetime_start=datetime.now(),
+            datetime_complete=None,
+            params={},
+            distributions={},
+            user_attrs={},
+            system_attrs={OWNER_ATTR: self._token},
+            intermediate_values={},
+            trial_id=-1,
+        )
+
     def _record(self, study: Any, trial: Any) -> None:
         with self._lock:
             self._finished.add(trial._trial_id)
@@ -122,8 +145,12 @@ class OutageGuard:
         from optuna.trial import TrialState
 
         storage = self._study._storage
+        running = storage.get_all_trials(
+            self._study._study_id, deepcopy=False, states=(TrialState.RUNNING,)
+        )
+        marked = {t._trial_id for t in running if t.system_attrs.get(OWNER_ATTR) == self._token}
         with self._lock:
-            open_ids = sorted(self._created - self._finished)
+            open_ids = sorted((self._created | marked) - self._finished)
         for trial_id in open_ids:
             trial = storage.get_trial(trial_id)
             if trial.state == TrialState.RUNNING:

@@ -57,6 +57,30 @@ def test_an_outage_between_a_trials_creation_and_its_objective_leaves_nothing_ru
     assert "create_new_trial" not in vars(study._storage)  # the storage is left as it was
 
 
+def test_a_trial_whose_creation_lost_its_answer_is_found_by_its_owner_mark():
+    """The INSERT committed, then the connection dropped: the trial exists, unknown to us."""
+
+    class LosesAnswer(optuna.storages.InMemoryStorage):
+        def create_new_trial(self, study_id, template_trial=None):
+            trial_id = super().create_new_trial(study_id, template_trial)
+            if self.get_trial(trial_id).number == 2:
+                raise StorageInternalError("Lost connection to MySQL server during query")
+            return trial_id
+
+    study = optuna.create_study(storage=LosesAnswer())
+    other = optuna.load_study(study_name=study.study_name, storage=study._storage)
+    stranger = other.ask()  # another worker's trial, running meanwhile: not ours to fail
+    recorded = Recorded()
+    guard = OutageGuard(study, recorded, patience_s=5)
+    guard.optimize(lambda t: t.suggest_float("x", -1, 1) ** 2, n_trials=4)
+    states = {t.number: t.state for t in study.trials}
+    assert states[stranger.number] == TrialState.RUNNING
+    assert [n for n, s in states.items() if s == TrialState.RUNNING] == [stranger.number]
+    assert states[2] == TrialState.FAIL and guard.cut_off == [2]
+    assert list(states.values()).count(TrialState.COMPLETE) == 4
+    assert sorted(n for n, _ in recorded) == [n for n in states if n != stranger.number]
+
+
 def test_other_errors_stop_the_search():
     study = optuna.create_study()
     guard = OutageGuard(study, Recorded())
