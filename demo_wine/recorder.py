@@ -31,6 +31,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from demo_wine.outages import DEFAULT_PATIENCE_S
+
 # set_terminated() otherwise does an extra get_run per call just to print the run's URL.
 _SUPPRESS_URL = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
@@ -199,7 +201,7 @@ class StoreRecorder(_Recorder):
         *,
         interval: float = 0.2,
         max_batch: int = 500,
-        patience_s: float = 180.0,
+        patience_s: float = DEFAULT_PATIENCE_S,
     ) -> None:
         super().__init__()
         self._engine = _engine(store_uri)
