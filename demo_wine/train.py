@@ -3,7 +3,8 @@
 CLI: ``python -m demo_wine.train --alpha 0.42 --l1-ratio 0.1 [--data PATH_OR_URL]
 [--experiment wine] [--seed 42] [--no-artifacts]``. The last stdout line is one JSON object:
 ``run_id``, ``experiment_id``, ``metrics`` (rmse, mae, r2 on the test split), ``model_uri``,
-``params`` and ``elapsed_s``. Bad input: one line on stderr, exit code 2, no run created.
+``params``, ``elapsed_s`` and ``process`` ("warm" when forked by :mod:`demo_wine.warm`).
+Bad input: one line on stderr, exit code 2, no run created.
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ def train(
         "model_uri": out["model_uri"],
         "params": {"alpha": alpha, "l1_ratio": l1_ratio, "seed": seed},
         "elapsed_s": round(time.perf_counter() - start, 3),
+        "process": os.environ.get("DEMO_WINE_PROCESS", "cold"),  # "warm": see demo_wine.warm
     }
 
 

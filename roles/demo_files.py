@@ -8,7 +8,16 @@ from pathlib import Path
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
 from mlflow_stack.engine.runner import Role
-from mlflow_stack.engine.steps import Directory, File, Run, Step, StepError, SystemUser, q
+from mlflow_stack.engine.steps import (
+    Directory,
+    File,
+    Run,
+    Service,
+    Step,
+    StepError,
+    SystemUser,
+    q,
+)
 from mlflow_stack.engine.templating import render
 from mlflow_stack.engine.trees import tree_steps
 from roles import jupyter, mysql
@@ -18,6 +27,8 @@ ROOT = jupyter.ROOT_DIR
 USER = jupyter.USER
 DATA_DIR = f"{ROOT}/data"
 DATA_PATH = jupyter.DATA_PATH
+WARM_UNIT = "demo-wine-warm.service"
+WARM_SOCKET = "/run/demo-wine/warm.sock"
 
 
 def download_script(url: str, sha256: str, path: str, owner: str) -> str:
@@ -83,14 +94,32 @@ def build(ctx: RoleContext) -> list[Step]:
     setenv = render(
         "demo/setenv.sh.j2", tracking_uri=tracking_uri, data_path=DATA_PATH, env_prefix=env_prefix
     )
+    warm = v.demo.warm_runner
     return [
         SystemUser(USER, home=ROOT, shell="/bin/bash"),
         Directory(ROOT, USER, USER, 0o755),
         Directory(DATA_DIR, USER, USER, 0o755),
-        *tree_steps(DEMO_SOURCE, f"{ROOT}/demo_wine", USER, USER),
+        *tree_steps(DEMO_SOURCE, f"{ROOT}/demo_wine", USER, USER, (WARM_UNIT,) if warm else ()),
         *data_steps(ctx),
         File(f"{ROOT}/setenv.sh", setenv, USER, USER, 0o644),
         File(f"{ROOT}/README", readme, USER, USER, 0o644),
+        *warm_runner_steps(env_prefix, warm),
+    ]
+
+
+def warm_runner_steps(env_prefix: str, enabled: bool) -> list[Step]:
+    """The warm runner's unit, enabled and running (stopped and disabled when turned off)."""
+    unit = render(
+        "systemd/demo-wine-warm.service.j2",
+        user=USER,
+        root_dir=ROOT,
+        env_prefix=env_prefix,
+        socket=WARM_SOCKET,
+    )
+    notify = (WARM_UNIT,) if enabled else ()
+    return [
+        File(f"/etc/systemd/system/{WARM_UNIT}", unit, notify=notify, unit_file=True),
+        Service(WARM_UNIT, enabled=enabled, running=enabled),
     ]
 
 

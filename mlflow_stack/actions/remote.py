@@ -63,6 +63,7 @@ def demo_command(
         "DEMO_WINE_DATA": layout.data_path,
         "PYTHONPATH": layout.demo_root,
         "PYTHONUNBUFFERED": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",  # MLflow 3 sends usage data by default
         "PYTHONPYCACHEPREFIX": f"{layout.demo_root}/.cache/pycache",
         **(env or {}),
     }

@@ -10,7 +10,7 @@ from mlflow_stack.actions.remote import Layout
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.host import Host
 from mlflow_stack.engine.runner import probe
-from roles import mysql
+from roles import demo_files, mysql
 
 
 @dataclass
@@ -52,6 +52,11 @@ def gather(host: Host, layout: Layout) -> list[ServiceStatus]:
         "mlflow-server.service": (_get(f"{mlflow_url}/health"), _get(f"{mlflow_url}/version")),
         "jupyter.service": (_get(f"{jupyter_url}/api"), _get(f"{jupyter_url}/api")),
     }
+    warm_unit = demo_files.WARM_UNIT
+    units[warm_unit] = (
+        F.Shell("warm socket", f"test -S {demo_files.WARM_SOCKET}"),
+        F.Shell("warm version", "true"),
+    )
     for name, port in served:
         url = f"http://127.0.0.1:{port}"
         units[f"mlflow-model@{name}.service"] = (_get(f"{url}/ping"), _get(f"{url}/version"))
@@ -61,7 +66,12 @@ def gather(host: Host, layout: Layout) -> list[ServiceStatus]:
     for unit, (health_fact, version_fact) in units.items():
         info = values[F.Unit(unit).key]
         state = info.active_state if info.exists else "not installed"
-        if unit == db_unit:
+        if unit == warm_unit:
+            if not (info.enabled or info.active):  # turned off (demo.warm_runner: false)
+                continue
+            health = "ok (socket)" if values[health_fact.key].ok else "no socket"
+            version = ""
+        elif unit == db_unit:
             alive = values[health_fact.key]
             health = "ok (ping)" if alive.ok else "no answer"
             version = values[version_fact.key].output.strip().split(" Distrib ")[-1].split(",")[0]

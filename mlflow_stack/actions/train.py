@@ -41,10 +41,13 @@ def train(
     printer: Callable[[str], None],
     artifacts: bool = True,
 ) -> dict:
-    """Run demo_wine.train on the host; its JSON result line."""
+    """Run demo_wine.train on the host (forked from its warm runner when there is one, see
+    `demo_wine.warm`); its JSON result line."""
     require_provisioned(host, layout)
     args = [
         "-m",
+        "demo_wine.warm",
+        "run",
         "demo_wine.train",
         "--alpha",
         repr(alpha),

@@ -282,6 +282,8 @@ class Service(Step):
         starts: tuple[str, ...] = ()
         if self.enabled and not info.enabled:
             actions.append("enable")
+        if not self.enabled and info.enabled:
+            actions.append("disable")
         if self.running and not info.active:
             actions.append("start")
             starts = (self.unit,)
@@ -298,6 +300,8 @@ class Service(Step):
         start = "restart" if self.unit in ctx.pending else "start"
         if "enable" in actions:
             parts.append(f"systemctl enable {u}")
+        if "disable" in actions:
+            parts.append(f"systemctl disable {u}")
         if "start" in actions:
             parts.append(f"systemctl {start} {u}")
         if "stop" in actions:

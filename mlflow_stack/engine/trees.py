@@ -62,14 +62,20 @@ class PruneExtra(Step):
         )
 
 
-def tree_steps(local: Path, remote: str, owner: str, group: str) -> list[Step]:
-    """Directories, files and a prune step making `remote` mirror `local`."""
+def tree_steps(
+    local: Path, remote: str, owner: str, group: str, notify: tuple[str, ...] = ()
+) -> list[Step]:
+    """Directories, files and a prune step making `remote` mirror `local`; a changed or
+    removed file notifies the units in `notify`."""
     files = local_files(local)
     dirs = sorted({str(p.parent) for p in files if str(p.parent) != "."})
     steps: list[Step] = [Directory(remote, owner, group, 0o755)]
     steps += [Directory(f"{remote}/{d}", owner, group, 0o755) for d in dirs]
     for rel in files:
         mode = 0o755 if (local / rel).stat().st_mode & 0o100 else 0o644
-        steps.append(File(f"{remote}/{rel}", (local / rel).read_bytes(), owner, group, mode))
-    steps.append(PruneExtra(remote, frozenset(str(p) for p in files)))
+        data = (local / rel).read_bytes()
+        steps.append(File(f"{remote}/{rel}", data, owner, group, mode, notify=notify))
+    prune = PruneExtra(remote, frozenset(str(p) for p in files))
+    prune.notify = notify
+    steps.append(prune)
     return steps

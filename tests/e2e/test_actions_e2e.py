@@ -31,6 +31,8 @@ def trained(stack):
         out = ok(cli(stack, "train", "--alpha", alpha, "--experiment", "e2e-train"))
         runs[alpha] = re.search(r"^run ([0-9a-f]{32}) ", out, re.M).group(1)
         assert "rmse=" in out and "/#/experiments/" in out
+        # Forked from the warm runner, not a cold Python (which would be a silent fallback).
+        assert '"process": "warm"' in out
     return runs
 
 
@@ -140,9 +142,23 @@ def test_check_mysql_fails_when_the_database_is_down_and_provision_repairs_it(st
         h.close()
 
 
+def test_the_warm_runner_notices_changed_demo_code(stack, trained):
+    """Code changed behind its back: that run starts cold, the runner restarts, the next is warm."""
+    h = host(stack["info"])
+    try:
+        sh(h, "touch /opt/demo/demo_wine/model.py")
+        cold = ok(cli(stack, "train", "--alpha", "0.3", "--experiment", "e2e-train"))
+        assert '"process": "cold"' in cold
+        warm = ok(cli(stack, "train", "--alpha", "0.3", "--experiment", "e2e-train"))
+        assert '"process": "warm"' in warm
+    finally:
+        h.close()
+
+
 def test_status_and_urls(stack):
     out = ok(cli(stack, "status"))
     assert "all healthy" in out and "mlflow-server.service" in out and "3.17.2" in out
+    assert re.search(r"ok +demo-wine-warm\.service +active +ok \(socket\)", out)
     urls = ok(cli(stack, "urls"))
     assert f"http://127.0.0.1:{stack['ports']['mlflow']}/" in urls and "token=<token>" in urls
     revealed = ok(cli(stack, "urls", "--reveal"))
@@ -280,7 +296,13 @@ def test_wrong_key_and_sudo_password_are_clear_errors(stack, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "unit", ["mlflow-server.service", "jupyter.service", "mlflow-model@e2e.service"]
+    "unit",
+    [
+        "mlflow-server.service",
+        "jupyter.service",
+        "mlflow-model@e2e.service",
+        "demo-wine-warm.service",
+    ],
 )
 def test_killed_services_come_back(stack, trained, unit):
     h = host(stack["info"])

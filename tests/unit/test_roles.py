@@ -10,7 +10,7 @@ from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
 from mlflow_stack.engine.steps import File, PlanContext, Run
 from mlflow_stack.vars import StackVars
-from roles import anaconda, jupyter, mlflow_server, mysql
+from roles import anaconda, demo_files, jupyter, mlflow_server, mysql
 from tests.unit.test_facts import DEBIAN_12, UBUNTU_2204, UBUNTU_2404
 
 DEBIAN = F.OsRelease().parse(DEBIAN_12, 0)
@@ -334,3 +334,47 @@ def test_provisioning_and_the_demo_pin_the_same_data():
     from mlflow_stack.vars import WINE_SHA256, WINE_URL
 
     assert (data.UCI_URL, data.SHA256) == (WINE_URL, WINE_SHA256)
+
+
+def test_the_warm_runner_is_the_demo_users_and_can_be_turned_off():
+    steps = demo_files.build(context(demo={"data_file": None}))
+    unit = find(steps, f"file /etc/systemd/system/{demo_files.WARM_UNIT}")
+    assert unit.notify == (demo_files.WARM_UNIT,) and unit.unit_file
+    for line in ("User=demo", "RuntimeDirectoryMode=0700", "Restart=always", "NoNewPrivileges=yes"):
+        assert line in unit.content
+    assert f"-m demo_wine.warm serve {demo_files.WARM_SOCKET}" in unit.content
+    code = [s for s in steps if isinstance(s, File) and s.path.startswith("/opt/demo/demo_wine/")]
+    assert code and all(s.notify == (demo_files.WARM_UNIT,) for s in code)  # new code: restart
+    service = find(steps, f"service {demo_files.WARM_UNIT}")
+    assert service.enabled and service.running
+
+    off = demo_files.build(context(demo={"warm_runner": False}))
+    service = find(off, f"service {demo_files.WARM_UNIT}")
+    assert not service.enabled and not service.running
+    assert all(not s.notify for s in off)
+
+
+def test_no_mlflow_process_on_the_host_sends_usage_data():
+    """MLflow 3 sends telemetry by default; every process of the stack turns it off."""
+    from mlflow_stack.actions.remote import Layout, demo_command
+    from mlflow_stack.actions.serve import ServeRequest, serve_steps
+
+    ctx = context()
+    texts = {
+        "mlflow.env": find(mlflow_server.build(ctx), "file /etc/mlflow/mlflow.env").content,
+        "jupyter": find(jupyter.build(ctx), "file /etc/systemd/system/jupyter.service").content,
+        "warm": find(
+            demo_files.build(ctx), f"file /etc/systemd/system/{demo_files.WARM_UNIT}"
+        ).content,
+        "setenv": find(demo_files.build(ctx), "file /opt/demo/setenv.sh").content,
+        "model.env": next(
+            s
+            for s in serve_steps(
+                ServeRequest("w", "r", 54321, 1), "models:/m-1", Layout("/opt/anaconda", 5000, 8888)
+            )
+            if s.name.endswith(".env")
+        ).content,
+        "actions": demo_command(Layout("/opt/anaconda", 5000, 8888), ["-m", "demo_wine.train"]),
+    }
+    for name, text in texts.items():
+        assert "MLFLOW_DISABLE_TELEMETRY=true" in text, name

@@ -145,6 +145,18 @@ def test_service_plans():
     assert reload.commands[0].script.startswith("systemctl daemon-reload && ")
 
 
+def test_service_turned_off_is_stopped_and_disabled():
+    s = Service("demo-wine-warm.service", enabled=False, running=False)
+    key = F.Unit(s.unit).key
+    change = plan(s, {key: unit()})
+    assert change.summary == "disable, stop"
+    assert change.commands[0].script == (
+        "systemctl disable demo-wine-warm.service && systemctl stop demo-wine-warm.service"
+    )
+    assert plan(s, {key: unit(active="inactive", enabled="disabled")}) is None
+    assert plan(s, {key: unit("not-found", "inactive", "")}) is None
+
+
 def test_masked_unit_plans():
     s = MaskedUnit("mariadb.socket", notify=("mariadb.service",))
     key = F.LiveUnit(s.unit).key
