@@ -65,7 +65,7 @@ class DemoVars(_Section):
     data_sha256: str = Field(default=WINE_SHA256, pattern=r"^[0-9a-f]{64}$")
     data_file: str | None = None  # a local file uploaded instead of downloading data_url
     # A process with MLflow and scikit-learn imported, from which `invoke train` forks its
-    # runs (≈ 250 MB of memory); off: every run starts Python cold.
+    # runs (≈ 300 MB of memory); off: every run starts Python cold.
     warm_runner: bool = True
 
 
