@@ -393,25 +393,30 @@ class FileContents(Fact):
 
 
 def build_probe(facts: list[Fact], marker: str | None = None) -> tuple[str, str]:
-    """One shell script that runs every fact's command, with markers around each output.
+    """One shell script that runs every fact's command, with markers around each output."""
+    return probe_script([fact.command() for fact in facts], marker)
 
-    The facts run concurrently (they only read), each framed into its own file in a temp
+
+def probe_script(commands: list[str], marker: str | None = None) -> tuple[str, str]:
+    """One shell script that runs `commands`, with markers around each output.
+
+    The commands run concurrently (they only read), each framed into its own file in a temp
     directory; once all are done the files are printed in order, so the output is the same
     as running them one after the other.
     """
     marker = marker or f"@@probe-{_random.token_hex(8)}"
-    width = len(str(max(len(facts) - 1, 0)))
-    # The script itself arrives on stdin (`sh -s`): each fact gets /dev/null as its stdin so
-    # that no command can swallow the rest of the script.
+    width = len(str(max(len(commands) - 1, 0)))
+    # The script itself arrives on stdin (`sh -s`): each command gets /dev/null as its stdin
+    # so that no command can swallow the rest of the script.
     lines = [
         "exec 2>/dev/null",
         "export LC_ALL=C",
         "d=$(mktemp -d || mktemp -d -p /dev/shm) || exit 97",
         "trap 'rm -rf \"$d\"' EXIT",
     ]
-    for index, fact in enumerate(facts):
+    for index, command in enumerate(commands):
         lines.append(
-            f"{{ echo '{marker} {index}'; ( {fact.command()}\n) </dev/null; "
+            f"{{ echo '{marker} {index}'; ( {command}\n) </dev/null; "
             f"printf '\\n{marker} end %s\\n' $?; }} >\"$d/{index:0{width}d}\" &"
         )
     lines += ["wait", 'cat "$d"/*']
