@@ -181,6 +181,9 @@ class AptListsAge(Fact):
         return int(text) if rc == 0 and text.lstrip("-").isdigit() else None
 
 
+_BATCH_SPLIT = "@@sha256"
+
+
 def parse_path_info(output: str) -> PathInfo | None:
     """Parse `stat -c '%F|%a|%U|%G|%s'` plus an optional sha256 line."""
     lines = output.strip().splitlines()
@@ -218,6 +221,46 @@ class PathState(Fact):
 
     def parse(self, output: str, rc: int) -> PathInfo | None:
         return parse_path_info(output)
+
+    @staticmethod
+    def batchable(path: str) -> bool:
+        """Paths whose `stat`/`sha256sum` lines are unambiguous (no newline or backslash)."""
+        return "\n" not in path and "\\" not in path
+
+    @staticmethod
+    def batch_command(paths: list[str]) -> str:
+        """One `stat` and one `sha256sum` for many paths (instead of two processes each)."""
+        quoted = " ".join(shlex.quote(p) for p in paths)
+        return (
+            f'set --; for p in {quoted}; do if [ -e "$p" ] || [ -L "$p" ]; then '
+            'set -- "$@" "$p"; fi; done; '
+            "[ $# -eq 0 ] || stat -c '%F|%a|%U|%G|%s|%n' -- \"$@\"; "
+            f"echo '{_BATCH_SPLIT}'; "
+            'for p in "$@"; do shift; if [ -f "$p" ] && [ ! -L "$p" ]; then set -- "$@" "$p"; '
+            'fi; done; [ $# -eq 0 ] || sha256sum -- "$@"'
+        )
+
+    @staticmethod
+    def split_batch(output: str, paths: list[str]) -> dict[str, str]:
+        """Each path's output as its own `command()` prints it, from `batch_command`'s."""
+        stats, _, sums = output.partition(_BATCH_SPLIT + "\n")
+        head: dict[str, str] = {}
+        for line in stats.splitlines():
+            parts = line.split("|", 5)
+            if len(parts) == 6:
+                head[parts[5]] = "|".join(parts[:5])
+        digests = {}
+        for line in sums.splitlines():
+            digest, sep, name = line.partition("  ")
+            if sep:
+                digests[name] = digest
+        out = {}
+        for path in paths:
+            text = f"{head[path]}\n" if path in head else ""
+            if path in head and path in digests:
+                text += f"{digests[path]}  {path}\n"
+            out[path] = text
+        return out
 
 
 @dataclass(frozen=True)

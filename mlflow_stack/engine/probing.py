@@ -30,10 +30,17 @@ SUDO_PASSWORD_HINTS = ("a password is required", "a terminal is required")
 Known = dict[str, tuple[str, str, int]]
 
 
-def raw_probe(host: Host, commands: list[str]) -> list[tuple[str, int]]:
-    """Run `commands` in one SSH command (as root): (output, exit code) of each, in order."""
-    if not commands:
+def raw_probe(host: Host, facts: list[tuple[str, str]]) -> list[tuple[str, int]]:
+    """Run the commands of `facts` ((key, command) pairs) in one SSH command (as root):
+    (output, exit code) of each, in order. Path facts share one `stat` and one `sha256sum`."""
+    if not facts:
         return []
+    batched = {i: _batched_path(*pair) for i, pair in enumerate(facts)}
+    paths = [(i, path) for i, path in batched.items() if path is not None]
+    singles = [i for i, path in batched.items() if path is None]
+    commands = [facts[i][1] for i in singles]
+    if paths:
+        commands.append(F.PathState.batch_command([p for _, p in paths]))
     script, marker = F.probe_script(commands)
     result = host.run("sh -s", stdin=script, timeout=120)
     if not result.ok and any(h in result.stderr for h in SUDO_PASSWORD_HINTS):
@@ -42,10 +49,26 @@ def raw_probe(host: Host, commands: list[str]) -> list[tuple[str, int]]:
             "sudo (NOPASSWD in /etc/sudoers.d) or log in as root"
         )
     try:
-        return F.split_probe(result.stdout, marker, len(commands))
+        outputs = F.split_probe(result.stdout, marker, len(commands))
     except ValueError as exc:
         detail = result.stderr.strip().splitlines()[-1:] or ["no error output"]
         raise HostError(f"{host.name}: gathering facts failed ({exc}): {detail[0]}") from None
+    values: list[tuple[str, int]] = [("", 0)] * len(facts)
+    for index, output in zip(singles, outputs, strict=False):
+        values[index] = output
+    if paths:  # its exit code is sha256sum's: a file gone meanwhile just has no digest
+        split = F.PathState.split_batch(outputs[-1][0], [p for _, p in paths])
+        for index, path in paths:
+            values[index] = (split[path], 0)
+    return values
+
+
+def _batched_path(key: str, command: str) -> str | None:
+    """The path of a standard `PathState` fact that can join the batch, else None."""
+    kind, _, path = key.partition(":")
+    if kind != F.PathState.kind or not F.PathState.batchable(path):
+        return None
+    return path if command == F.PathState(path).command() else None
 
 
 def probe(host: Host, facts: list[F.Fact], known: Known | None = None) -> dict[str, Any]:
@@ -61,7 +84,7 @@ def probe(host: Host, facts: list[F.Fact], known: Known | None = None) -> dict[s
             values[fact.key] = fact.parse(hit[1], hit[2])
         else:
             missing.append(fact)
-    outputs = raw_probe(host, [f.command() for f in missing])
+    outputs = raw_probe(host, [(f.key, f.command()) for f in missing])
     for fact, (text, rc) in zip(missing, outputs, strict=True):
         values[fact.key] = fact.parse(text, rc)
     return values
@@ -121,7 +144,7 @@ class Prefetch:
 
     def _run(self) -> None:
         try:
-            outputs = raw_probe(self.host, [command for _, command in self.planned])
+            outputs = raw_probe(self.host, self.planned)
             self._known = {
                 key: (command, text, rc)
                 for (key, command), (text, rc) in zip(self.planned, outputs, strict=True)

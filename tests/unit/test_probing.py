@@ -104,3 +104,33 @@ def test_a_no_op_is_one_probe_and_a_change_behind_our_back_is_still_seen(tmp_pat
     marker.unlink()  # the host changes between runs
     assert converge(host, marker) == ([Status.CHANGED], 2)  # read fresh: seen and fixed
     assert marker.exists()
+
+
+def test_batched_path_facts_read_as_one_fact_each_would(tmp_path):
+    (tmp_path / "file").write_text("data\n")
+    (tmp_path / "empty").write_text("")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "file")
+    (tmp_path / "odd | name").write_text("x")
+    names = ["file", "empty", "dir", "link", "odd | name", "missing", "back\\slash"]
+    facts = [F.PathState(str(tmp_path / n)) for n in names]
+    host = LocalHost()
+    batched = probing.probe(host, facts)
+    assert host.commands == 1
+    one_by_one = {f.key: f.parse(*run_alone(host, f)) for f in facts}
+    assert batched == one_by_one
+    assert batched[facts[0].key].sha256 and batched[facts[5].key] is None
+    assert batched[facts[3].key].kind == "link" and batched[facts[3].key].sha256 is None
+
+
+def run_alone(host: LocalHost, fact: F.Fact) -> tuple[str, int]:
+    result = host.run(fact.command())
+    return result.stdout, result.rc
+
+
+def test_only_standard_path_facts_join_the_batch():
+    path = "/etc/hostname"
+    assert probing._batched_path(f"path:{path}", F.PathState(path).command()) == path
+    assert probing._batched_path(f"path:{path}", "stat something else") is None
+    assert probing._batched_path("path:/a\nb", F.PathState("/a\nb").command()) is None
+    assert probing._batched_path("shell:x", "true") is None
