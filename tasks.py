@@ -24,7 +24,7 @@ def provision(c, host=None, roles=None, check=False, diff=False, json=False, inv
     from mlflow_stack.engine.probing import Prefetch, plan_path
 
     wanted = cli.parse_roles(roles)
-    _, hosts = cli.select_hosts(host, inventory)
+    hosts = cli.hosts_for(host, inventory)
     connections = [Host(h.target) for h in hosts]
     for connection in connections:
         connection.connect_soon()  # SSH handshakes overlap the imports below
