@@ -49,10 +49,8 @@ def control_dir() -> Path:
 
 def control_path(target: Target, directory: Path) -> Path:
     """The socket of `target`'s master: one per user, address, port, key and known_hosts."""
-    ident = "\0".join(
-        [target.user, target.address, str(target.port), str(target.key_file or ""),
-         str(target.known_hosts or "")]
-    )  # fmt: skip
+    files = [str(p.absolute()) if p else "" for p in (target.key_file, target.known_hosts)]
+    ident = "\0".join([target.user, target.address, str(target.port), *files])
     return directory / hashlib.sha256(ident.encode()).hexdigest()[:20]
 
 
@@ -78,10 +76,10 @@ def options(target: Target, control: Path) -> list[str]:
         "-o", f"ControlPath={_quoted(control)}",
         "-o", "GlobalKnownHostsFile=/dev/null",
     ]  # fmt: skip
-    if target.key_file is not None:
-        opts += ["-i", _quoted(target.key_file), "-o", "IdentitiesOnly=yes"]
+    if target.key_file is not None:  # absolute: the master runs in /
+        opts += ["-i", _quoted(target.key_file.absolute()), "-o", "IdentitiesOnly=yes"]
     if target.known_hosts is not None:
-        opts += ["-o", f"UserKnownHostsFile={_quoted(target.known_hosts)}"]
+        opts += ["-o", f"UserKnownHostsFile={_quoted(target.known_hosts.absolute())}"]
         opts += ["-o", "StrictHostKeyChecking=yes"]
     else:  # as with Paramiko's AutoAddPolicy: any host key, nothing written
         opts += ["-o", "UserKnownHostsFile=/dev/null", "-o", "StrictHostKeyChecking=no"]
@@ -192,6 +190,7 @@ class OpenSshLink:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 env=ssh_env(),
+                cwd="/",  # it outlives this run: hold no directory of the controller's
                 timeout=3 * CONNECT_TIMEOUT,
             )
         except subprocess.TimeoutExpired:

@@ -52,6 +52,12 @@ def test_percent_and_spaces_in_paths_are_escaped():
     assert option(argv, "ControlPath") == "/c/s%%x"
 
 
+def test_a_relative_key_path_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = openssh.master_argv(Target("w", "h", 22, "u", Path("keys/id")), Path("/c/s"))
+    assert argv[argv.index("-i") + 1] == str(tmp_path / "keys/id")
+
+
 def test_one_control_socket_per_target_and_credentials():
     base = openssh.control_path(PINNED, Path("/d"))
     assert base == openssh.control_path(PINNED, Path("/d"))
