@@ -7,10 +7,12 @@ many facts in one SSH round-trip with `build_probe` / `split_probe`.
 
 from __future__ import annotations
 
-import secrets as _random
 import shlex
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+from mlflow_stack.engine import probe_script
+from mlflow_stack.engine.probe_script import split_probe
 
 
 @dataclass(frozen=True)
@@ -181,9 +183,6 @@ class AptListsAge(Fact):
         return int(text) if rc == 0 and text.lstrip("-").isdigit() else None
 
 
-_BATCH_SPLIT = "@@sha256"
-
-
 def parse_path_info(output: str) -> PathInfo | None:
     """Parse `stat -c '%F|%a|%U|%G|%s'` plus an optional sha256 line."""
     lines = output.strip().splitlines()
@@ -213,54 +212,10 @@ class PathState(Fact):
         return self.path
 
     def command(self) -> str:
-        p = shlex.quote(self.path)
-        return (
-            f"if [ -e {p} ] || [ -L {p} ]; then stat -c '%F|%a|%U|%G|%s' {p}; "
-            f"if [ -f {p} ] && [ ! -L {p} ]; then sha256sum {p}; fi; fi"
-        )
+        return probe_script.path_command(self.path)
 
     def parse(self, output: str, rc: int) -> PathInfo | None:
         return parse_path_info(output)
-
-    @staticmethod
-    def batchable(path: str) -> bool:
-        """Paths whose `stat`/`sha256sum` lines are unambiguous (no newline or backslash)."""
-        return "\n" not in path and "\\" not in path
-
-    @staticmethod
-    def batch_command(paths: list[str]) -> str:
-        """One `stat` and one `sha256sum` for many paths (instead of two processes each)."""
-        quoted = " ".join(shlex.quote(p) for p in paths)
-        return (
-            f'set --; for p in {quoted}; do if [ -e "$p" ] || [ -L "$p" ]; then '
-            'set -- "$@" "$p"; fi; done; '
-            "[ $# -eq 0 ] || stat -c '%F|%a|%U|%G|%s|%n' -- \"$@\"; "
-            f"echo '{_BATCH_SPLIT}'; "
-            'for p in "$@"; do shift; if [ -f "$p" ] && [ ! -L "$p" ]; then set -- "$@" "$p"; '
-            'fi; done; [ $# -eq 0 ] || sha256sum -- "$@"'
-        )
-
-    @staticmethod
-    def split_batch(output: str, paths: list[str]) -> dict[str, str]:
-        """Each path's output as its own `command()` prints it, from `batch_command`'s."""
-        stats, _, sums = output.partition(_BATCH_SPLIT + "\n")
-        head: dict[str, str] = {}
-        for line in stats.splitlines():
-            parts = line.split("|", 5)
-            if len(parts) == 6:
-                head[parts[5]] = "|".join(parts[:5])
-        digests = {}
-        for line in sums.splitlines():
-            digest, sep, name = line.partition("  ")
-            if sep:
-                digests[name] = digest
-        out = {}
-        for path in paths:
-            text = f"{head[path]}\n" if path in head else ""
-            if path in head and path in digests:
-                text += f"{digests[path]}  {path}\n"
-            out[path] = text
-        return out
 
 
 @dataclass(frozen=True)
@@ -437,56 +392,7 @@ class FileContents(Fact):
 
 def build_probe(facts: list[Fact], marker: str | None = None) -> tuple[str, str]:
     """One shell script that runs every fact's command, with markers around each output."""
-    return probe_script([fact.command() for fact in facts], marker)
-
-
-def probe_script(commands: list[str], marker: str | None = None) -> tuple[str, str]:
-    """One shell script that runs `commands`, with markers around each output.
-
-    The commands run concurrently (they only read), each framed into its own file in a temp
-    directory; once all are done the files are printed in order, so the output is the same
-    as running them one after the other.
-    """
-    marker = marker or f"@@probe-{_random.token_hex(8)}"
-    width = len(str(max(len(commands) - 1, 0)))
-    # The script itself arrives on stdin (`sh -s`): each command gets /dev/null as its stdin
-    # so that no command can swallow the rest of the script.
-    lines = [
-        "exec 2>/dev/null",
-        "export LC_ALL=C",
-        "d=$(mktemp -d || mktemp -d -p /dev/shm) || exit 97",
-        "trap 'rm -rf \"$d\"' EXIT",
-    ]
-    for index, command in enumerate(commands):
-        lines.append(
-            f"{{ echo '{marker} {index}'; ( {command}\n) </dev/null; "
-            f"printf '\\n{marker} end %s\\n' $?; }} >\"$d/{index:0{width}d}\" &"
-        )
-    lines += ["wait", 'cat "$d"/*']
-    return "\n".join(lines) + "\n", marker
-
-
-def split_probe(output: str, marker: str, count: int) -> list[tuple[str, int]]:
-    """Cut probe output back into (output, exit code) per fact, in order."""
-    results: list[tuple[str, int] | None] = [None] * count
-    current: int | None = None
-    buffer: list[str] = []
-    for line in output.split("\n"):
-        if line.startswith(marker + " "):
-            rest = line[len(marker) + 1 :]
-            if rest.startswith("end ") and current is not None:
-                results[current] = ("\n".join(buffer), int(rest[4:]))
-                current, buffer = None, []
-                continue
-            if rest.isdigit():
-                current, buffer = int(rest), []
-                continue
-        if current is not None:
-            buffer.append(line)
-    missing = [i for i, r in enumerate(results) if r is None]
-    if missing:
-        raise ValueError(f"probe output is incomplete: no result for fact(s) {missing}")
-    return [r for r in results if r is not None]
+    return probe_script.script([fact.command() for fact in facts], marker)
 
 
 def parse_probe(facts: list[Fact], output: str, marker: str) -> dict[str, Any]:

@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mlflow_stack.engine import facts as F
+from mlflow_stack.engine import probe_script
 from mlflow_stack.engine.link import HostError
 
 if TYPE_CHECKING:
+    from mlflow_stack.engine import facts as F
     from mlflow_stack.engine.host import Host
 
 SUDO_PASSWORD_HINTS = ("a password is required", "a terminal is required")
@@ -40,8 +41,8 @@ def raw_probe(host: Host, facts: list[tuple[str, str]]) -> list[tuple[str, int]]
     singles = [i for i, path in batched.items() if path is None]
     commands = [facts[i][1] for i in singles]
     if paths:
-        commands.append(F.PathState.batch_command([p for _, p in paths]))
-    script, marker = F.probe_script(commands)
+        commands.append(probe_script.path_batch_command([p for _, p in paths]))
+    script, marker = probe_script.script(commands)
     result = host.run("sh -s", stdin=script, timeout=120)
     if not result.ok and any(h in result.stderr for h in SUDO_PASSWORD_HINTS):
         raise HostError(
@@ -49,7 +50,7 @@ def raw_probe(host: Host, facts: list[tuple[str, str]]) -> list[tuple[str, int]]
             "sudo (NOPASSWD in /etc/sudoers.d) or log in as root"
         )
     try:
-        outputs = F.split_probe(result.stdout, marker, len(commands))
+        outputs = probe_script.split_probe(result.stdout, marker, len(commands))
     except ValueError as exc:
         detail = result.stderr.strip().splitlines()[-1:] or ["no error output"]
         raise HostError(f"{host.name}: gathering facts failed ({exc}): {detail[0]}") from None
@@ -57,7 +58,7 @@ def raw_probe(host: Host, facts: list[tuple[str, str]]) -> list[tuple[str, int]]
     for index, output in zip(singles, outputs, strict=False):
         values[index] = output
     if paths:  # its exit code is sha256sum's: a file gone meanwhile just has no digest
-        split = F.PathState.split_batch(outputs[-1][0], [p for _, p in paths])
+        split = probe_script.split_path_batch(outputs[-1][0], [p for _, p in paths])
         for index, path in paths:
             values[index] = (split[path], 0)
     return values
@@ -66,9 +67,9 @@ def raw_probe(host: Host, facts: list[tuple[str, str]]) -> list[tuple[str, int]]
 def _batched_path(key: str, command: str) -> str | None:
     """The path of a standard `PathState` fact that can join the batch, else None."""
     kind, _, path = key.partition(":")
-    if kind != F.PathState.kind or not F.PathState.batchable(path):
+    if kind != "path" or not probe_script.path_batchable(path):
         return None
-    return path if command == F.PathState(path).command() else None
+    return path if command == probe_script.path_command(path) else None
 
 
 def probe(host: Host, facts: list[F.Fact], known: Known | None = None) -> dict[str, Any]:
