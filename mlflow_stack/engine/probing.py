@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from mlflow_stack.engine import facts as F
     from mlflow_stack.engine.host import Host
 
+KEEP_PLANS = 64
 SUDO_PASSWORD_HINTS = ("a password is required", "a terminal is required")
 # key -> (command, output, exit code) of facts already read in this run
 Known = dict[str, tuple[str, str, int]]
@@ -124,6 +125,9 @@ def save_plan(path: Path, facts: list[F.Fact]) -> None:
         with os.fdopen(fd, "w") as out:
             json.dump(data, out)
         os.replace(tmp, path)
+        plans = sorted(path.parent.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in plans[KEEP_PLANS:]:  # hosts not run for long (e.g. test sandboxes)
+            old.unlink(missing_ok=True)
 
 
 class Prefetch:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -67,6 +68,17 @@ def test_a_plan_is_private_and_saved_only_when_it_changes():
     assert path.stat().st_mtime_ns == before
     prefetch.remember(facts[:1])
     assert len(probing.load_plan(path)) == 1
+
+
+def test_only_the_newest_plans_are_kept(monkeypatch):
+    monkeypatch.setattr(probing, "KEEP_PLANS", 2)
+    paths = [probing.plan_path(LocalHost(), (f"r{i}",)) for i in range(3)]
+    for index, path in enumerate(paths):
+        probing.save_plan(path, [F.Shell("x", "true")])
+        os.utime(path, (index, index))
+    assert sorted(p.name for p in paths[0].parent.glob("*.json")) == sorted(
+        p.name for p in paths[1:]
+    )
 
 
 def test_a_prefetch_error_is_raised_by_the_run():
