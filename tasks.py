@@ -21,20 +21,26 @@ from mlflow_stack import cli
 def provision(c, host=None, roles=None, check=False, diff=False, json=False, inventory=None):
     """Converge the roles (anaconda, mysql, mlflow_server, jupyter, demo_files) on hosts."""
     from mlflow_stack.engine.host import Host
+    from mlflow_stack.engine.probing import Prefetch, plan_path
 
     wanted = cli.parse_roles(roles)
-    _, hosts = cli.select_hosts(host, inventory)
+    hosts = cli.hosts_for(host, inventory)
     connections = [Host(h.target) for h in hosts]
     for connection in connections:
         connection.connect_soon()  # SSH handshakes overlap the imports below
+    # The facts the last run read start being probed now, while the roles are imported/built.
+    prefetches = [
+        Prefetch(c, plan_path(c, wanted or h.roles))
+        for c, h in zip(connections, hosts, strict=True)
+    ]
     try:
         import roles as role_registry
         from mlflow_stack.engine.report import Reporter
         from mlflow_stack.engine.runner import HostJob, Options, converge
 
         jobs = [
-            HostJob(connection, role_registry.ordered(wanted or h.roles), h.vars)
-            for connection, h in zip(connections, hosts, strict=True)
+            HostJob(connection, role_registry.ordered(wanted or h.roles), h.vars, prefetch)
+            for connection, h, prefetch in zip(connections, hosts, prefetches, strict=True)
         ]
         reporter = Reporter(json_mode=json, check=check)
         recaps = converge(jobs, Options(check=check, diff=diff), reporter)

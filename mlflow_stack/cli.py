@@ -7,10 +7,13 @@ are imported by the functions that need them, so `invoke --list` or `--help` loa
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from invoke.exceptions import Exit
+
+from mlflow_stack.vars_view import VarsView
 
 if TYPE_CHECKING:
     from mlflow_stack.engine.host import Host
@@ -22,13 +25,20 @@ def fail(message: str, code: int = 1) -> Exit:
     return Exit(f"error: {message}", code=code)
 
 
+def inventory_path(path: str | None) -> Path:
+    """`--inventory`, else $MLFLOW_STACK_INVENTORY, else the repository's inventory.yaml."""
+    from mlflow_stack.targets import DEFAULT_INVENTORY
+
+    if path:
+        return Path(path)
+    return Path(os.environ.get("MLFLOW_STACK_INVENTORY", DEFAULT_INVENTORY))
+
+
 def load_inventory(path: str | None) -> Inventory:
-    from mlflow_stack.inventory import DEFAULT_PATH, Inventory, InventoryError
+    from mlflow_stack.inventory import Inventory, InventoryError
 
     try:
-        return Inventory.load(
-            Path(path) if path else Path(os.environ.get("MLFLOW_STACK_INVENTORY", DEFAULT_PATH))
-        )
+        return Inventory.load(inventory_path(path))
     except InventoryError as exc:
         raise fail(str(exc)) from None
 
@@ -47,6 +57,34 @@ def select_hosts(spec: str | None, inventory: str | None) -> tuple[Inventory, li
         return inv, resolve(spec or default_host_spec(inv), inv)
     except InventoryError as exc:
         raise fail(str(exc)) from None
+
+
+def hosts_for(spec: str | None, inventory: str | None) -> list[ResolvedHost]:
+    """`select_hosts`, from the inventory cache when this inventory resolved `spec` before.
+
+    Their vars are `VarsView`s either way (attribute access, like `StackVars`).
+    """
+    from mlflow_stack import inventory_cache
+    from mlflow_stack.targets import InventoryError
+
+    path = inventory_path(inventory)
+    try:
+        text = path.read_bytes()
+        cached = inventory_cache.lookup(path, spec or "")
+    except InventoryError as exc:
+        raise fail(str(exc)) from None
+    except OSError:
+        text, cached = None, None  # load_inventory reports a missing file
+    if cached is not None:
+        return cached
+    from mlflow_stack.vars import view
+
+    inv, hosts = select_hosts(spec, inventory)
+    if text is not None:
+        inventory_cache.store(path, text, spec or "", spec or default_host_spec(inv), inv, hosts)
+    return [
+        replace(h, vars=h.vars if isinstance(h.vars, VarsView) else view(h.vars)) for h in hosts
+    ]
 
 
 def parse_roles(value: str | None) -> tuple[str, ...] | None:
@@ -74,7 +112,7 @@ def connect(resolved: ResolvedHost) -> Host:
 
 def first_host(spec: str | None, inventory: str | None) -> tuple[ResolvedHost, Host]:
     """The one host an action works on (the first of the 'server' group by default)."""
-    _, hosts = select_hosts(spec, inventory)
+    hosts = hosts_for(spec, inventory)
     return hosts[0], connect(hosts[0])
 
 

@@ -7,7 +7,6 @@ running sandbox, an `~/.ssh/config` alias, or `user@address[:port]`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,16 +14,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mlflow_stack.engine.host import Target
+from mlflow_stack.targets import DEFAULT_INVENTORY, InventoryError, ResolvedHost, sandbox_target
 from mlflow_stack.vars import StackVars
 
 ALL_ROLES = ("anaconda", "mysql", "mlflow_server", "jupyter", "demo_files")
 WORKER_ROLES = ("anaconda", "demo_files")
 RoleName = Literal["anaconda", "mysql", "mlflow_server", "jupyter", "demo_files"]
-DEFAULT_PATH = Path(__file__).resolve().parents[1] / "inventory.yaml"
-
-
-class InventoryError(Exception):
-    """A problem with the inventory or a `--host` value; the message is one line."""
+DEFAULT_PATH = DEFAULT_INVENTORY
 
 
 class _Strict(BaseModel):
@@ -58,17 +54,6 @@ class InventoryModel(_Strict):
     defaults: Defaults = Field(default_factory=Defaults)
     groups: dict[str, GroupEntry] = Field(default_factory=dict)
     hosts: dict[str, HostEntry] = Field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ResolvedHost:
-    """A host ready to converge: how to reach it, which roles, which variables."""
-
-    name: str
-    target: Target
-    roles: tuple[str, ...]
-    vars: StackVars
-    groups: tuple[str, ...] = ()
 
 
 # --- loading ---------------------------------------------------------------------------
@@ -255,21 +240,9 @@ def _ssh_config_alias(name: str, config_path: Path) -> dict | None:
     return config.lookup(name)
 
 
-def _sandbox_target(host_name: str, sandbox_name: str) -> Target:
-    from mlflow_stack import sandbox
-
-    info = sandbox.load(sandbox_name)
-    if info is None:
-        raise InventoryError(
-            f"host {host_name!r}: sandbox {sandbox_name!r} is not running; "
-            f"start it with: invoke sandbox.up --name {sandbox_name}"
-        )
-    return Target(host_name, info.address, info.port, info.user, info.key_file, info.known_hosts)
-
-
 def _entry_target(inv: Inventory, name: str, entry: HostEntry) -> Target:
     if entry.sandbox:
-        return _sandbox_target(name, entry.sandbox)
+        return sandbox_target(name, entry.sandbox)
     d = inv.model.defaults
     if not entry.address:
         raise InventoryError(f"{inv.path.name}: hosts.{name}: needs an address (or sandbox: NAME)")
@@ -329,9 +302,7 @@ def _resolve_one(part: str, inv: Inventory, ssh_config: Path) -> list[ResolvedHo
         from mlflow_stack import sandbox
 
         if sandbox.load(part) is not None:
-            return [
-                ResolvedHost(part, _sandbox_target(part, part), adhoc_roles, inv.vars_for(None))
-            ]
+            return [ResolvedHost(part, sandbox_target(part, part), adhoc_roles, inv.vars_for(None))]
         known = ", ".join([*m.hosts, *m.groups]) or "none"
         raise InventoryError(
             f"unknown host {part!r}: not in {inv.path.name} (hosts and groups: {known}), "

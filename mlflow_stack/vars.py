@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
+from mlflow_stack.vars_view import VarsView
+
 WINE_SHA256 = "76c3f809815c17c07212622f776311faeb31e87610d52c26d87d6e361b169836"
 WINE_URL = (
     "https://archive.ics.uci.edu/ml/machine-learning-databases/wine-quality/winequality-white.csv"
@@ -76,3 +78,17 @@ class StackVars(_Section):
     jupyter: JupyterVars = Field(default_factory=JupyterVars)
     demo: DemoVars = Field(default_factory=DemoVars)
     test: dict = Field(default_factory=dict)  # free-form, for engine tests only
+
+
+def sections() -> tuple[str, ...]:
+    """The `StackVars` fields that are sections (models of their own)."""
+    return tuple(
+        name
+        for name, info in StackVars.model_fields.items()
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
+    )
+
+
+def view(stack_vars: StackVars) -> VarsView:
+    """`stack_vars` as a `VarsView` (what the controller passes to roles and actions)."""
+    return VarsView(stack_vars.model_dump(), sections())

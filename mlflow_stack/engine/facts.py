@@ -7,10 +7,12 @@ many facts in one SSH round-trip with `build_probe` / `split_probe`.
 
 from __future__ import annotations
 
-import secrets as _random
 import shlex
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+from mlflow_stack.engine import probe_script
+from mlflow_stack.engine.probe_script import split_probe
 
 
 @dataclass(frozen=True)
@@ -210,11 +212,7 @@ class PathState(Fact):
         return self.path
 
     def command(self) -> str:
-        p = shlex.quote(self.path)
-        return (
-            f"if [ -e {p} ] || [ -L {p} ]; then stat -c '%F|%a|%U|%G|%s' {p}; "
-            f"if [ -f {p} ] && [ ! -L {p} ]; then sha256sum {p}; fi; fi"
-        )
+        return probe_script.path_command(self.path)
 
     def parse(self, output: str, rc: int) -> PathInfo | None:
         return parse_path_info(output)
@@ -393,52 +391,8 @@ class FileContents(Fact):
 
 
 def build_probe(facts: list[Fact], marker: str | None = None) -> tuple[str, str]:
-    """One shell script that runs every fact's command, with markers around each output.
-
-    The facts run concurrently (they only read), each framed into its own file in a temp
-    directory; once all are done the files are printed in order, so the output is the same
-    as running them one after the other.
-    """
-    marker = marker or f"@@probe-{_random.token_hex(8)}"
-    width = len(str(max(len(facts) - 1, 0)))
-    # The script itself arrives on stdin (`sh -s`): each fact gets /dev/null as its stdin so
-    # that no command can swallow the rest of the script.
-    lines = [
-        "exec 2>/dev/null",
-        "export LC_ALL=C",
-        "d=$(mktemp -d || mktemp -d -p /dev/shm) || exit 97",
-        "trap 'rm -rf \"$d\"' EXIT",
-    ]
-    for index, fact in enumerate(facts):
-        lines.append(
-            f"{{ echo '{marker} {index}'; ( {fact.command()}\n) </dev/null; "
-            f"printf '\\n{marker} end %s\\n' $?; }} >\"$d/{index:0{width}d}\" &"
-        )
-    lines += ["wait", 'cat "$d"/*']
-    return "\n".join(lines) + "\n", marker
-
-
-def split_probe(output: str, marker: str, count: int) -> list[tuple[str, int]]:
-    """Cut probe output back into (output, exit code) per fact, in order."""
-    results: list[tuple[str, int] | None] = [None] * count
-    current: int | None = None
-    buffer: list[str] = []
-    for line in output.split("\n"):
-        if line.startswith(marker + " "):
-            rest = line[len(marker) + 1 :]
-            if rest.startswith("end ") and current is not None:
-                results[current] = ("\n".join(buffer), int(rest[4:]))
-                current, buffer = None, []
-                continue
-            if rest.isdigit():
-                current, buffer = int(rest), []
-                continue
-        if current is not None:
-            buffer.append(line)
-    missing = [i for i, r in enumerate(results) if r is None]
-    if missing:
-        raise ValueError(f"probe output is incomplete: no result for fact(s) {missing}")
-    return [r for r in results if r is not None]
+    """One shell script that runs every fact's command, with markers around each output."""
+    return probe_script.script([fact.command() for fact in facts], marker)
 
 
 def parse_probe(facts: list[Fact], output: str, marker: str) -> dict[str, Any]:

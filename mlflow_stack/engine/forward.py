@@ -1,4 +1,4 @@
-"""Local port forwarding over a host's SSH connection (like `ssh -L`).
+"""Local port forwarding over a Paramiko connection to the host (like `ssh -L`).
 
 The listening socket is bound before `forward()` returns, so a port in use fails at once with
 a clear error and a client may connect immediately.
@@ -56,10 +56,7 @@ def _serve(
 @contextlib.contextmanager
 def forward(host: Host, local_port: int, remote_port: int, remote_host: str = "127.0.0.1"):
     """Forward 127.0.0.1:`local_port` to `remote_host`:`remote_port` as seen from the host."""
-    host.connect()
-    transport = host._conn.transport if host._conn else None
-    if transport is None:
-        raise HostError(f"{host.name}: not connected")
+    transport = host.paramiko_transport()
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

@@ -1,30 +1,50 @@
-"""One SSH connection per host: run commands (as root through `sudo -n`), feed stdin.
+"""One SSH link per host: run commands (as root through `sudo -n`), feed stdin.
 
-Paramiko and Fabric are imported when a connection opens, not with this module (the
-inventory uses `Target` without them). `connect_soon()` opens the connection in the
-background, so the controller does other work meanwhile; the first command waits for it.
+The link is OpenSSH's client multiplexed over a master connection that persists between
+runs (`engine.openssh`), or Paramiko when `ssh` is missing or `MLFLOW_STACK_SSH=paramiko`
+(`engine.paramiko_link`). Port forwards always use Paramiko (`paramiko_transport()`).
+`connect_soon()` opens the link in the background, so the controller does other work
+meanwhile; the first command waits for it.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mlflow_stack.engine.link import CONNECT_TIMEOUT, HostError, Link, Target
 from mlflow_stack.secrets import mask
 
 if TYPE_CHECKING:
     import paramiko
-    from fabric import Connection
 
-CONNECT_TIMEOUT = 10
+    from mlflow_stack.engine.paramiko_link import ParamikoLink
+
+__all__ = ["CONNECT_TIMEOUT", "CommandError", "Host", "HostError", "RunResult", "Target"]
+TRANSPORT_ENV = "MLFLOW_STACK_SSH"
 
 
-class HostError(Exception):
-    """A host could not be reached or used; the message is one line naming the fix."""
+def use_openssh() -> bool:
+    """OpenSSH's client unless `MLFLOW_STACK_SSH=paramiko` or no `ssh` is installed."""
+    choice = os.environ.get(TRANSPORT_ENV, "openssh").strip().lower()
+    if choice not in ("openssh", "paramiko"):
+        raise HostError(f"{TRANSPORT_ENV}={choice!r}: use openssh or paramiko")
+    return choice == "openssh" and shutil.which("ssh") is not None
+
+
+def new_link(target: Target, name: str) -> Link:
+    if use_openssh():
+        from mlflow_stack.engine.openssh import OpenSshLink
+
+        return OpenSshLink(target, name)
+    from mlflow_stack.engine.paramiko_link import ParamikoLink
+
+    return ParamikoLink(target, name)
 
 
 class CommandError(HostError):
@@ -35,22 +55,6 @@ class CommandError(HostError):
         tail = " | ".join(detail[-3:]) if detail else "no output"
         super().__init__(mask(f"{what} failed (exit {result.rc}): {tail}"))
         self.result = result
-
-
-@dataclass(frozen=True)
-class Target:
-    """How to reach a host over SSH."""
-
-    name: str
-    address: str
-    port: int = 22
-    user: str = "root"
-    key_file: Path | None = None
-    known_hosts: Path | None = None  # pin host keys from this file (strict)
-
-    @property
-    def label(self) -> str:
-        return f"{self.user}@{self.address}:{self.port}"
 
 
 @dataclass
@@ -67,11 +71,12 @@ class RunResult:
 
 @dataclass
 class Host:
-    """A host reached through one Fabric connection, reused for every command."""
+    """A host reached through one SSH link, reused for every command."""
 
     target: Target
     commands: int = 0
-    _conn: Connection | None = field(default=None, repr=False)
+    _link: Link | None = field(default=None, repr=False)
+    _forwarding: ParamikoLink | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _connect_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _opening: threading.Thread | None = field(default=None, repr=False)
@@ -86,8 +91,8 @@ class Host:
         return self.target.user == "root"
 
     def connect_soon(self) -> None:
-        """Start opening the connection in a background thread; `connect()` waits for it."""
-        if self._opening is not None or self._conn is not None:
+        """Start opening the link in a background thread; `connect()` waits for it."""
+        if self._opening is not None or self._link is not None:
             return
 
         def open_it() -> None:
@@ -100,7 +105,7 @@ class Host:
         self._opening.start()
 
     def connect(self) -> None:
-        """Open the SSH connection (once); errors become one-line `HostError`s."""
+        """Open the SSH link (once); errors become one-line `HostError`s."""
         with self._connect_lock:
             opening, self._opening = self._opening, None
             if opening is not None:
@@ -108,55 +113,28 @@ class Host:
                 error, self._open_error = self._open_error, None
                 if error is not None:
                     raise error
-            if self._conn is not None and self._conn.is_connected:
+            if self._link is not None and self._link.is_open:
                 return
             self._open()
 
     def _open(self) -> None:
-        import paramiko
-        from fabric import Connection
+        link = new_link(self.target, self.name)
+        link.open()
+        self._link = link
 
-        t = self.target
-        kwargs: dict = {"look_for_keys": t.key_file is None, "banner_timeout": CONNECT_TIMEOUT}
-        if t.key_file is not None:
-            kwargs["key_filename"] = [str(t.key_file)]
-        conn = Connection(
-            t.address,
-            user=t.user,
-            port=t.port,
-            connect_timeout=CONNECT_TIMEOUT,
-            connect_kwargs=kwargs,
-        )
-        if t.known_hosts is not None:
-            conn.client.load_host_keys(str(t.known_hosts))
-            conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        try:
-            conn.open()
-        except paramiko.AuthenticationException as exc:
-            key = f" with key {t.key_file}" if t.key_file else ""
-            raise HostError(
-                f"{self.name}: SSH authentication failed for {t.label}{key} ({exc}); "
-                "check the user and the key in the inventory"
-            ) from None
-        except paramiko.BadHostKeyException:
-            raise HostError(
-                f"{self.name}: host key of {t.label} does not match the known one; "
-                "if the host was rebuilt, remove its old key from known_hosts"
-            ) from None
-        except paramiko.SSHException as exc:
-            raise HostError(f"{self.name}: SSH to {t.label} failed: {exc}") from None
-        except TimeoutError:
-            raise HostError(
-                f"{self.name}: cannot reach {t.label}: no answer within {CONNECT_TIMEOUT} s; "
-                "check the address, the port and the firewall/security group"
-            ) from None
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise HostError(
-                f"{self.name}: cannot reach {t.label}: {reason}; "
-                "check the address and that sshd is running"
-            ) from None
-        self._conn = conn
+    def paramiko_transport(self) -> paramiko.Transport:
+        """A Paramiko transport to the host (opened on first use), for port forwards."""
+        from mlflow_stack.engine.paramiko_link import ParamikoLink
+
+        self.connect()
+        with self._connect_lock:
+            if isinstance(self._link, ParamikoLink):
+                return self._link.transport
+            if self._forwarding is None or not self._forwarding.is_open:
+                forwarding = ParamikoLink(self.target, self.name)
+                forwarding.open()
+                self._forwarding = forwarding
+            return self._forwarding.transport
 
     def wrap(self, script: str, *, sudo: bool = True, user: str | None = None) -> str:
         """The remote command line running `script` with sh, as root (or `user`)."""
@@ -177,34 +155,26 @@ class Host:
         timeout: float | None = None,
         on_output: callable | None = None,
     ) -> RunResult:
-        """Run `script` on the host; stdin carries data that must not be on a command line."""
+        """Run `script` on the host; stdin carries data that must not be on a command line.
+
+        `timeout`: stop the command after that many seconds without output (`HostError`).
+        """
         self.connect()
-        assert self._conn is not None
+        assert self._link is not None
         command = self.wrap(script, sudo=sudo, user=user)
         started = time.monotonic()
         with self._lock:
             self.commands += 1
-        channel = self._conn.transport.open_session(timeout=CONNECT_TIMEOUT)
-        if timeout:
-            channel.settimeout(timeout)
-        channel.exec_command(command)
-        errors: list[bytes] = []
-        reader = threading.Thread(target=_drain, args=(channel.recv_stderr, errors), daemon=True)
-        reader.start()
-        if stdin is not None:
-            data = stdin.encode() if isinstance(stdin, str) else stdin
-            writer = threading.Thread(target=_feed, args=(channel, data), daemon=True)
-            writer.start()
-        else:
-            channel.shutdown_write()
-        out = _drain(channel.recv, [], on_output)
-        rc = channel.recv_exit_status()
-        reader.join()
-        channel.close()
+        data = stdin.encode() if isinstance(stdin, str) else stdin
+        output = self._link.run(command, data, timeout, on_output)
+        if output.rc is None:
+            raise HostError(
+                f"{self.name}: a command gave no output for {timeout:g} s and was stopped"
+            )
         return RunResult(
-            rc=rc,
-            stdout=out,
-            stderr=b"".join(errors).decode(errors="replace"),
+            rc=output.rc,
+            stdout=output.stdout,
+            stderr=output.stderr,
             seconds=time.monotonic() - started,
         )
 
@@ -220,31 +190,7 @@ class Host:
         if opening is not None:
             opening.join()
             self._open_error = None
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-
-def _feed(channel: paramiko.Channel, data: bytes) -> None:
-    try:
-        channel.sendall(data)
-        channel.shutdown_write()
-    except OSError:
-        pass
-
-
-def _drain(recv, sink: list[bytes], on_output=None) -> str:
-    pending = b""
-    while True:
-        chunk = recv(65536)
-        if not chunk:
-            break
-        sink.append(chunk)
-        if on_output is not None:
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                on_output(line.decode(errors="replace"))
-    if on_output is not None and pending:
-        on_output(pending.decode(errors="replace"))
-    return b"".join(sink).decode(errors="replace")
+        for link in (self._link, self._forwarding):
+            if link is not None:
+                link.close()
+        self._link = self._forwarding = None

@@ -13,6 +13,7 @@ from typing import Any
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext, base_facts
 from mlflow_stack.engine.host import CommandError, Host, HostError
+from mlflow_stack.engine.probing import Known, Prefetch, probe
 from mlflow_stack.engine.report import HostRecap, Reporter, Status, StepResult
 from mlflow_stack.engine.steps import (
     PENDING_DIR,
@@ -42,6 +43,7 @@ class HostJob:
     host: Host
     roles: Sequence[Role]
     vars: Any
+    prefetch: Prefetch | None = None  # facts probed before the roles were built
 
 
 @dataclass
@@ -50,27 +52,7 @@ class Options:
     diff: bool = False
 
 
-SUDO_PASSWORD_HINTS = ("a password is required", "a terminal is required")
 JOBS_DIR = "/var/lib/mlflow-stack/jobs"
-
-
-def probe(host: Host, facts: list[F.Fact]) -> dict[str, Any]:
-    """Gather `facts` in one SSH command (as root)."""
-    unique = list({f.key: f for f in facts}.values())
-    if not unique:
-        return {}
-    script, marker = F.build_probe(unique)
-    result = host.run("sh -s", stdin=script, timeout=120)
-    if not result.ok and any(h in result.stderr for h in SUDO_PASSWORD_HINTS):
-        raise HostError(
-            f"{host.name}: sudo needs a password for {host.target.user}; allow passwordless "
-            "sudo (NOPASSWD in /etc/sudoers.d) or log in as root"
-        )
-    try:
-        return F.parse_probe(unique, result.stdout, marker)
-    except ValueError as exc:
-        detail = result.stderr.strip().splitlines()[-1:] or ["no error output"]
-        raise HostError(f"{host.name}: gathering facts failed ({exc}): {detail[0]}") from None
 
 
 def background_start_script(job: str, script: str, jobs_dir: str = JOBS_DIR) -> str:
@@ -122,6 +104,7 @@ class _HostRun:
     dirty: bool = False
     generation: int = 0  # bumped by every change made on the host
     read_at: dict[str, int] = field(default_factory=dict)  # live fact -> generation read at
+    known: Known = field(default_factory=dict)  # prefetched facts, for the first two reads
     deferred: list[tuple[str, Step, Change]] = field(default_factory=list)  # waits for the end
     # steps started in the background: step name -> (role, step, job unit, change)
     background: dict[str, tuple[str, Step, str, Change]] = field(default_factory=dict)
@@ -173,7 +156,7 @@ class _HostRun:
 
     def read(self, facts: list[F.Fact]) -> None:
         """Probe `facts` into the run's values, remembering when live ones were read."""
-        self.facts.update(probe(self.host, facts))
+        self.facts.update(probe(self.host, facts, self.known))
         self.read_at.update((f.key, self.generation) for f in facts if f.live)
 
     def changed_host(self) -> None:
@@ -356,12 +339,16 @@ def owned_units(steps: list[Step]) -> list[str]:
 
 
 def converge_host(job: HostJob, options: Options, reporter: Reporter) -> HostRecap:
-    """Converge one host: base probe, build steps, one facts probe, then role by role."""
-    started = time.monotonic()
+    """Converge one host: base probe, build steps, one facts probe, then role by role.
+
+    With a `prefetch`, both probes are usually answered by the one it started earlier.
+    """
+    started = job.prefetch.started if job.prefetch else time.monotonic()
     recap = HostRecap(job.host.name)
     run = _HostRun(job, options, reporter, recap)
     try:
-        base = probe(job.host, base_facts())
+        run.known = job.prefetch.result() if job.prefetch else {}
+        base = probe(job.host, base_facts(), run.known)
         os_info, pending, host_secrets = (base[f.key] for f in base_facts())
         ctx = RoleContext(
             job.host.name,
@@ -378,7 +365,11 @@ def converge_host(job: HostJob, options: Options, reporter: Reporter) -> HostRec
             plans = [(role, role.build(ctx)) for role in job.roles]
         except StepError as exc:
             raise HostError(f"{job.host.name}: {exc}") from None
-        run.read([f for _, steps in plans for s in steps for f in s.facts()])
+        needed = [f for _, steps in plans for s in steps for f in s.facts()]
+        run.read(needed)
+        run.known = {}  # later reads (after changes, or beside background jobs) go to the host
+        if job.prefetch:
+            job.prefetch.remember([*base_facts(), *needed])
         run.start_background(plans)
         for role, steps in plans:
             role_started = time.monotonic()

@@ -13,8 +13,15 @@ TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "templates"
 
 @cache
 def environment(root: Path = TEMPLATES_DIR) -> jinja2.Environment:
+    """Templates under `root`; compiled ones are kept in Jinja2's per-user bytecode cache (a
+    0700 directory in the temp dir, keyed by each template's source), not compiled per run."""
+    try:
+        compiled: jinja2.BytecodeCache | None = jinja2.FileSystemBytecodeCache()
+    except RuntimeError:  # the temp dir's cache directory is not safely ours: compile
+        compiled = None
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(root)),
+        bytecode_cache=compiled,
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         trim_blocks=True,

@@ -12,8 +12,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import paramiko
-
 from . import cgroup, ssh
 from .base import (
     ADDRESS,
@@ -185,9 +183,15 @@ def status(name: str) -> dict[str, object]:
                 result["failed_units"] = parse_failed_units(failed.stdout)
             finally:
                 client.close()
-        except (OSError, paramiko.SSHException, TimeoutError) as exc:
+        except (OSError, _ssh_error(), TimeoutError) as exc:
             result["system_state"] = f"unreachable over SSH: {exc}"
     return result
+
+
+def _ssh_error() -> type[Exception]:
+    import paramiko
+
+    return paramiko.SSHException
 
 
 def list_sandboxes() -> list[SandboxInfo]:
@@ -326,6 +330,8 @@ def _wait_ready(info: SandboxInfo, proc: subprocess.Popen[bytes], deadline: floa
     while ssh.banner(info.address, info.port) is None:
         check("sshd")
         time.sleep(0.1)
+    import paramiko
+
     while True:
         try:
             client = ssh.connect(info, timeout=5)

@@ -1,14 +1,20 @@
-"""Minimal SSH access to a sandbox with paramiko: pinned host key, key-only auth."""
+"""Minimal SSH access to a sandbox with paramiko: pinned host key, key-only auth.
+
+Paramiko is imported by `connect()`, not with this module: `sandbox.load()` (used to resolve
+an inventory host) needs none of it.
+"""
 
 from __future__ import annotations
 
 import socket
 import time
 from dataclasses import dataclass
-
-import paramiko
+from typing import TYPE_CHECKING
 
 from .base import SandboxInfo
+
+if TYPE_CHECKING:
+    import paramiko
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,8 @@ def banner(address: str, port: int, timeout: float = 1.0) -> str | None:
 
 def connect(info: SandboxInfo, timeout: float = 10.0) -> paramiko.SSHClient:
     """An authenticated SSHClient; the host key must match `info.known_hosts`."""
+    import paramiko
+
     client = paramiko.SSHClient()
     client.load_host_keys(str(info.known_hosts))
     client.set_missing_host_key_policy(paramiko.RejectPolicy())

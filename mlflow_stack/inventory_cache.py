@@ -1,0 +1,133 @@
+"""Resolved `--host` values of a validated inventory, kept so that the next run skips YAML and
+pydantic (≈ 0.15 s of every `invoke` start).
+
+An entry is keyed by the inventory file's bytes, its path, the `--host` value and the source
+of the validating code (`inventory.py`, `vars.py`): any edit is a miss. Only specs naming
+inventory hosts and groups are kept (not `~/.ssh/config` aliases or ad-hoc addresses), with
+each host's validated vars and how to reach it; a sandbox's address is read from its state on
+every run, as without the cache. Entries live in `$XDG_CACHE_HOME/mlflow-stack/inventory`
+(0700; files 0600).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mlflow_stack.engine.link import Target
+from mlflow_stack.targets import ResolvedHost, sandbox_target
+from mlflow_stack.vars_view import VarsView
+
+if TYPE_CHECKING:
+    from mlflow_stack.inventory import Inventory
+
+HERE = Path(__file__).resolve().parent
+SCHEMA_SOURCES = ("inventory.py", "vars.py", "vars_view.py", "inventory_cache.py")
+KEEP = 64  # entries kept; the oldest go first
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mlflow-stack" / "inventory"
+
+
+def entry_path(path: Path, text: bytes, spec: str) -> Path:
+    digest = hashlib.sha256()
+    for name in SCHEMA_SOURCES:
+        digest.update((HERE / name).read_bytes())
+    for part in (str(path.resolve()).encode(), text, spec.encode()):
+        digest.update(len(part).to_bytes(8, "big") + part)
+    return cache_dir() / f"{digest.hexdigest()[:32]}.json"
+
+
+def lookup(path: Path, spec: str) -> list[ResolvedHost] | None:
+    """The hosts `spec` resolved to in this very inventory before, or None."""
+    try:
+        entry = entry_path(path, path.read_bytes(), spec)
+        data = json.loads(entry.read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        return [_host(item, data["sections"]) for item in data["hosts"]] or None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _host(item: dict[str, Any], sections: list[str]) -> ResolvedHost:
+    name = item["name"]
+    if item.get("sandbox"):
+        target = sandbox_target(name, item["sandbox"])
+    else:
+        key = item.get("key")
+        target = Target(
+            name, item["address"], int(item["port"]), item["user"],
+            Path(key).expanduser() if key else None,
+        )  # fmt: skip
+    return ResolvedHost(
+        name,
+        target,
+        tuple(item["roles"]),
+        VarsView(item["vars"], tuple(sections)),
+        tuple(item["groups"]),
+    )
+
+
+def cacheable(spec: str, inv: Inventory) -> bool:
+    """True if every part of `spec` names an inventory host or group."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    model = inv.model
+    return bool(parts) and all(p in model.hosts or p in model.groups for p in parts)
+
+
+def store(
+    path: Path, text: bytes, spec: str, effective: str, inv: Inventory, hosts: list[ResolvedHost]
+) -> None:
+    """Keep how `spec` (`effective` once defaulted) resolved in the inventory `text`, read
+    before `inv` was loaded from `path`; nothing when `effective` is not `cacheable` or the
+    file changed meanwhile."""
+    from mlflow_stack.vars import sections
+
+    with contextlib.suppress(OSError):
+        if path.read_bytes() != text or not cacheable(effective, inv):
+            return
+    items = []
+    for h in hosts:
+        entry = inv.model.hosts[h.name]
+        key = entry.key or inv.model.defaults.key
+        reach = (
+            {"sandbox": entry.sandbox}
+            if entry.sandbox
+            else {"address": h.target.address, "port": h.target.port, "user": h.target.user,
+                  "key": str(key) if key else None}
+        )  # fmt: skip
+        dump = h.vars.as_dict() if isinstance(h.vars, VarsView) else h.vars.model_dump()
+        items.append(
+            {
+                "name": h.name,
+                "roles": list(h.roles),
+                "groups": list(h.groups),
+                "vars": dump,
+                **reach,
+            }
+        )
+    data = {"sections": list(sections()), "hosts": items}
+    with contextlib.suppress(OSError, TypeError, ValueError):
+        target = entry_path(path, text, spec)
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(data, out)
+        os.replace(tmp, target)
+        _prune(target.parent)
+
+
+def _prune(directory: Path) -> None:
+    entries = sorted(directory.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[KEEP:]:
+        with contextlib.suppress(OSError):
+            old.unlink()

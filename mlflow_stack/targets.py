@@ -1,0 +1,39 @@
+"""Resolved hosts, without the inventory's validation machinery (no YAML, no pydantic)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow_stack.engine.link import Target
+
+DEFAULT_INVENTORY = Path(__file__).resolve().parents[1] / "inventory.yaml"
+
+
+class InventoryError(Exception):
+    """A problem with the inventory or a `--host` value; the message is one line."""
+
+
+@dataclass(frozen=True)
+class ResolvedHost:
+    """A host ready to converge: how to reach it, which roles, which variables."""
+
+    name: str
+    target: Target
+    roles: tuple[str, ...]
+    vars: Any  # StackVars, or a VarsView of validated StackVars
+    groups: tuple[str, ...] = ()
+
+
+def sandbox_target(host_name: str, sandbox_name: str) -> Target:
+    """How to reach the running sandbox `sandbox_name` (read from its state, every time)."""
+    from mlflow_stack import sandbox
+
+    info = sandbox.load(sandbox_name)
+    if info is None:
+        raise InventoryError(
+            f"host {host_name!r}: sandbox {sandbox_name!r} is not running; "
+            f"start it with: invoke sandbox.up --name {sandbox_name}"
+        )
+    return Target(host_name, info.address, info.port, info.user, info.key_file, info.known_hosts)
