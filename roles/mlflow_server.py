@@ -41,6 +41,18 @@ SQLITE_PATH = f"{HOME}/mlflow.db"
 SCHEMA_HEAD = "dc11669786a5"
 SNAPSHOT = TEMPLATES_DIR / "mlflow" / "schema-mariadb.sql"  # that head, as MLflow builds it
 LOADING = "mlflow_stack_schema_loading"  # table marking a snapshot load not finished yet
+PYCACHE = f"{HOME}/.cache/pycache"  # the unit's PYTHONPYCACHEPREFIX
+WARM = "bytecode of the MLflow server"
+# What server.py imports before it serves (anything else still compiles at the first start).
+WARM_IMPORTS = (
+    "uvicorn",
+    "pymysql",
+    "mlflow.server.handlers",
+    "mlflow.server.fastapi_app",
+    "mlflow.tracing.trace_rollup_service",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.store.model_registry.sqlalchemy_store",
+)
 TABLES_QUERY = "SELECT table_name FROM information_schema.tables WHERE table_schema='mlflow'"
 
 
@@ -98,6 +110,40 @@ def snapshot_sql(snapshot: str, head: str = SCHEMA_HEAD) -> str:
     )
 
 
+def warm_bytecode_step(env_prefix: str) -> Run:
+    """Compile what the server imports into its bytecode cache, in the background: the
+    `anaconda` role starts it once the env is synced, so it runs while MariaDB installs and
+    the server's first start only imports. As root (the mlflow user comes later): this role
+    hands the cache over (`cache_owner_step`)."""
+    cache = F.PathState(PYCACHE)
+    imports = q("import " + ", ".join(WARM_IMPORTS))
+    return Run(
+        WARM,
+        f"mkdir -p {PYCACHE} && cd / && "
+        f"PYTHONPYCACHEPREFIX={PYCACHE} {env_prefix}/bin/python -W ignore -c {imports}",
+        when=lambda c: c[cache] is None or "env mlflow" in c.changed,
+        needs=(cache,),
+        background=True,
+        timeout=900,
+    )
+
+
+def cache_owner_step() -> Run:
+    """The bytecode cache belongs to the mlflow user (after the warm-up, which runs as root)."""
+    cache = f"{HOME}/.cache"
+    foreign = F.Shell(
+        "mlflow cache owner",
+        f"[ ! -e {cache} ] || find {cache} ! -user {USER} -print -quit 2>/dev/null || echo ?",
+    )
+    return Run(
+        f"bytecode cache owned by {USER}",
+        f"[ ! -e {cache} ] || chown -R {USER}:{USER} {cache}",
+        when=lambda c: WARM in c.changed or bool(c[foreign].output.strip()),
+        needs=(foreign,),
+        waits_for=(WARM,),
+    )
+
+
 def needs_migration(version: str) -> bool:
     """An existing schema older than the pinned MLflow's (an empty one the server creates)."""
     return version.strip() not in ("", SCHEMA_HEAD)
@@ -128,6 +174,7 @@ def build(ctx: RoleContext) -> list[Step]:
         Directory(HOME, USER, USER, 0o750),
         Directory(ARTIFACTS, USER, USER, 0o750),
         Directory(CONF_DIR, "root", USER, 0o750),
+        cache_owner_step(),
     ]
     if mv.public:
         admin = ctx.secret("mlflow_admin_password", env="MLFLOW_ADMIN_PASSWORD")

@@ -408,3 +408,31 @@ def test_provisioning_and_the_demo_pin_the_same_data():
     from mlflow_stack.vars import WINE_SHA256, WINE_URL
 
     assert (data.UCI_URL, data.SHA256) == (WINE_URL, WINE_SHA256)
+
+
+def test_mlflow_server_bytecode_compiles_in_the_background_and_is_handed_to_its_user():
+    steps = anaconda.build(context())
+    names = [s.name for s in steps]
+    warm = find(steps, mlflow_server.WARM)
+    assert names.index(warm.name) == names.index("env mlflow") + 1 and warm.background
+    assert warm.user is None and "PYTHONPYCACHEPREFIX=/opt/mlflow/.cache/pycache" in warm.script
+    assert "mlflow.server.fastapi_app" in warm.script
+    cache = warm.needs[0]
+    info = F.PathInfo("directory", 0o755, "mlflow", "mlflow", 0)
+    assert warm.plan(PlanContext({cache.key: None})) is not None
+    assert warm.plan(PlanContext({cache.key: info})) is None
+    assert warm.plan(PlanContext({cache.key: info}, changed={"env mlflow"})) is not None
+    server = mlflow_server.build(context())
+    owner = find(server, "bytecode cache owned by mlflow")
+    assert owner.waits_for == (mlflow_server.WARM,)
+    server_names = [s.name for s in server]
+    assert server_names.index(owner.name) < server_names.index("service mlflow-server.service")
+    fact = owner.needs[0]
+
+    def chowns(output: str, changed: frozenset[str] = frozenset()) -> bool:
+        ctx = PlanContext({fact.key: F.ShellResult(0, output)}, changed=set(changed))
+        return owner.plan(ctx) is not None
+
+    assert not chowns("")  # all the mlflow user's
+    assert chowns("/opt/mlflow/.cache/pycache/x.pyc\n")  # a root-owned leftover
+    assert chowns("", {mlflow_server.WARM})  # warmed in this run
