@@ -15,6 +15,7 @@ from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
 from mlflow_stack.engine.runner import Role
 from mlflow_stack.engine.steps import Apt, Directory, File, Run, Step, q
+from roles import mlflow_server
 
 FILES = Path(__file__).parent / "files"
 ENVS = {"mlflow": "mlflow-server.service", "demo": "jupyter.service"}  # env → unit to restart
@@ -124,6 +125,8 @@ def uv_steps(ctx: RoleContext, prefix: str) -> list[Step]:
                 notify=(unit,),
             ),
         ]
+        if env == "mlflow":  # its bytecode compiles while MariaDB installs
+            steps.append(mlflow_server.warm_bytecode_step(f"{prefix}/envs/{env}"))
     cache = F.PathState(UV_CACHE)
     steps.append(
         Run(

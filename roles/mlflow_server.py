@@ -1,8 +1,9 @@
 """Role `mlflow_server`: the MLflow tracking server as a hardened systemd unit.
 
-The backend URI (with the database password) lives only in a 0600 env file. An empty database
-gets its schema from the server's first start (MLflow creates it when it opens the store), so
-the 67 migrations run while the next roles proceed; an older schema is migrated explicitly
+The backend URI (with the database password) lives only in a 0600 env file. On MariaDB an empty
+database gets its schema from a snapshot of the one MLflow builds (`schema-mariadb.sql`, loaded
+in under a second; MLflow's own create-and-migrate at the server's first start takes 6-15 s);
+elsewhere the server's first start creates it. An older schema is migrated explicitly
 (`db_upgrade.py`) before the restart, which MLflow would refuse. The unit runs `server.py`,
 which serves MLflow's app with uvicorn in one process (`mlflow server` would start a second
 one); the run ends when /health answers (the wait is deferred to the end of the run so that
@@ -38,6 +39,21 @@ UNIT = "mlflow-server.service"
 SQLITE_PATH = f"{HOME}/mlflow.db"
 # Alembic head of the pinned mlflow (3.17.2); tests check it against the installed mlflow.
 SCHEMA_HEAD = "dc11669786a5"
+SNAPSHOT = TEMPLATES_DIR / "mlflow" / "schema-mariadb.sql"  # that head, as MLflow builds it
+LOADING = "mlflow_stack_schema_loading"  # table marking a snapshot load not finished yet
+PYCACHE = f"{HOME}/.cache/pycache"  # the unit's PYTHONPYCACHEPREFIX
+WARM = "bytecode of the MLflow server"
+# What server.py imports before it serves (anything else still compiles at the first start).
+WARM_IMPORTS = (
+    "uvicorn",
+    "pymysql",
+    "mlflow.server.handlers",
+    "mlflow.server.fastapi_app",
+    "mlflow.tracing.trace_rollup_service",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.store.model_registry.sqlalchemy_store",
+)
+TABLES_QUERY = "SELECT table_name FROM information_schema.tables WHERE table_schema='mlflow'"
 
 
 def backend_uri(backend: str, password: str, port: int) -> str:
@@ -57,6 +73,74 @@ def schema_fact(backend: str) -> F.Shell:
         return F.LiveShell("mlflow schema", f"python3 -c {q(read)}")
     return F.LiveShell(
         "mlflow schema", 'mysql -N -B -e "SELECT version_num FROM mlflow.alembic_version"'
+    )
+
+
+def tables_fact() -> F.Shell:
+    """Tables of the tracking database (live: the mysql role creates it in the same run)."""
+    return F.LiveShell("mlflow tables", f'mysql -N -B -e "{TABLES_QUERY}"')
+
+
+def loads_snapshot(tables: F.ShellResult) -> bool:
+    """An empty tracking database, or one a killed load left behind (its marker table), gets
+    the snapshot; a database that cannot be read yet too (the load then says why it fails)."""
+    names = tables.output.split()
+    return not tables.ok or not names or LOADING in names
+
+
+def load_snapshot_script() -> str:
+    """Load the snapshot (SQL on stdin) into the `mlflow` database: a load a killed run left
+    half-done (marker table present) is dropped first; any other table there is left alone."""
+    spec = f"CHARACTER SET {mysql.CHARSET} COLLATE {mysql.COLLATION}"
+    return (
+        f'set -e; tables=$(mysql -N -B -e "{TABLES_QUERY}"); '
+        'case " $(echo $tables) " in "  ") ;; '
+        f'*" {LOADING} "*) mysql -e "DROP DATABASE mlflow; CREATE DATABASE mlflow {spec}";; '
+        '*) echo "database mlflow has tables but no MLflow schema version; not loading the '
+        'schema over them" >&2; exit 1;; esac; '
+        "mysql --batch mlflow"
+    )
+
+
+def snapshot_sql(snapshot: str, head: str = SCHEMA_HEAD) -> str:
+    """The load: marker table first, the schema, its alembic revision, the marker dropped."""
+    return (
+        f"SET FOREIGN_KEY_CHECKS=0;\nCREATE TABLE {LOADING} (loading INT);\n{snapshot}\n"
+        f"INSERT INTO alembic_version VALUES ('{head}');\nDROP TABLE {LOADING};\n"
+    )
+
+
+def warm_bytecode_step(env_prefix: str) -> Run:
+    """Compile what the server imports into its bytecode cache, in the background: the
+    `anaconda` role starts it once the env is synced, so it runs while MariaDB installs and
+    the server's first start only imports. As root (the mlflow user comes later): this role
+    hands the cache over (`cache_owner_step`)."""
+    cache = F.PathState(PYCACHE)
+    imports = q("import " + ", ".join(WARM_IMPORTS))
+    return Run(
+        WARM,
+        f"mkdir -p {PYCACHE} && cd / && "
+        f"PYTHONPYCACHEPREFIX={PYCACHE} {env_prefix}/bin/python -W ignore -c {imports}",
+        when=lambda c: c[cache] is None or "env mlflow" in c.changed,
+        needs=(cache,),
+        background=True,
+        timeout=900,
+    )
+
+
+def cache_owner_step() -> Run:
+    """The bytecode cache belongs to the mlflow user (after the warm-up, which runs as root)."""
+    cache = f"{HOME}/.cache"
+    foreign = F.Shell(
+        "mlflow cache owner",
+        f"[ ! -e {cache} ] || find {cache} ! -user {USER} -print -quit 2>/dev/null || echo ?",
+    )
+    return Run(
+        f"bytecode cache owned by {USER}",
+        f"[ ! -e {cache} ] || chown -R {USER}:{USER} {cache}",
+        when=lambda c: WARM in c.changed or bool(c[foreign].output.strip()),
+        needs=(foreign,),
+        waits_for=(WARM,),
     )
 
 
@@ -90,6 +174,7 @@ def build(ctx: RoleContext) -> list[Step]:
         Directory(HOME, USER, USER, 0o750),
         Directory(ARTIFACTS, USER, USER, 0o750),
         Directory(CONF_DIR, "root", USER, 0o750),
+        cache_owner_step(),
     ]
     if mv.public:
         admin = ctx.secret("mlflow_admin_password", env="MLFLOW_ADMIN_PASSWORD")
@@ -122,6 +207,20 @@ def build(ctx: RoleContext) -> list[Step]:
     )
     upgrade = (TEMPLATES_DIR / "mlflow" / "db_upgrade.py").read_text()
     launcher = (TEMPLATES_DIR / "mlflow" / "server.py").read_text()
+    snapshot: list[Step] = []
+    if uses_mysql and mysql.flavor(ctx.os) == mysql.MARIADB:
+        tables = tables_fact()
+        snapshot.append(
+            Run(
+                f"tracking schema {SCHEMA_HEAD} (snapshot)",
+                load_snapshot_script(),
+                when=lambda c: loads_snapshot(c[tables]),
+                needs=(tables,),
+                stdin=snapshot_sql(SNAPSHOT.read_text()),
+                timeout=300,
+                notify=(UNIT,),
+            )
+        )
     steps += [
         File(
             ENV_FILE,
@@ -134,6 +233,7 @@ def build(ctx: RoleContext) -> list[Step]:
         ),
         File(f"{HOME}/db_upgrade.py", upgrade, "root", USER, 0o640),
         File(f"{HOME}/server.py", launcher, "root", USER, 0o640, notify=(UNIT,)),
+        *snapshot,
         Run(
             "migrate tracking schema",
             f"PYTHONPYCACHEPREFIX={HOME}/.cache/pycache "

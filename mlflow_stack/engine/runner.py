@@ -20,6 +20,7 @@ from mlflow_stack.engine.steps import (
     Apt,
     Change,
     PlanContext,
+    Run,
     Service,
     Step,
     StepError,
@@ -189,19 +190,24 @@ class _HostRun:
                     return  # another apt runs in the foreground: keep them one at a time
                 wanted.append((role.name, step, change))
         for role, step, change in wanted:
-            job = f"mlflow-stack-job-{_random.token_hex(4)}"
-            script = " && ".join(f"{{ {c.script}\n}}" for c in change.commands)
-            if step.notify:
-                script = self.with_markers(step, script)
             try:
-                self.host.check(background_start_script(job, script), step.name)
+                self.launch(role, step, change)
             except (CommandError, HostError):
                 continue  # not started: the step runs in the foreground in its turn
-            self.background[step.name] = (role, step, job, change)
 
-    def finish_background(self, role: str, step: Step) -> bool:
-        """Wait for `step`'s background job and report it as the step's result."""
-        _, _, job, change = self.background.pop(step.name)
+    def launch(self, role: str, step: Step, change: Change) -> None:
+        """Run `change` on the host as a transient unit (it outlives this run) and go on."""
+        job = f"mlflow-stack-job-{_random.token_hex(4)}"
+        scripts = (as_user(c.script, c.user) if c.user else c.script for c in change.commands)
+        script = " && ".join(f"{{ {s}\n}}" for s in scripts)
+        if step.notify:
+            script = self.with_markers(step, script)
+        self.host.check(background_start_script(job, script), step.name)
+        self.background[step.name] = (role, step, job, change)
+
+    def finish_background(self, name: str) -> bool:
+        """Wait for background step `name`'s job and report it as that step's result."""
+        role, step, job, change = self.background.pop(name)
         started = time.monotonic()
         timeout = max((c.timeout or 1800) for c in change.commands)
         try:
@@ -214,18 +220,21 @@ class _HostRun:
         for unit in step.notify:
             if unit not in self.pending:
                 self.pending.append(unit)
-        summary = f"{change.summary} (in the background since the start of the run)"
+        since = "the start of the run" if isinstance(step, Apt) else "its turn"
+        summary = f"{change.summary} (in the background since {since})"
         self.emit(role, step.name, Status.CHANGED, summary, time.monotonic() - started)
         return True
 
-    def finish_all_background(self) -> None:
-        """Jobs whose step was not reached (an earlier role failed): wait and report them."""
-        for role, step, _, _ in list(self.background.values()):
-            self.finish_background(role, step)
+    def finish_all_background(self) -> bool:
+        """Jobs no step has waited for yet: wait for each and report it."""
+        return all([self.finish_background(name) for name in list(self.background)])
 
     def run_step(self, role: str, step: Step) -> bool:
         if step.name in self.background:
-            return self.finish_background(role, step)
+            return self.finish_background(step.name)
+        for name in step.waits_for:
+            if name in self.background and not self.finish_background(name):
+                return False
         started = time.monotonic()
         stale = [
             f for f in step.facts() if f.live and self.read_at.get(f.key, -1) < self.generation
@@ -251,6 +260,13 @@ class _HostRun:
             self.deferred.append((role, step, change))
             return True
         diff = self.diff_for(change)
+        if isinstance(step, Run) and step.background and not self.options.check:
+            try:
+                self.launch(role, step, change)
+            except (CommandError, HostError) as exc:
+                self.emit(role, step.name, Status.FAILED, str(exc), time.monotonic() - started)
+                return False
+            return True  # reported once waited for
         if not self.options.check:
             try:
                 self.apply(step, change)
@@ -381,7 +397,9 @@ def converge_host(job: HostJob, options: Options, reporter: Reporter) -> HostRec
             if not ok:
                 break
         else:
-            run.flush_handlers("handlers", list(run.pending), only_active=True)
+            # the jobs' notifications are owed before the last handlers run
+            if run.finish_all_background():
+                run.flush_handlers("handlers", list(run.pending), only_active=True)
         run.finish_all_background()
         run.run_deferred()
     except HostError as exc:

@@ -62,6 +62,7 @@ class Step:
     name: str = ""
     notify: tuple[str, ...] = ()
     flush_before: bool = False  # pending handlers of the role run before this step
+    waits_for: tuple[str, ...] = ()  # background steps (by name) to finish before this one
 
     def facts(self) -> list[F.Fact]:
         return []
@@ -355,6 +356,10 @@ class Run(Step):
     user: str | None = None
     timeout: float | None = 1800
     notify: tuple[str, ...] = ()
+    # Start the command on the host when its turn comes and go on with the next steps; a step
+    # that lists it in `waits_for` (or the end of the run) waits for it and reports its result.
+    background: bool = False
+    waits_for: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.name = self.label

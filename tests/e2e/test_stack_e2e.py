@@ -207,3 +207,55 @@ def test_changing_workers_restarts_only_mlflow(stack, tmp_path):
     assert "--workers 2" in sh(h, "systemctl cat mlflow-server.service")
     with socket.create_connection(("127.0.0.1", stack["ports"]["mlflow"]), timeout=5):
         pass
+
+
+SCHEMA_CHECK_DB = "mlflow_schema_check"
+BUILD_SCHEMA = """
+import sys
+import sqlalchemy
+from mlflow.store.db.utils import _initialize_tables
+uri = next(l.split("=", 1)[1].strip() for l in open(sys.argv[1]) if l.startswith("MLFLOW_BACKEND"))
+_initialize_tables(sqlalchemy.create_engine(uri.rsplit("/", 1)[0] + "/" + sys.argv[2]))
+"""
+
+
+def normalized(dump: str) -> list[list[str]]:
+    """Each statement's lines, sorted: MLflow creates a table's indexes in no fixed order."""
+    return [sorted(line.rstrip(",") for line in stmt.splitlines()) for stmt in dump.split(";\n")]
+
+
+def test_schema_snapshot_is_the_schema_mlflow_builds(stack):
+    """MLflow builds its schema in a scratch database (create_all + every migration); its dump
+    must be the shipped snapshot, and the loaded `mlflow` database must have that schema.
+
+    To regenerate the snapshot after changing the pinned MLflow: the same dump of the scratch
+    database, without its alembic_version INSERT, under the snapshot's header.
+    """
+    from roles import mlflow_server
+
+    h = host_of(stack)
+    db = SCHEMA_CHECK_DB
+    who = ("'mlflow'@'localhost'", "'mlflow'@'127.0.0.1'")
+    no_data = "mysqldump --no-data --compact --skip-comments {} | sed 's/ AUTO_INCREMENT=[0-9]*//'"
+    try:
+        grants = " ".join(f"GRANT ALL ON {db}.* TO {w};" for w in who)
+        create = f"CREATE DATABASE {db} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+        sh(h, f'mysql -e "DROP DATABASE IF EXISTS {db}; {create}; {grants}"')
+        sh(h, "cat > /tmp/build_schema.py", stdin=BUILD_SCHEMA)
+        sh(h, "cd /opt/mlflow && runuser -u mlflow -- /opt/anaconda/envs/mlflow/bin/python "
+              f"/tmp/build_schema.py /etc/mlflow/mlflow.env {db}", timeout=600)  # fmt: skip
+        built = sh(h, f"mysqldump --compact --skip-comments --skip-dump-date {db}")
+        built_schema = sh(h, no_data.format(db))
+        loaded_schema = sh(h, no_data.format("mlflow"))
+    finally:
+        h.run(f"mysql -e \"DROP DATABASE IF EXISTS {db}; "
+              + " ".join(f"REVOKE ALL ON {db}.* FROM {w};" for w in who) + '"; '
+              "rm -f /tmp/build_schema.py")  # fmt: skip
+    head = f"INSERT INTO `alembic_version` VALUES\n('{mlflow_server.SCHEMA_HEAD}');\n"
+    assert head in built, "MLflow built another schema revision"
+    shipped = mlflow_server.SNAPSHOT.read_text()
+    body = "".join(line for line in shipped.splitlines(True) if not line.startswith("-- "))
+    assert normalized(built.replace(head, "")) == normalized(body), (
+        "regenerate templates/mlflow/schema-mariadb.sql"
+    )
+    assert normalized(loaded_schema) == normalized(built_schema)

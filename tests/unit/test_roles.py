@@ -171,8 +171,82 @@ def test_mlflow_server_env_file_unit_and_schema():
     assert fact.live  # read again once the run has started or created the database
     assert schema.plan(PlanContext({fact.key: F.ShellResult(0, "dc11669786a5\n")})) is None
     assert schema.plan(PlanContext({fact.key: F.ShellResult(0, "4465047574b1\n")})) is not None
-    # an empty database: the server creates the schema at its first start
+    # an empty database: loaded from the snapshot (MariaDB) or created by the server's first start
     assert schema.plan(PlanContext({fact.key: F.ShellResult(1, "")})) is None
+
+
+def snapshot_step(steps):
+    return next((s for s in steps if s.name.startswith("tracking schema ")), None)
+
+
+def test_empty_mariadb_database_gets_the_schema_snapshot_before_the_server_starts():
+    steps = mlflow_server.build(context())
+    load = snapshot_step(steps)
+    assert isinstance(load, Run) and load.user is None and load.notify == ("mlflow-server.service",)
+    names = [s.name for s in steps]
+    assert names.index(load.name) < names.index("service mlflow-server.service")
+    fact = load.needs[0]
+    assert fact.live  # the mysql role creates the database in the same run
+
+    def plans(rc: int, tables: str) -> bool:
+        return load.plan(PlanContext({fact.key: F.ShellResult(rc, tables)})) is not None
+
+    assert plans(0, "")  # empty database
+    assert plans(0, f"alembic_version\n{mlflow_server.LOADING}\n")  # a killed load's leftovers
+    assert plans(1, "")  # not readable yet: the load reports why
+    assert not plans(0, "alembic_version\nexperiments\nruns\n")
+    # MySQL (Ubuntu) and SQLite: the server's first start still creates the schema
+    assert snapshot_step(mlflow_server.build(context(UBUNTU_2204))) is None
+    assert snapshot_step(mlflow_server.build(context(mlflow={"backend": "sqlite"}))) is None
+
+
+def test_schema_snapshot_is_the_pinned_head_and_marks_its_load_complete_last():
+    text = mlflow_server.SNAPSHOT.read_text()
+    assert text.count("CREATE TABLE") == 65 and "alembic_version` VALUES" not in text
+    assert mlflow_server.SCHEMA_HEAD in text.splitlines()[0]
+    sql = mlflow_server.snapshot_sql("CREATE TABLE t (x INT);").splitlines()
+    marker = mlflow_server.LOADING
+    assert sql[:2] == ["SET FOREIGN_KEY_CHECKS=0;", f"CREATE TABLE {marker} (loading INT);"]
+    assert sql[-2:] == [
+        f"INSERT INTO alembic_version VALUES ('{mlflow_server.SCHEMA_HEAD}');",
+        f"DROP TABLE {marker};",
+    ]
+
+
+FAKE_MYSQL = """#!/bin/sh
+# mysql stand-in: `-N -B -e QUERY` lists $TABLES; any other call is logged with its stdin.
+case "$*" in -N*) printf "%s" "$TABLES"; exit 0;; esac
+echo "mysql $*" >> "$LOG"; [ -t 0 ] || cat >> "$LOG"
+"""
+
+
+@pytest.mark.parametrize(
+    ("tables", "rc", "logged"),
+    [
+        ("", 0, ["mysql --batch mlflow", "SQL"]),
+        (f"alembic_version\n{mlflow_server.LOADING}\n", 0, ["DROP DATABASE mlflow", "SQL"]),
+        ("alembic_version\nruns\n", 1, []),  # someone's tables: left alone
+    ],
+)
+def test_snapshot_load_script(tmp_path, tables, rc, logged):
+    import subprocess
+
+    (tmp_path / "mysql").write_text(FAKE_MYSQL)
+    (tmp_path / "mysql").chmod(0o755)
+    log = tmp_path / "log"
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "TABLES": tables, "LOG": str(log)}
+    proc = subprocess.run(
+        ["sh", "-c", mlflow_server.load_snapshot_script()],
+        input="SQL\n",
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == rc, proc.stderr
+    text = log.read_text() if log.exists() else ""
+    assert all(part in text for part in logged) and bool(text) == bool(logged)
+    if rc:
+        assert "has tables but no MLflow schema version" in proc.stderr
 
 
 def test_schema_head_is_the_installed_mlflows():
@@ -378,3 +452,31 @@ def test_no_mlflow_process_on_the_host_sends_usage_data():
     }
     for name, text in texts.items():
         assert "MLFLOW_DISABLE_TELEMETRY=true" in text, name
+
+
+def test_mlflow_server_bytecode_compiles_in_the_background_and_is_handed_to_its_user():
+    steps = anaconda.build(context())
+    names = [s.name for s in steps]
+    warm = find(steps, mlflow_server.WARM)
+    assert names.index(warm.name) == names.index("env mlflow") + 1 and warm.background
+    assert warm.user is None and "PYTHONPYCACHEPREFIX=/opt/mlflow/.cache/pycache" in warm.script
+    assert "mlflow.server.fastapi_app" in warm.script
+    cache = warm.needs[0]
+    info = F.PathInfo("directory", 0o755, "mlflow", "mlflow", 0)
+    assert warm.plan(PlanContext({cache.key: None})) is not None
+    assert warm.plan(PlanContext({cache.key: info})) is None
+    assert warm.plan(PlanContext({cache.key: info}, changed={"env mlflow"})) is not None
+    server = mlflow_server.build(context())
+    owner = find(server, "bytecode cache owned by mlflow")
+    assert owner.waits_for == (mlflow_server.WARM,)
+    server_names = [s.name for s in server]
+    assert server_names.index(owner.name) < server_names.index("service mlflow-server.service")
+    fact = owner.needs[0]
+
+    def chowns(output: str, changed: frozenset[str] = frozenset()) -> bool:
+        ctx = PlanContext({fact.key: F.ShellResult(0, output)}, changed=set(changed))
+        return owner.plan(ctx) is not None
+
+    assert not chowns("")  # all the mlflow user's
+    assert chowns("/opt/mlflow/.cache/pycache/x.pyc\n")  # a root-owned leftover
+    assert chowns("", {mlflow_server.WARM})  # warmed in this run

@@ -164,3 +164,74 @@ def test_masked_unit_reads_its_unit_again_after_a_change_in_the_run():
     masked = MaskedUnit("example.socket")
     fact = masked.facts()[0]
     assert fact.live  # the runner re-reads it before planning once the host changed
+
+
+@dataclass
+class FakeSystemdHost(LocalHost):
+    """A local host whose systemd-run and systemctl are the stand-ins in `bin_dir`."""
+
+    bin_dir: str = ""
+
+    def run(self, script, *, stdin=None, timeout=None, **kwargs) -> RunResult:
+        self.commands += 1
+        proc = subprocess.run(
+            ["sh", "-c", script.replace(runner.JOBS_DIR, f"{self.bin_dir}/jobs")],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={"PATH": f"{self.bin_dir}:/usr/bin:/bin"},
+        )
+        return RunResult(proc.returncode, proc.stdout, proc.stderr, 0.0)
+
+
+def fake_systemd(tmp_path) -> str:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "systemd-run").write_text(FAKE_SYSTEMD_RUN)
+    (bin_dir / "systemctl").write_text("#!/bin/sh\nexit 0\n")
+    for tool in ("systemd-run", "systemctl"):
+        (bin_dir / tool).chmod(0o755)
+    return str(bin_dir)
+
+
+def test_background_run_is_waited_for_by_a_later_step_and_reported_under_its_role(tmp_path):
+    done, later = tmp_path / "job-done", tmp_path / "later"
+    job = Run("slow job", f"sleep 0.5 && touch {done}", when=lambda c: True, background=True)
+    check = f"test -e {done} && touch {later}"  # fails if the job has not finished
+    needs_job = Run("needs it", check, when=lambda c: True, waits_for=("slow job",))
+    first = Role("first", lambda ctx: [job])
+    second = Role("second", lambda ctx: [Run("meanwhile", "true", when=lambda c: True), needs_job])
+    host = FakeSystemdHost(bin_dir=fake_systemd(tmp_path))
+    recap = converge_host(HostJob(host, [first, second], None), Options(), Reporter(json_mode=True))
+    assert [(r.role, r.step, r.status) for r in recap.results] == [
+        ("second", "meanwhile", Status.CHANGED),
+        ("first", "slow job", Status.CHANGED),
+        ("second", "needs it", Status.CHANGED),
+    ]
+    assert later.exists() and "in the background" in recap.results[1].summary
+
+
+def test_background_run_nobody_waits_for_is_reported_at_the_end_and_its_failure_fails(tmp_path):
+    job = Run("doomed", "echo broken >&2; exit 4", when=lambda c: True, background=True)
+    after = Run("after", "true", when=lambda c: True)
+    roles = [Role("first", lambda ctx: [job]), Role("second", lambda ctx: [after])]
+    host = FakeSystemdHost(bin_dir=fake_systemd(tmp_path))
+    recap = converge_host(HostJob(host, roles, None), Options(), Reporter(json_mode=True))
+    assert [(r.role, r.step, r.status) for r in recap.results] == [
+        ("second", "after", Status.CHANGED),
+        ("first", "doomed", Status.FAILED),
+    ]
+    assert recap.failed and "broken" in recap.results[-1].summary
+
+
+def test_background_run_in_check_mode_is_planned_in_place(tmp_path):
+    job = Run("job", "touch should-not-exist", when=lambda c: True, background=True)
+    host = FakeSystemdHost(bin_dir=fake_systemd(tmp_path))
+    recap = converge_host(
+        HostJob(host, [Role("r", lambda ctx: [job])], None),
+        Options(check=True),
+        Reporter(json_mode=True, check=True),
+    )
+    assert [(r.step, r.status) for r in recap.results] == [("job", Status.CHANGED)]
+    assert not (tmp_path / "bin" / "jobs").exists()
