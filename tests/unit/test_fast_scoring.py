@@ -260,3 +260,30 @@ def test_plain_number():
     bad = [True, None, "1", float("nan"), float("inf"), 2**53 + 1, [1.0], {"a": 1}]
     assert all(map(fast_scoring._plain_number, ok))
     assert not any(map(fast_scoring._plain_number, bad))
+
+
+def test_the_model_gets_the_frame_mlflow_would_give_it(tmp_path):
+    """Same columns, dtypes, index, values and memory layout as after MLflow's parsing and
+    schema enforcement, so any model computes the same predictions from it."""
+    import numpy as np
+    import pandas as pd
+    from mlflow.pyfunc import scoring_server
+
+    model = scoring_server.load_model_with_mlflow_config(save_model(tmp_path / "m"))
+    frames = []
+    real = model._predict_fn
+
+    def recording(frame, params=None):
+        frames.append(frame)
+        return real(frame)
+
+    model._predict_fn = recording
+    scorer = fast_scoring.FastScorer.for_model(model)
+    schema = model.metadata.get_input_schema()
+    for name, payload in FAST.items():
+        body = encode(payload)
+        assert scoring_server.invocations(body, JSON, model, schema).status == 200
+        assert scorer.answer(body) is not None
+        theirs, ours = frames[-2:]
+        pd.testing.assert_frame_equal(ours, theirs, check_exact=True, obj=name)
+        assert np.asarray(ours).strides == np.asarray(theirs).strides, name
