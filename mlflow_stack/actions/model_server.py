@@ -9,12 +9,12 @@ What it does differently from `mlflow models serve --env-manager local`:
   created as IPPROTO_TCP, so asyncio sets TCP_NODELAY on every accepted connection (uvicorn's
   own socket for --workers > 1 has protocol 0, which asyncio skips: ≈ 40 ms stalls on
   keep-alive connections);
-- with WORKERS > 1 the model is loaded once and the workers are forked from it. The parent
-  accepts the connections and hands them to the workers in turn (conn_balance.py): with one
-  shared socket the first idle worker accepts a whole burst of keep-alive connections
-  (measured 800 vs 40 CPU ticks); with one SO_REUSEPORT socket per worker the kernel's hash
-  split eight connections 5/3, 6/2 or 4/4. The parent supervises the workers: a dead worker
-  stops the others and the process exits non-zero, so systemd restarts the whole unit;
+- with WORKERS > 1 the model is loaded once and the workers are forked from it. Each worker
+  listens on its own SO_REUSEPORT socket, so the kernel spreads new connections over the
+  workers (with one shared socket, the first idle worker accepts a whole burst of keep-alive
+  connections and the others stay idle: measured 800 vs 40 CPU ticks). The parent supervises
+  them: a dead worker stops the others and the process exits non-zero, so systemd restarts
+  the whole unit;
 - in front of MLflow's app, a fast path (fast_scoring.py, deployed next to this file) scores the
   common request — JSON `dataframe_split`/`dataframe_records` with exactly the signature's
   double columns — without MLflow's per-column DataFrame casts and schema enforcement, and
@@ -28,23 +28,23 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import importlib
 import logging
 import os
 import signal
 import socket
 import sys
 import time
-from types import ModuleType
 
 log = logging.getLogger("mlflow_stack.model_server")
 
 
-def listen(bind: str, port: int, backlog: int = 2048) -> socket.socket:
-    """A listening TCP socket (IPPROTO_TCP, so that asyncio sets TCP_NODELAY)."""
+def listen(bind: str, port: int, reuse_port: bool = False, backlog: int = 2048) -> socket.socket:
+    """A listening TCP socket; `reuse_port` lets each worker have its own on the same port."""
     family = socket.AF_INET6 if ":" in bind else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((bind, port))
     except OSError as exc:
@@ -54,22 +54,21 @@ def listen(bind: str, port: int, backlog: int = 2048) -> socket.socket:
     return sock
 
 
-def sibling(name: str) -> ModuleType:
-    """A module deployed next to this file on the host (from the repository: its package)."""
-    return importlib.import_module(f"{__package__}.{name}" if __package__ else name)
-
-
 def build_app(model_uri: str):
     """MLflow's scoring app for the model, behind the fast path when the model allows it."""
     import uvicorn  # noqa: F401  (imported once, before any fork)
     from mlflow.pyfunc import scoring_server
 
-    fast = sibling("fast_scoring")
+    if __package__:  # imported from the repository (tests)
+        from mlflow_stack.actions.fast_scoring import FastPathApp, FastScorer
+    else:  # on the host, deployed next to this file
+        from fast_scoring import FastPathApp, FastScorer
+
     model = scoring_server.load_model_with_mlflow_config(model_uri)
     app = scoring_server.init(model)
-    scorer = fast.FastScorer.for_model(model)
+    scorer = FastScorer.for_model(model)
     log.info("fast path (dataframe_split/_records JSON): %s", "on" if scorer else "off (model)")
-    return fast.FastPathApp(app, scorer) if scorer else app
+    return FastPathApp(app, scorer) if scorer else app
 
 
 def serve(app, sock: socket.socket, access_log: bool) -> None:
@@ -79,19 +78,9 @@ def serve(app, sock: socket.socket, access_log: bool) -> None:
     uvicorn.Server(config).run(sockets=[sock])
 
 
-def serve_handed(app, balancer, index: int, access_log: bool) -> None:
-    """Worker `index`: serve the connections the parent hands over."""
-    import uvicorn
-
-    channel = balancer.worker_end(index)
-    config = uvicorn.Config(app, log_level="info", access_log=access_log)
-    sibling("conn_balance").ChannelServer(config, channel).run()
-
-
-def supervise(children: set[int], balancer=None) -> int:
-    """Wait for the workers (handing them connections when there is a balancer); on
-    SIGTERM/SIGINT stop them. A worker that dies on its own stops the others: exit 1 so that
-    systemd restarts the unit."""
+def supervise(children: set[int]) -> int:
+    """Wait for the workers; on SIGTERM/SIGINT stop them. A worker that dies on its own
+    stops the others: exit 1 so that systemd restarts the unit."""
     stopping = False
 
     def stop(signum, _frame) -> None:
@@ -106,13 +95,7 @@ def supervise(children: set[int], balancer=None) -> int:
     try:
         while children:
             try:
-                if balancer is not None and not stopping:
-                    balancer.pump(0.2)
-                    pid, status = os.waitpid(-1, os.WNOHANG)
-                    if pid == 0:
-                        continue
-                else:
-                    pid, status = os.wait()
+                pid, status = os.wait()
             except ChildProcessError:
                 break
             children.discard(pid)
@@ -121,8 +104,6 @@ def supervise(children: set[int], balancer=None) -> int:
                 failed = True
                 stop(signal.SIGTERM, None)
     finally:
-        if balancer is not None:
-            balancer.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 1 if failed else 0
@@ -137,7 +118,7 @@ def main() -> int:
     access_log = os.environ.get("ACCESS_LOG", "0") == "1"
 
     started = time.monotonic()
-    sock = listen(bind, port)
+    sock = listen(bind, port, reuse_port=workers > 1)
     app = build_app(uri)
     log.info("loaded %s in %.1f s", uri, time.monotonic() - started)
     # Everything loaded so far lives as long as the process: keep it out of the collector's
@@ -147,30 +128,23 @@ def main() -> int:
     if workers == 1:
         serve(app, sock, access_log)
         return 0
-    return fork_workers(app, sock, workers, access_log, f"{uri} on {bind}:{port}")
-
-
-def fork_workers(app, sock: socket.socket, workers: int, access_log: bool, what: str) -> int:
-    """Fork the workers; this process hands them the connections until it is stopped."""
-    balancer = sibling("conn_balance").Balancer(sock, workers)
     children = set()
     for number in range(workers):
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            code = 1
             try:
-                serve_handed(app, balancer, number, access_log)
-                code = 0
-            except BaseException:
-                log.exception("worker %d failed", number)
+                if number > 0:  # its own socket: the kernel spreads new connections over them
+                    sock.close()
+                    sock = listen(bind, port, reuse_port=True)
+                serve(app, sock, access_log)
             finally:
-                os._exit(code)
+                os._exit(0)
         children.add(pid)
-    balancer.start()
-    log.info("serving %s with %d workers %s", what, workers, sorted(children))
-    return supervise(children, balancer)
+    sock.close()
+    log.info("serving %s on %s:%d with %d workers %s", uri, bind, port, workers, sorted(children))
+    return supervise(children)
 
 
 if __name__ == "__main__":

@@ -143,10 +143,9 @@ def test_serve_steps_render_unit_and_env():
     script = next(s for s in steps if s.name == f"file {serve.SERVER_PATH}")
     assert script.content == serve.SERVER_SCRIPT.read_text()
     assert script.notify == ("mlflow-model@wine.service",)
-    for module in ("fast_scoring.py", "conn_balance.py"):  # imported by the server script
-        step = next(s for s in steps if s.name == f"file /usr/local/lib/mlflow-stack/{module}")
-        assert step.content == serve.SERVER_SCRIPT.with_name(module).read_text()
-        assert step.notify == ("mlflow-model@wine.service",)
+    fast = next(s for s in steps if s.name == "file /usr/local/lib/mlflow-stack/fast_scoring.py")
+    assert fast.content == serve.FAST_PATH_SCRIPT.read_text()
+    assert fast.notify == ("mlflow-model@wine.service",)
 
 
 def test_model_server_socket_gets_tcp_nodelay():
@@ -190,6 +189,17 @@ def test_model_server_refuses_a_busy_port():
     with pytest.raises(SystemExit, match=f"cannot listen on 127.0.0.1:{port}: "):
         model_server.listen("127.0.0.1", port)
     taken.close()
+
+
+def test_model_server_workers_can_each_listen_on_the_port():
+    from mlflow_stack.actions import model_server
+
+    first = model_server.listen("127.0.0.1", 0, reuse_port=True)
+    port = first.getsockname()[1]
+    second = model_server.listen("127.0.0.1", port, reuse_port=True)
+    assert second.getsockname() == first.getsockname()
+    for sock in (first, second):
+        sock.close()
 
 
 def test_model_server_supervisor_exits_nonzero_when_a_worker_dies():
@@ -291,55 +301,3 @@ def test_served_instances_parse():
     out = ok("wine 54321\nchamp 54322\nbroken \n*.env \n")
     assert serve.parse_served(out) == {"wine": 54321, "champ": 54322}
     assert serve.parse_served(F.ShellResult(1, "")) == {}
-
-
-def test_model_server_workers_share_new_connections_evenly():
-    """Eight keep-alive connections opened at once land four on each of two workers (the
-    parent hands them over in turn), again after the client reconnects; SIGTERM stops all."""
-    import http.client
-    import os
-    import signal
-    import time
-    from collections import Counter
-
-    from mlflow_stack.actions import model_server
-
-    async def app(scope, receive, send):  # answers with the worker's pid
-        if scope["type"] != "http":
-            return
-        body = str(os.getpid()).encode()
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": body})
-
-    sock = model_server.listen("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    parent = os.fork()
-    if parent == 0:
-        code = 1
-        try:
-            code = model_server.fork_workers(app, sock, 2, False, "test")
-        finally:
-            os._exit(code)
-    sock.close()
-
-    def pids_of_eight() -> Counter:
-        conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=30) for _ in range(8)]
-        for conn in conns:
-            conn.connect()
-        pids = []
-        for _ in range(3):  # keep-alive: each connection stays with its worker
-            for conn in conns:
-                conn.request("GET", "/")
-                pids.append(conn.getresponse().read())
-        for conn in conns:
-            conn.close()
-        return Counter(pids)
-
-    try:
-        for _ in range(2):
-            assert sorted(pids_of_eight().values()) == [12, 12]
-    finally:
-        time.sleep(0.2)
-        os.kill(parent, signal.SIGTERM)
-        _, status = os.waitpid(parent, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
