@@ -134,13 +134,17 @@ def main() -> int:
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 1
             try:
                 if number > 0:  # its own socket: the kernel spreads new connections over them
                     sock.close()
                     sock = listen(bind, port, reuse_port=True)
                 serve(app, sock, access_log)
+                code = 0
+            except BaseException:  # os._exit would drop the traceback
+                log.exception("worker %d failed", number)
             finally:
-                os._exit(0)
+                os._exit(code)
         children.add(pid)
     sock.close()
     log.info("serving %s on %s:%d with %d workers %s", uri, bind, port, workers, sorted(children))
