@@ -84,7 +84,7 @@ class FastScorer:
         """The JSON answer MLflow's handler would give for this body, or None to let it."""
         try:
             request = json.loads(body)
-        except ValueError:
+        except Exception:  # not JSON, not UTF-8/16/32, nested too deep: MLflow's handler answers
             return None
         if type(request) is not dict or len(request) != 1:
             return None

@@ -180,6 +180,10 @@ RAW_DECLINED = {
     "NaN": encode(split([sample_row()])).replace(b"12.8", b"NaN"),
     "Infinity": encode(split([sample_row()])).replace(b"12.8", b"-Infinity"),
     "overflowing float": encode(split([sample_row()])).replace(b"12.8", b"1e400"),
+    "nested too deep for json.loads": b'{"dataframe_split": '
+    + b"[" * 100_000
+    + b"]" * 100_000
+    + b"}",
 }
 RAW_FAST = {"UTF-16 (json.loads decodes it)": json.dumps(split([sample_row()])).encode("utf-16")}
 
