@@ -14,7 +14,11 @@ What it does differently from `mlflow models serve --env-manager local`:
   workers (with one shared socket, the first idle worker accepts a whole burst of keep-alive
   connections and the others stay idle: measured 800 vs 40 CPU ticks). The parent supervises
   them: a dead worker stops the others and the process exits non-zero, so systemd restarts
-  the whole unit.
+  the whole unit;
+- in front of MLflow's app, a fast path (fast_scoring.py, deployed next to this file) scores the
+  common request — JSON `dataframe_split`/`dataframe_records` with exactly the signature's
+  double columns — without MLflow's per-column DataFrame casts and schema enforcement, and
+  hands every other request to MLflow's app: the answers are the same byte for byte.
 
 Settings come from the environment (the unit's env file): MODEL_URI, BIND, PORT, WORKERS (0:
 one per CPU) and ACCESS_LOG (1 logs every request, as `mlflow models serve` does; default 0).
@@ -51,11 +55,20 @@ def listen(bind: str, port: int, reuse_port: bool = False, backlog: int = 2048) 
 
 
 def build_app(model_uri: str):
+    """MLflow's scoring app for the model, behind the fast path when the model allows it."""
     import uvicorn  # noqa: F401  (imported once, before any fork)
     from mlflow.pyfunc import scoring_server
 
+    if __package__:  # imported from the repository (tests)
+        from mlflow_stack.actions.fast_scoring import FastPathApp, FastScorer
+    else:  # on the host, deployed next to this file
+        from fast_scoring import FastPathApp, FastScorer
+
     model = scoring_server.load_model_with_mlflow_config(model_uri)
-    return scoring_server.init(model)
+    app = scoring_server.init(model)
+    scorer = FastScorer.for_model(model)
+    log.info("fast path (dataframe_split/_records JSON): %s", "on" if scorer else "off (model)")
+    return FastPathApp(app, scorer) if scorer else app
 
 
 def serve(app, sock: socket.socket, access_log: bool) -> None:
@@ -121,13 +134,17 @@ def main() -> int:
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 1
             try:
                 if number > 0:  # its own socket: the kernel spreads new connections over them
                     sock.close()
                     sock = listen(bind, port, reuse_port=True)
                 serve(app, sock, access_log)
+                code = 0
+            except BaseException:  # os._exit would drop the traceback
+                log.exception("worker %d failed", number)
             finally:
-                os._exit(0)
+                os._exit(code)
         children.add(pid)
     sock.close()
     log.info("serving %s on %s:%d with %d workers %s", uri, bind, port, workers, sorted(children))

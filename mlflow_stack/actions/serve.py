@@ -24,6 +24,9 @@ RESOLVER = Path(__file__).with_name("resolve_model.py")
 # The unit's program: MLflow's scoring app under uvicorn, one Python start (see the file).
 SERVER_SCRIPT = Path(__file__).with_name("model_server.py")
 SERVER_PATH = "/usr/local/lib/mlflow-stack/model_server.py"
+# Its fast path for the common /invocations request, imported from the same directory.
+FAST_PATH_SCRIPT = Path(__file__).with_name("fast_scoring.py")
+FAST_PATH_PATH = str(Path(SERVER_PATH).with_name("fast_scoring.py"))
 
 
 def served_fact() -> F.Shell:
@@ -114,6 +117,7 @@ def serve_steps(req: ServeRequest, uri: str, layout: Layout) -> list[Step]:
         Directory(CONF_DIR, "root", layout.demo_user, 0o750),
         Directory(str(Path(SERVER_PATH).parent), "root", "root", 0o755),
         File(SERVER_PATH, SERVER_SCRIPT.read_text(), notify=(unit,)),
+        File(FAST_PATH_PATH, FAST_PATH_SCRIPT.read_text(), notify=(unit,)),
         File(
             f"{CONF_DIR}/{req.name}.env", env_text, "root", layout.demo_user, 0o640, notify=(unit,)
         ),

@@ -143,6 +143,9 @@ def test_serve_steps_render_unit_and_env():
     script = next(s for s in steps if s.name == f"file {serve.SERVER_PATH}")
     assert script.content == serve.SERVER_SCRIPT.read_text()
     assert script.notify == ("mlflow-model@wine.service",)
+    fast = next(s for s in steps if s.name == "file /usr/local/lib/mlflow-stack/fast_scoring.py")
+    assert fast.content == serve.FAST_PATH_SCRIPT.read_text()
+    assert fast.notify == ("mlflow-model@wine.service",)
 
 
 def test_model_server_socket_gets_tcp_nodelay():
