@@ -11,7 +11,7 @@ from demo_wine import artifacts
 from demo_wine.errors import InputError
 from tests.demo_wine.conftest import run_count, run_module
 
-JSON_KEYS = {"run_id", "experiment_id", "metrics", "model_uri", "params", "elapsed_s"}
+JSON_KEYS = {"run_id", "experiment_id", "metrics", "model_uri", "params", "elapsed_s", "process"}
 
 
 def test_train_original_defaults_in_sane_range(store: Path) -> None:
@@ -85,7 +85,7 @@ def test_cli_prints_json_last_line(store: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(result) == JSON_KEYS
+    assert set(result) == JSON_KEYS and result["process"] == "cold"
     assert result["params"] == {"alpha": 0.42, "l1_ratio": 0.1, "seed": 42}
     assert result["model_uri"].startswith("models:/")
     assert result["metrics"]["rmse"] < 0.9
