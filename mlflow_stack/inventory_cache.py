@@ -14,10 +14,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mlflow_stack.engine import user_cache
 from mlflow_stack.engine.link import Target
 from mlflow_stack.targets import ResolvedHost, sandbox_target
 from mlflow_stack.vars_view import VarsView
@@ -31,8 +31,7 @@ KEEP = 64  # entries kept; the oldest go first
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "mlflow-stack" / "inventory"
+    return user_cache.cache_dir("inventory")
 
 
 def entry_path(path: Path, text: bytes, spec: str) -> Path:
@@ -116,18 +115,4 @@ def store(
         )
     data = {"sections": list(sections()), "hosts": items}
     with contextlib.suppress(OSError, TypeError, ValueError):
-        target = entry_path(path, text, spec)
-        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(data, out)
-        os.replace(tmp, target)
-        _prune(target.parent)
-
-
-def _prune(directory: Path) -> None:
-    entries = sorted(directory.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in entries[KEEP:]:
-        with contextlib.suppress(OSError):
-            old.unlink()
+        user_cache.write_json(entry_path(path, text, spec), data, KEEP)

@@ -13,13 +13,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mlflow_stack.engine import probe_script
+from mlflow_stack.engine import probe_script, user_cache
 from mlflow_stack.engine.link import HostError
 
 if TYPE_CHECKING:
@@ -94,8 +93,7 @@ def probe(host: Host, facts: list[F.Fact], known: Known | None = None) -> dict[s
 
 def plan_dir() -> Path:
     """Where plans are kept: `$XDG_CACHE_HOME/mlflow-stack/plans` (~/.cache by default)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "mlflow-stack" / "plans"
+    return user_cache.cache_dir("plans")
 
 
 def plan_path(host: Host, roles: tuple[str, ...] | list[str]) -> Path:
@@ -118,16 +116,8 @@ def save_plan(path: Path, facts: list[F.Fact]) -> None:
     """Keep the keys and commands of `facts` for the next run (private, written atomically)."""
     unique = list({f.key: f for f in facts}.values())
     data = {"facts": [[f.key, f.command()] for f in unique]}
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(data, out)
-        os.replace(tmp, path)
-        plans = sorted(path.parent.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in plans[KEEP_PLANS:]:  # hosts not run for long (e.g. test sandboxes)
-            old.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # hosts not run for long (e.g. test sandboxes) drop out
+        user_cache.write_json(path, data, KEEP_PLANS)
 
 
 class Prefetch:
