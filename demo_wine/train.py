@@ -19,6 +19,7 @@ from typing import Any
 from demo_wine.data import DEFAULT_SEED, Split
 from demo_wine.errors import Parser, parse_int, run_cli
 from demo_wine.model import DEFAULT_ALPHA, DEFAULT_L1_RATIO, validate_params
+from demo_wine.warm import MARK_ENV
 
 DEFAULT_EXPERIMENT = "wine"
 
@@ -135,7 +136,7 @@ def train(
         "model_uri": out["model_uri"],
         "params": {"alpha": alpha, "l1_ratio": l1_ratio, "seed": seed},
         "elapsed_s": round(time.perf_counter() - start, 3),
-        "process": os.environ.get("DEMO_WINE_PROCESS", "cold"),  # "warm": see demo_wine.warm
+        "process": os.environ.get(MARK_ENV, "cold"),  # "warm": forked by demo_wine.warm
     }
 
 

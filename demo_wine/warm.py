@@ -249,22 +249,23 @@ def _judge(conn, request: dict, served, watched, started) -> bytes:
 
 
 def _receive(conn: socket.socket) -> tuple[dict | None, list[int]]:
+    """The request and the client's three descriptors; (None, []) for anything malformed,
+    with whatever descriptors came along closed."""
+    fds: list[int] = []
     try:
         conn.settimeout(10.0)
         data, fds, _, _ = socket.recv_fds(conn, 65536, 3)
-        if len(data) < _HEADER.size:
-            return None, fds
-        (size,) = _HEADER.unpack(data[: _HEADER.size])
         body = data[_HEADER.size :]
+        (size,) = _HEADER.unpack(data[: _HEADER.size])
         while len(body) < size:
             chunk = conn.recv(size - len(body))
             if not chunk:
-                return None, fds
+                raise ValueError("request cut short")
             body += chunk
         request = json.loads(body)
-    except (OSError, ValueError):
-        return None, []
-    if len(fds) != 3:
+        if len(fds) != 3 or not isinstance(request, dict):
+            raise ValueError("not a run request")
+    except (OSError, ValueError, struct.error):
         _close(None, fds)
         return None, []
     conn.settimeout(None)

@@ -162,3 +162,19 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
     except (FileNotFoundError, IndexError):
         return True
+
+
+def test_a_malformed_request_is_dropped_with_its_descriptors(server, tmp_path):
+    import socket
+
+    sock, _, proc = server
+    assert client(sock, PROBE, "0", cwd=tmp_path).returncode == 0
+    open_fds = len(os.listdir(f"/proc/{proc.pid}/fd"))
+    for payload in (b"xx", b"\x00\x00\x00\x05[1,2", b"\x00\x00\x00\x02[]"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bad:
+            bad.connect(str(sock))
+            socket.send_fds(bad, [payload], [0, 1, 2])
+            bad.shutdown(socket.SHUT_WR)
+            assert bad.recv(1) == b""  # no answer: the server just closes
+    assert "mark=warm" in client(sock, PROBE, "0", cwd=tmp_path).stdout  # still serving
+    assert len(os.listdir(f"/proc/{proc.pid}/fd")) == open_fds
