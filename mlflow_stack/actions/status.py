@@ -47,20 +47,17 @@ def gather(host: Host, layout: Layout) -> list[ServiceStatus]:
     db_unit = mysql.flavor(first[F.OsRelease().key]).service
     mlflow_url = f"http://127.0.0.1:{layout.mlflow_port}"
     jupyter_url = f"http://127.0.0.1:{layout.jupyter_port}"
-    units = {
+    units: dict[str, tuple[F.Fact, F.Fact | None]] = {
         db_unit: (F.Shell("db ping", "mysqladmin ping"), F.Shell("db version", "mysql -V")),
         "mlflow-server.service": (_get(f"{mlflow_url}/health"), _get(f"{mlflow_url}/version")),
         "jupyter.service": (_get(f"{jupyter_url}/api"), _get(f"{jupyter_url}/api")),
     }
     warm_unit = demo_files.WARM_UNIT
-    units[warm_unit] = (
-        F.Shell("warm socket", f"test -S {demo_files.WARM_SOCKET}"),
-        F.Shell("warm version", "true"),
-    )
+    units[warm_unit] = (F.Shell("warm socket", f"test -S {demo_files.WARM_SOCKET}"), None)
     for name, port in served:
         url = f"http://127.0.0.1:{port}"
         units[f"mlflow-model@{name}.service"] = (_get(f"{url}/ping"), _get(f"{url}/version"))
-    facts = [F.Unit(u) for u in units] + [f for pair in units.values() for f in pair]
+    facts = [F.Unit(u) for u in units] + [f for pair in units.values() for f in pair if f]
     values = probe(host, facts)
     out = []
     for unit, (health_fact, version_fact) in units.items():
