@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "winequality-white.csv"
+DEFAULT_DATA = REPO / "demo_wine" / "data" / "winequality-white.csv"
 
 
 def children_cpu() -> float:

@@ -18,18 +18,15 @@ SLOT = int(os.environ.get("BENCH_SLOT", "0"))
 PORTS = {"mlflow": 25000 + 10 * SLOT, "jupyter": 28888 + 10 * SLOT, "mysql": 23306 + 10 * SLOT}
 SSH_PORT = 2290 + SLOT
 NAME = "bench" if SLOT == 0 else f"bench{SLOT}"
-SHARED_CSV = REPO.parent / "shared" / "data" / "winequality-white.csv"
 
 
 def inventory(directory: Path, sandbox_name: str) -> Path:
-    data = f"demo: {{data_file: '{SHARED_CSV}'}}" if SHARED_CSV.exists() else "demo: {}"
     text = (
         f"groups:\n  server:\n    hosts: [bench]\nhosts:\n  bench:\n    sandbox: {sandbox_name}\n"
         "    vars:\n"
         f"      mlflow: {{port: {PORTS['mlflow']}}}\n"
         f"      jupyter: {{port: {PORTS['jupyter']}}}\n"
         f"      mysql: {{port: {PORTS['mysql']}}}\n"
-        f"      {data}\n"
     )
     path = directory / "inventory.yaml"
     path.write_text(text)

@@ -41,12 +41,15 @@ DEFAULT_TEST_SIZE = 0.25
 DEFAULT_VAL_SIZE = 0.2
 
 
+BUNDLED = Path(__file__).resolve().parent / "data" / "winequality-white.csv"
+
+
 def default_data_path() -> str:
-    """``$DEMO_WINE_DATA`` if set, else ``<package dir>/../data/winequality-white.csv``."""
+    """``$DEMO_WINE_DATA`` if set, else the copy shipped in the package (``data/``)."""
     env = os.environ.get(DATA_ENV, "").strip()
     if env:
         return env
-    return str(Path(__file__).resolve().parent.parent / "data" / "winequality-white.csv")
+    return str(BUNDLED)
 
 
 def is_url(source: str) -> bool:

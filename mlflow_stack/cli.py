@@ -1,28 +1,40 @@
-"""Glue between Invoke tasks and the engine: inventory, host selection, one-line errors.
+"""What every task shares: inventory and host selection, connections, one-line errors.
 
-Importing this module is cheap: the inventory (pydantic, YAML) and the SSH layer (Paramiko)
-are imported by the functions that need them, so `invoke --list` or `--help` load neither.
+Importing this module is cheap: the inventory (pydantic, YAML) and the SSH layer are imported
+by the functions that need them, so `invoke --list` or `--help` load neither.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from dataclasses import replace
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from invoke.exceptions import Exit
 
-from mlflow_stack.vars_view import VarsView
+from mlflow_stack.errors import UserError
 
 if TYPE_CHECKING:
     from mlflow_stack.engine.host import Host
-    from mlflow_stack.inventory import Inventory, ResolvedHost
+    from mlflow_stack.inventory import Inventory
+    from mlflow_stack.targets import ResolvedHost
 
 
 def fail(message: str, code: int = 1) -> Exit:
     """An Invoke exit with a one-line message on stderr."""
     return Exit(f"error: {message}", code=code)
+
+
+@contextlib.contextmanager
+def reporting(code: int = 1) -> Iterator[None]:
+    """Any `UserError` raised inside becomes the task's one-line error and exit `code`."""
+    try:
+        yield
+    except UserError as exc:
+        raise fail(str(exc), code) from None
 
 
 def inventory_path(path: str | None) -> Path:
@@ -35,94 +47,70 @@ def inventory_path(path: str | None) -> Path:
 
 
 def load_inventory(path: str | None) -> Inventory:
-    from mlflow_stack.inventory import Inventory, InventoryError
+    from mlflow_stack.inventory import Inventory
 
-    try:
+    with reporting():
         return Inventory.load(inventory_path(path))
-    except InventoryError as exc:
-        raise fail(str(exc)) from None
-
-
-def default_host_spec(inv: Inventory) -> str:
-    """The `server` group when it has members, else the local sandbox."""
-    server = inv.model.groups.get("server")
-    return "server" if server and server.hosts else "sandbox"
-
-
-def select_hosts(spec: str | None, inventory: str | None) -> tuple[Inventory, list[ResolvedHost]]:
-    from mlflow_stack.inventory import InventoryError, resolve
-
-    inv = load_inventory(inventory)
-    try:
-        return inv, resolve(spec or default_host_spec(inv), inv)
-    except InventoryError as exc:
-        raise fail(str(exc)) from None
 
 
 def hosts_for(spec: str | None, inventory: str | None) -> list[ResolvedHost]:
-    """`select_hosts`, from the inventory cache when this inventory resolved `spec` before.
-
-    Their vars are `VarsView`s either way (attribute access, like `StackVars`).
-    """
+    """The hosts `spec` names (default: the `server` group, else the sandbox), from the
+    inventory cache when this very inventory resolved `spec` before."""
     from mlflow_stack import inventory_cache
-    from mlflow_stack.targets import InventoryError
+    from mlflow_stack.inventory import default_host_spec, resolve
 
     path = inventory_path(inventory)
-    try:
-        text = path.read_bytes()
-        cached = inventory_cache.lookup(path, spec or "")
-    except InventoryError as exc:
-        raise fail(str(exc)) from None
-    except OSError:
-        text, cached = None, None  # load_inventory reports a missing file
-    if cached is not None:
-        return cached
-    from mlflow_stack.vars import view
-
-    inv, hosts = select_hosts(spec, inventory)
-    if text is not None:
-        inventory_cache.store(path, text, spec or "", spec or default_host_spec(inv), inv, hosts)
-    return [
-        replace(h, vars=h.vars if isinstance(h.vars, VarsView) else view(h.vars)) for h in hosts
-    ]
+    with reporting():
+        try:
+            text = path.read_bytes()
+        except OSError:
+            text = None  # load_inventory reports a missing file
+        cached = inventory_cache.lookup(path, spec or "") if text is not None else None
+        if cached is not None:
+            return cached
+        inv = load_inventory(inventory)
+        effective = spec or default_host_spec(inv)
+        hosts = resolve(effective, inv)
+        if text is not None:
+            inventory_cache.store(path, text, spec or "", effective, inv, hosts)
+        return hosts
 
 
 def parse_roles(value: str | None) -> tuple[str, ...] | None:
+    """`--roles a,b` as role names (None: the hosts' own roles)."""
+    from mlflow_stack.layout import ROLES
+
     if not value:
         return None
     names = tuple(r.strip() for r in value.split(",") if r.strip())
-    from mlflow_stack.inventory import ALL_ROLES
-
-    unknown = [r for r in names if r not in ALL_ROLES]
+    unknown = [r for r in names if r not in ROLES]
     if unknown:
-        raise fail(f"--roles: unknown role {unknown[0]!r}; roles: {', '.join(ALL_ROLES)}")
+        raise fail(f"--roles: unknown role {unknown[0]!r}; roles: {', '.join(ROLES)}")
     return names
 
 
-def connect(resolved: ResolvedHost) -> Host:
-    from mlflow_stack.engine.host import Host, HostError
+@contextlib.contextmanager
+def connected(hosts: list[ResolvedHost]) -> Iterator[dict[str, Host]]:
+    """One open SSH link per distinct host (opened in parallel), closed at the end; any
+    `UserError` inside becomes the task's one-line error."""
+    from mlflow_stack.engine.host import Host
 
-    host = Host(resolved.target)
+    unique = {h.name: h for h in hosts}
+    links = {name: Host(h.target) for name, h in unique.items()}
     try:
-        host.connect()
-    except HostError as exc:
-        raise fail(str(exc)) from None
-    return host
+        with reporting():
+            with ThreadPoolExecutor(max_workers=max(1, len(links))) as pool:
+                list(pool.map(lambda link: link.connect(), links.values()))
+            yield links
+    finally:
+        for link in links.values():
+            link.close()
 
 
-def first_host(spec: str | None, inventory: str | None) -> tuple[ResolvedHost, Host]:
-    """The one host an action works on (the first of the 'server' group by default)."""
-    hosts = hosts_for(spec, inventory)
-    return hosts[0], connect(hosts[0])
-
-
-def positive_int(value, flag: str, low: int = 1, high: int | None = None) -> int:
-    """An integer flag within bounds, else a one-line error naming the flag."""
-    try:
-        number = int(str(value))
-    except ValueError:
-        raise fail(f"{flag} {value!r}: not a whole number") from None
-    if number < low or (high is not None and number > high):
-        bounds = f"{low} to {high}" if high is not None else f"at least {low}"
-        raise fail(f"{flag} {number}: must be {bounds}")
-    return number
+@contextlib.contextmanager
+def on_host(spec: str | None, inventory: str | None) -> Iterator[tuple[ResolvedHost, Host]]:
+    """The one host an action works on (the first of `spec`, by default of the `server`
+    group), connected; closed at the end."""
+    resolved = hosts_for(spec, inventory)[0]
+    with connected([resolved]) as links:
+        yield resolved, links[resolved.name]

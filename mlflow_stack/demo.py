@@ -9,8 +9,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import TextIO
 
 from mlflow_stack.actions import check_mysql as checking
@@ -18,20 +17,19 @@ from mlflow_stack.actions import predict as scoring
 from mlflow_stack.actions import serve as serving
 from mlflow_stack.actions import train as training
 from mlflow_stack.actions import tune as tuning
-from mlflow_stack.actions.remote import ActionError, Layout
 from mlflow_stack.engine.host import Host
 from mlflow_stack.engine.report import Reporter, Status, StepResult
-from mlflow_stack.engine.runner import HostJob, Options, converge
-from mlflow_stack.inventory import Inventory, ResolvedHost, deep_merge, resolve
-from mlflow_stack.vars import StackVars
+from mlflow_stack.errors import UserError
+from mlflow_stack.inventory import Inventory, ResolvedHost, resolve
+from mlflow_stack.layout import Layout
+from mlflow_stack.provision import RoleCatalog, first_failure, provision
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "winequality-white.csv"
 SANDBOX, SANDBOX_PORT = "sandbox", 2222
 ALPHAS = (0.42, 0.1)
 SERVE_PORT = 54321
 
 
-class DemoError(Exception):
+class DemoError(UserError):
     """A demo step failed; the message names the step and its own error."""
 
 
@@ -64,15 +62,6 @@ class ProgressReporter(Reporter):
         super().step(result)
 
 
-def demo_host(inventory: Inventory, name: str) -> ResolvedHost:
-    """The demo's host; with the shared data copy uploaded instead of downloaded."""
-    (resolved,) = resolve(name, inventory)
-    if SHARED_DATA.exists() and not resolved.vars.demo.data_file:
-        merged = deep_merge(resolved.vars.model_dump(), {"demo": {"data_file": str(SHARED_DATA)}})
-        resolved = replace(resolved, vars=StackVars.model_validate(merged))
-    return resolved
-
-
 def sandbox_of(inventory: Inventory, name: str) -> str | None:
     """The local sandbox behind inventory host `name`, if it is one."""
     entry = inventory.model.hosts.get(name)
@@ -81,6 +70,16 @@ def sandbox_of(inventory: Inventory, name: str) -> str | None:
     from mlflow_stack import sandbox
 
     return name if sandbox.load(name) or name == SANDBOX else None
+
+
+def stop_sandbox(inventory: Inventory, host_name: str) -> str | None:
+    """Stop the sandbox behind the demo host (`--no-keep`); its name, or None."""
+    name = sandbox_of(inventory, host_name)
+    if name:
+        from mlflow_stack import sandbox
+
+        sandbox.down(name)
+    return name
 
 
 def ensure_sandbox(name: str | None, fresh: bool, say: Callable[[str], None]) -> None:
@@ -101,6 +100,7 @@ def ensure_sandbox(name: str | None, fresh: bool, say: Callable[[str], None]) ->
 
 def run_demo(
     inventory: Inventory,
+    catalog: RoleCatalog,
     *,
     fresh: bool,
     trials: int,
@@ -118,22 +118,22 @@ def run_demo(
         started = time.monotonic()
         try:
             value = action()
-        except (ActionError, DemoError) as exc:
+        except UserError as exc:
             raise DemoError(f"{name}: {exc}") from None
         summary.steps[name] = time.monotonic() - started
         return value
 
     step("sandbox", lambda: ensure_sandbox(sandbox_of(inventory, host_name), fresh, say))
-    resolved = demo_host(inventory, host_name)
-    layout = Layout.of(resolved)
+    (resolved,) = resolve(host_name, inventory)
+    place = Layout.of(resolved.vars)
     host = Host(resolved.target)
     try:
-        step("provision", lambda: _provision(host, resolved, summary, out))
+        step("provision", lambda: _provision(resolved, catalog, summary, out))
         for alpha in ALPHAS:
             step(
                 f"train alpha={alpha}",
                 lambda a=alpha: summary.runs.append(
-                    training.train(host, layout, a, 0.1, "wine", lambda line: None)
+                    training.train(host, place, a, 0.1, "wine", lambda line: None)
                 ),
             )
             run = summary.runs[-1]
@@ -160,9 +160,7 @@ def run_demo(
             f"({summary.trials} trials, {outcome.seconds:.1f}s)"
         )
         req = serving.ServeRequest("wine", "models:/wine-elasticnet@champion", serve_port, 0)
-        summary.served = step(
-            "serve the champion", lambda: serving.serve(host, layout, req, resolved.vars)
-        )
+        summary.served = step("serve the champion", lambda: serving.serve(host, resolved.vars, req))
         say(f"{summary.served.url} serves {summary.served.uri}")
         prediction = step(
             "predict the sample wine",
@@ -170,9 +168,7 @@ def run_demo(
         )
         summary.prediction = prediction[0]
         say(f"predicted quality: {summary.prediction:.3f}")
-        checks, counts = step(
-            "check-mysql", lambda: checking.check_mysql(host, layout, resolved.vars.mysql.port)
-        )
+        checks, counts = step("check-mysql", lambda: checking.check_mysql(host, place))
         say(checking.render_table(checks, counts))
         summary.checks_ok = all(c.ok for c in checks)
         if not summary.checks_ok:
@@ -180,25 +176,19 @@ def run_demo(
             raise DemoError(f"check-mysql: {failed.name}: {failed.detail}; hint: {failed.hint}")
     finally:
         host.close()
-    say(render_summary(summary, layout, serve_port))
+    say(render_summary(summary, place, serve_port))
     return summary
 
 
-def _provision(host: Host, resolved: ResolvedHost, summary: Summary, out: TextIO) -> None:
-    import roles
-
-    reporter = ProgressReporter(out)
-    job = HostJob(host, roles.ordered(resolved.roles), resolved.vars)
-    (recap,) = converge([job], Options(), reporter)
-    summary.provision_changed = recap.summary()["changed"]
-    if recap.failed:
-        failed = recap.error or next(
-            f"{r.role}: {r.step}: {r.summary}" for r in recap.results if r.status == Status.FAILED
-        )
-        raise DemoError(failed)
+def _provision(resolved: ResolvedHost, catalog: RoleCatalog, summary: Summary, out: TextIO) -> None:
+    recaps = provision([resolved], catalog, ProgressReporter(out))
+    summary.provision_changed = recaps[0].summary()["changed"]
+    failure = first_failure(recaps)
+    if failure:
+        raise DemoError(failure)
 
 
-def render_summary(s: Summary, layout: Layout, serve_port: int) -> str:
+def render_summary(s: Summary, place: Layout, serve_port: int) -> str:
     best = min((r["metrics"]["rmse"] for r in s.runs), default=float("nan"))
     final = s.tuning
     rows = [
@@ -214,8 +204,8 @@ def render_summary(s: Summary, layout: Layout, serve_port: int) -> str:
         ("prediction (sample wine)", f"{s.prediction:.3f}" if s.prediction is not None else "-"),
         ("check-mysql", "passed" if s.checks_ok else "FAILED"),
         ("provisioning changes", str(s.provision_changed)),
-        ("MLflow", f"{layout.tracking_uri}/"),
-        ("Jupyter", f"http://127.0.0.1:{layout.jupyter_port}/lab  (token: invoke urls --reveal)"),
+        ("MLflow", f"{place.tracking_uri}/"),
+        ("Jupyter", f"{place.jupyter_url}/lab  (token: invoke urls --reveal)"),
     ]
     width = max(len(k) for k, _ in rows)
     lines = ["", "== summary"] + [f"  {k:<{width}}  {v}" for k, v in rows]

@@ -8,19 +8,28 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from mlflow_stack import vars as schema
 from mlflow_stack.engine.host import Target
+from mlflow_stack.host_vars import HostVars
+from mlflow_stack.layout import ROLES, WORKER_ROLES
 from mlflow_stack.targets import DEFAULT_INVENTORY, InventoryError, ResolvedHost, sandbox_target
 from mlflow_stack.vars import StackVars
 
-ALL_ROLES = ("anaconda", "mysql", "mlflow_server", "jupyter", "demo_files")
-WORKER_ROLES = ("anaconda", "demo_files")
-RoleName = Literal["anaconda", "mysql", "mlflow_server", "jupyter", "demo_files"]
 DEFAULT_PATH = DEFAULT_INVENTORY
+
+
+def _role_name(name: str) -> str:
+    if name not in ROLES:
+        raise ValueError(f"unknown role {name!r}; roles: {', '.join(ROLES)}")
+    return name
+
+
+RoleName = Annotated[str, AfterValidator(_role_name)]
 
 
 class _Strict(BaseModel):
@@ -84,7 +93,7 @@ def _where(lines: dict[tuple, int], loc: tuple) -> str:
 def _format_error(path: Path, lines: dict[tuple, int], err: dict) -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     dotted = ".".join(str(p) for p in loc) or "(top level)"
-    message = err["msg"]
+    message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         message = "unknown key"
     return f"{path.name}: {dotted}: {message}{_where(lines, loc)}"
@@ -154,7 +163,7 @@ class Inventory:
     def groups_of(self, name: str) -> tuple[str, ...]:
         return tuple(g for g, entry in self.model.groups.items() if name in entry.hosts)
 
-    def vars_for(self, name: str | None) -> StackVars:
+    def vars_for(self, name: str | None) -> HostVars:
         """Defaults' vars, then each group's, then the host's own, deep-merged and validated."""
         layers: list[tuple[tuple, dict]] = [(("defaults", "vars"), self.model.defaults.vars)]
         entry = self.model.hosts.get(name) if name else None
@@ -168,7 +177,7 @@ class Inventory:
             self._check_layer(prefix, layer)
             merged = deep_merge(merged, layer)
         try:
-            return StackVars.model_validate(merged)
+            return schema.validate(merged)
         except ValidationError as exc:
             where = f"host {name}" if name else "defaults"
             problem = exc.errors()[0]
@@ -191,7 +200,13 @@ class Inventory:
         groups = self.groups_of(name)
         if "workers" in groups and "server" not in groups:
             return WORKER_ROLES
-        return ALL_ROLES
+        return ROLES
+
+
+def default_host_spec(inv: Inventory) -> str:
+    """The `server` group when it has members, else the local sandbox."""
+    server = inv.model.groups.get("server")
+    return "server" if server and server.hosts else "sandbox"
 
 
 def deep_merge(base: dict, extra: dict) -> dict:

@@ -19,14 +19,16 @@ from typing import TYPE_CHECKING, Any
 
 from mlflow_stack.engine import user_cache
 from mlflow_stack.engine.link import Target
+from mlflow_stack.host_vars import HostVars
 from mlflow_stack.targets import ResolvedHost, sandbox_target
-from mlflow_stack.vars_view import VarsView
 
 if TYPE_CHECKING:
     from mlflow_stack.inventory import Inventory
 
 HERE = Path(__file__).resolve().parent
-SCHEMA_SOURCES = ("inventory.py", "vars.py", "vars_view.py", "inventory_cache.py")
+SCHEMA_SOURCES = (
+    "inventory.py", "vars.py", "host_vars.py", "inventory_cache.py", "layout.py", "targets.py"
+)  # fmt: skip
 KEEP = 64  # entries kept; the oldest go first
 
 
@@ -70,7 +72,7 @@ def _host(item: dict[str, Any], sections: list[str]) -> ResolvedHost:
         name,
         target,
         tuple(item["roles"]),
-        VarsView(item["vars"], tuple(sections)),
+        HostVars(item["vars"], tuple(sections)),
         tuple(item["groups"]),
     )
 
@@ -103,7 +105,7 @@ def store(
             else {"address": h.target.address, "port": h.target.port, "user": h.target.user,
                   "key": str(key) if key else None}
         )  # fmt: skip
-        dump = h.vars.as_dict() if isinstance(h.vars, VarsView) else h.vars.model_dump()
+        dump = h.vars.as_dict()
         items.append(
             {
                 "name": h.name,

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from mlflow_stack.engine.link import Target
+from mlflow_stack.errors import UserError
+
+if TYPE_CHECKING:
+    from mlflow_stack.host_vars import HostVars
 
 DEFAULT_INVENTORY = Path(__file__).resolve().parents[1] / "inventory.yaml"
 
 
-class InventoryError(Exception):
+class InventoryError(UserError):
     """A problem with the inventory or a `--host` value; the message is one line."""
 
 
@@ -22,7 +26,7 @@ class ResolvedHost:
     name: str
     target: Target
     roles: tuple[str, ...]
-    vars: Any  # StackVars, or a VarsView of validated StackVars
+    vars: HostVars
     groups: tuple[str, ...] = ()
 
 

@@ -1,4 +1,7 @@
-"""Typed role variables (the `vars:` of inventory.yaml), with their defaults."""
+"""The schema of the role variables (the `vars:` of inventory.yaml), with their defaults.
+
+Validated once on load; roles and actions then read the result as `HostVars`.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +9,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
-from mlflow_stack.vars_view import VarsView
+from mlflow_stack.host_vars import HostVars
 
 WINE_SHA256 = "76c3f809815c17c07212622f776311faeb31e87610d52c26d87d6e361b169836"
-WINE_URL = (
-    "https://archive.ics.uci.edu/ml/machine-learning-databases/wine-quality/winequality-white.csv"
-)
 
 
 class _Section(BaseModel):
@@ -63,12 +63,19 @@ class JupyterVars(_Section):
 
 
 class DemoVars(_Section):
-    data_url: str = WINE_URL
+    # The wine data: the copy shipped in demo_wine/data unless one of these replaces it.
+    data_url: str | None = None  # downloaded on the host
+    data_file: str | None = None  # a local file uploaded
     data_sha256: str = Field(default=WINE_SHA256, pattern=r"^[0-9a-f]{64}$")
-    data_file: str | None = None  # a local file uploaded instead of downloading data_url
     # A process with MLflow and scikit-learn imported, from which `invoke train` forks its
-    # runs (≈ 300 MB of memory); off: every run starts Python cold.
+    # runs; off: every run starts Python cold.
     warm_runner: bool = True
+
+    @model_validator(mode="after")
+    def _one_data_source(self) -> DemoVars:
+        if self.data_url and self.data_file:
+            raise ValueError("give data_url or data_file, not both")
+        return self
 
 
 class StackVars(_Section):
@@ -89,6 +96,16 @@ def sections() -> tuple[str, ...]:
     )
 
 
-def view(stack_vars: StackVars) -> VarsView:
-    """`stack_vars` as a `VarsView` (what the controller passes to roles and actions)."""
-    return VarsView(stack_vars.model_dump(), sections())
+def view(stack_vars: StackVars) -> HostVars:
+    """Validated `stack_vars` as roles and actions read them."""
+    return HostVars(stack_vars.model_dump(), sections())
+
+
+def validate(data: dict) -> HostVars:
+    """`data` (a `vars:` mapping) validated; pydantic's `ValidationError` when it is not."""
+    return view(StackVars.model_validate(data))
+
+
+def defaults() -> HostVars:
+    """Every variable at its default."""
+    return view(StackVars())

@@ -1,4 +1,4 @@
-"""Role `anaconda`: the `mlflow` and `demo` Python environments under /opt/anaconda/envs.
+"""Role `anaconda`: the `mlflow` and `demo` Python environments under `python.prefix`/envs.
 
 `manager: uv` (default) installs a pinned, checksum-verified uv and syncs each env from a
 hashed requirements file; `manager: conda` installs Miniforge and builds the envs from
@@ -11,14 +11,16 @@ import hashlib
 import json
 from pathlib import Path
 
+from mlflow_stack import layout
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
-from mlflow_stack.engine.runner import Role
+from mlflow_stack.engine.role import Role
 from mlflow_stack.engine.steps import Apt, Directory, File, Run, Step, q
 from roles import mlflow_server
 
 FILES = Path(__file__).parent / "files"
-ENVS = {"mlflow": "mlflow-server.service", "demo": "jupyter.service"}  # env → unit to restart
+# env → the unit restarted when it is synced again
+ENVS = {layout.MLFLOW_ENV: layout.MLFLOW_UNIT, layout.DEMO_ENV: layout.JUPYTER_UNIT}
 STAMP = ".mlflow-stack-requirements.sha256"
 UV_VERSION = "0.13.9"
 UV_WHEELS = {
@@ -59,9 +61,14 @@ def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def env_step_id(env: str) -> str:
+    """The id of the step that syncs env `env` (other roles act on its changes)."""
+    return f"anaconda:env:{env}"
+
+
 def stamp_fact(prefix: str, env: str) -> F.Shell:
     """The requirements hash recorded in an env after its last successful sync."""
-    path = f"{prefix}/envs/{env}"
+    path = layout.env_dir(prefix, env)
     return F.Shell(f"env {env} stamp", f"[ -x {q(path)}/bin/python ] && cat {q(path)}/{STAMP}")
 
 
@@ -90,7 +97,7 @@ def install_uv_script(prefix: str) -> str:
 
 def sync_env_script(prefix: str, env: str) -> str:
     """Create the env if needed, sync it exactly to the hashed requirements, stamp it."""
-    path, req = f"{prefix}/envs/{env}", f"{prefix}/requirements/{env}.txt"
+    path, req = layout.env_dir(prefix, env), f"{prefix}/requirements/{env}.txt"
     return (
         f"set -e; {UV_ENV}; "
         f"[ -x {path}/bin/python ] || {prefix}/bin/uv venv -q --python /usr/bin/python3 {path}; "
@@ -123,16 +130,20 @@ def uv_steps(ctx: RoleContext, prefix: str) -> list[Step]:
                 when=lambda c, stamp=stamp, text=text: not env_is_current(c[stamp], text),
                 needs=(stamp,),
                 notify=(unit,),
+                id=env_step_id(env),
             ),
         ]
-        if env == "mlflow":  # its bytecode compiles while MariaDB installs
-            steps.append(mlflow_server.warm_bytecode_step(f"{prefix}/envs/{env}"))
+        if env == layout.MLFLOW_ENV:  # its bytecode compiles while MariaDB installs
+            steps.append(
+                mlflow_server.warm_bytecode_step(layout.env_dir(prefix, env), env_step_id(env))
+            )
     cache = F.PathState(UV_CACHE)
+    synced = {env_step_id(env) for env in ENVS}
     steps.append(
         Run(
             "prune uv cache",
             PRUNE_CACHE,
-            when=lambda c: c[cache] is not None or bool({"env mlflow", "env demo"} & c.changed),
+            when=lambda c: c[cache] is not None or bool(synced & c.changed),
             needs=(cache,),
         )
     )
@@ -166,7 +177,7 @@ def install_miniforge_script(prefix: str, url: str, sha256: dict[str, str]) -> s
 
 
 def sync_conda_env_script(prefix: str, env: str, exists: bool) -> str:
-    path, spec = f"{prefix}/envs/{env}", f"{prefix}/requirements/{env}.yml"
+    path, spec = layout.env_dir(prefix, env), f"{prefix}/requirements/{env}.yml"
     verb = f"env update --prune -p {path}" if exists else f"env create -p {path}"
     return (
         f"set -e; {prefix}/bin/conda {verb} -f {spec} --quiet; "
@@ -192,7 +203,7 @@ def conda_steps(ctx: RoleContext, prefix: str) -> list[Step]:
     for env, unit in ENVS.items():
         text = requirements(env, "conda")
         stamp = stamp_fact(prefix, env)
-        path = f"{prefix}/envs/{env}"
+        path = layout.env_dir(prefix, env)
         steps += [
             File(f"{prefix}/requirements/{env}.yml", text, label=f"environment of env {env}"),
             Run(
@@ -203,6 +214,7 @@ def conda_steps(ctx: RoleContext, prefix: str) -> list[Step]:
                 when=lambda c, stamp=stamp, text=text: not env_is_current(c[stamp], text),
                 needs=(stamp, envs),
                 notify=(unit,),
+                id=env_step_id(env),
             ),
         ]
     return steps

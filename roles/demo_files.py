@@ -1,13 +1,15 @@
-"""Role `demo_files`: the demo code, the checksum-verified wine data, setenv.sh and a README."""
+"""Role `demo_files`: the demo code with its checksum-verified wine data, setenv.sh, a README
+and the warm runner that `invoke train` forks its runs from."""
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
+from mlflow_stack import layout
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
-from mlflow_stack.engine.runner import Role
+from mlflow_stack.engine.role import Role
 from mlflow_stack.engine.steps import (
     Directory,
     File,
@@ -20,15 +22,10 @@ from mlflow_stack.engine.steps import (
 )
 from mlflow_stack.engine.templating import render
 from mlflow_stack.engine.trees import tree_steps
-from roles import jupyter, mysql
+from mlflow_stack.layout import DEMO_CODE, DEMO_DATA, DEMO_ROOT, DEMO_USER, WARM_UNIT
 
 DEMO_SOURCE = Path(__file__).resolve().parents[1] / "demo_wine"
-ROOT = jupyter.ROOT_DIR
-USER = jupyter.USER
-DATA_DIR = f"{ROOT}/data"
-DATA_PATH = jupyter.DATA_PATH
-WARM_UNIT = "demo-wine-warm.service"
-WARM_SOCKET = "/run/demo-wine/warm.sock"
+DATA_IN_TREE = str(Path(DEMO_DATA).relative_to(DEMO_CODE))  # data/winequality-white.csv
 
 
 def download_script(url: str, sha256: str, path: str, owner: str) -> str:
@@ -46,64 +43,78 @@ def download_script(url: str, sha256: str, path: str, owner: str) -> str:
 
 
 def data_steps(ctx: RoleContext) -> list[Step]:
+    """The data file: the copy shipped in demo_wine/data, a local file, or a download; each
+    checked against `demo.data_sha256` before it replaces the host's."""
     dv = ctx.vars.demo
-    if dv.data_file:
-        local = Path(dv.data_file).expanduser()
-        try:
-            data = local.read_bytes()
-        except OSError as exc:
-            raise StepError(f"demo.data_file {local}: {exc.strerror}") from None
-        got = hashlib.sha256(data).hexdigest()
-        if got != dv.data_sha256:
-            raise StepError(
-                f"demo.data_file {local}: checksum mismatch (sha256 {got}, expected "
-                f"{dv.data_sha256}); use the original file or set demo.data_sha256"
+    if dv.data_url:
+        state = F.PathState(DEMO_DATA)
+        return [
+            Run(
+                "data (downloaded, sha256 verified)",
+                download_script(dv.data_url, dv.data_sha256, DEMO_DATA, DEMO_USER),
+                when=lambda c: c[state] is None or c[state].sha256 != dv.data_sha256,
+                needs=(state,),
+                timeout=300,
             )
-        return [File(DATA_PATH, data, USER, USER, 0o644, label="data (uploaded)")]
-    state = F.PathState(DATA_PATH)
-    return [
-        Run(
-            "data (downloaded, sha256 verified)",
-            download_script(dv.data_url, dv.data_sha256, DATA_PATH, USER),
-            when=lambda c: c[state] is None or c[state].sha256 != dv.data_sha256,
-            needs=(state,),
-            timeout=300,
+        ]
+    local = Path(dv.data_file).expanduser() if dv.data_file else DEMO_SOURCE / DATA_IN_TREE
+    what = f"demo.data_file {local}" if dv.data_file else f"the shipped data file {local}"
+    try:
+        data = local.read_bytes()
+    except OSError as exc:
+        raise StepError(f"{what}: {exc.strerror}") from None
+    got = hashlib.sha256(data).hexdigest()
+    if got != dv.data_sha256:
+        raise StepError(
+            f"{what}: checksum mismatch (sha256 {got}, expected {dv.data_sha256}); "
+            "use the original file or set demo.data_sha256"
         )
-    ]
+    label = "data (uploaded)" if dv.data_file else "data (shipped copy)"
+    return [File(DEMO_DATA, data, DEMO_USER, DEMO_USER, 0o644, label=label)]
 
 
 def build(ctx: RoleContext) -> list[Step]:
     if not DEMO_SOURCE.is_dir():
         raise StepError(f"{DEMO_SOURCE} is missing: the demo code ships with mlflow-stack")
     v = ctx.vars
-    env_prefix = f"{v.python.prefix}/envs/demo"
-    tracking_uri = f"http://127.0.0.1:{v.mlflow.port}"
+    place = layout.Layout.of(v)
+    server = layout.db_server(ctx.os)
     readme = render(
         "demo/README.j2",
         host=ctx.host,
         mlflow_port=v.mlflow.port,
         jupyter_port=v.jupyter.port,
-        user=USER,
-        root=ROOT,
+        user=DEMO_USER,
+        root=DEMO_ROOT,
+        data_path=DEMO_DATA,
         data_sha256=v.demo.data_sha256,
         python_prefix=v.python.prefix,
-        db=f"{mysql.flavor(ctx.os).package} on 127.0.0.1:{v.mysql.port} (databases mlflow, optuna)"
+        db=f"{server.package} on 127.0.0.1:{v.mysql.port} (databases mlflow, optuna)"
         if v.mlflow.backend == "mysql"
-        else "SQLite, /opt/mlflow/mlflow.db",
+        else f"SQLite, {layout.MLFLOW_SQLITE}",
     )
     setenv = render(
-        "demo/setenv.sh.j2", tracking_uri=tracking_uri, data_path=DATA_PATH, env_prefix=env_prefix
+        "demo/setenv.sh.j2",
+        tracking_uri=place.tracking_uri,
+        data_path=DEMO_DATA,
+        env_prefix=place.env(layout.DEMO_ENV),
     )
     warm = v.demo.warm_runner
     return [
-        SystemUser(USER, home=ROOT, shell="/bin/bash"),
-        Directory(ROOT, USER, USER, 0o755),
-        Directory(DATA_DIR, USER, USER, 0o755),
-        *tree_steps(DEMO_SOURCE, f"{ROOT}/demo_wine", USER, USER, (WARM_UNIT,) if warm else ()),
+        SystemUser(DEMO_USER, home=DEMO_ROOT, shell="/bin/bash"),
+        Directory(DEMO_ROOT, DEMO_USER, DEMO_USER, 0o755),
+        *tree_steps(
+            DEMO_SOURCE,
+            DEMO_CODE,
+            DEMO_USER,
+            DEMO_USER,
+            (WARM_UNIT,) if warm else (),
+            elsewhere=frozenset({DATA_IN_TREE}),
+        ),
         *data_steps(ctx),
-        File(f"{ROOT}/setenv.sh", setenv, USER, USER, 0o644),
-        File(f"{ROOT}/README", readme, USER, USER, 0o644),
-        *warm_runner_steps(env_prefix, warm),
+        File(layout.DEMO_SETENV, setenv, DEMO_USER, DEMO_USER, 0o644),
+        File(layout.DEMO_README, readme, DEMO_USER, DEMO_USER, 0o644),
+        *warm_runner_steps(place.env(layout.DEMO_ENV), warm),
     ]
 
 
@@ -111,14 +122,15 @@ def warm_runner_steps(env_prefix: str, enabled: bool) -> list[Step]:
     """The warm runner's unit, enabled and running (stopped and disabled when turned off)."""
     unit = render(
         "systemd/demo-wine-warm.service.j2",
-        user=USER,
-        root_dir=ROOT,
+        user=DEMO_USER,
+        root_dir=DEMO_ROOT,
+        pycache=layout.DEMO_PYCACHE,
         env_prefix=env_prefix,
-        socket=WARM_SOCKET,
+        socket=layout.WARM_SOCKET,
     )
     notify = (WARM_UNIT,) if enabled else ()
     return [
-        File(f"/etc/systemd/system/{WARM_UNIT}", unit, notify=notify, unit_file=True),
+        File(layout.unit_file(WARM_UNIT), unit, notify=notify, unit_file=True),
         Service(WARM_UNIT, enabled=enabled, running=enabled),
     ]
 

@@ -8,27 +8,25 @@ in the root-only secret store so `invoke urls` can show it.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 
+from mlflow_stack import layout
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
-from mlflow_stack.engine.runner import Role
+from mlflow_stack.engine.role import Role
 from mlflow_stack.engine.steps import (
+    Change,
     Directory,
     File,
     PlanContext,
+    Schedule,
     Service,
     Step,
     SystemUser,
     WaitHttp,
 )
 from mlflow_stack.engine.templating import render
-
-USER = "demo"
-ROOT_DIR = "/opt/demo"
-CONF_DIR = "/etc/jupyter-demo"
-CONFIG_FILE = f"{CONF_DIR}/jupyter_server_config.json"
-UNIT = "jupyter.service"
-DATA_PATH = f"{ROOT_DIR}/data/winequality-white.csv"
+from mlflow_stack.layout import DEMO_ROOT, DEMO_USER, JUPYTER_CONFIG, JUPYTER_UNIT
 
 
 def password_hash(password: str) -> str:
@@ -72,68 +70,80 @@ def server_config(auth: str, token: str, hashed_password: str = "") -> str:
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
-class PasswordConfig(File):
+def config_file(content: str) -> File:
+    """The server config: the Jupyter user's, 0600 (it holds the token or the hash)."""
+    return File(
+        JUPYTER_CONFIG,
+        content,
+        DEMO_USER,
+        DEMO_USER,
+        0o600,
+        secret=True,
+        notify=(JUPYTER_UNIT,),
+    )
+
+
+@dataclass
+class PasswordConfig(Step):
     """The config file in password mode: an existing hash is kept while it still matches."""
 
-    def __init__(self, password: str, **kwargs) -> None:
-        super().__init__(CONFIG_FILE, "", **kwargs)
-        self._password = password
+    password: str = field(repr=False)
+
+    def __post_init__(self) -> None:
+        self.id = f"file:{JUPYTER_CONFIG}"
+        self.label = f"file {JUPYTER_CONFIG}"
+        self.notify = (JUPYTER_UNIT,)
 
     def facts(self) -> list[F.Fact]:
-        return [*super().facts(), config_fact()]
+        return [*config_file("").facts(), config_fact()]
 
-    def plan(self, ctx: PlanContext):
+    def plan(self, ctx: PlanContext) -> Change | None:
         hashed = existing_hash(ctx[config_fact()].output)
-        if not hash_matches(hashed, self._password):
-            hashed = password_hash(self._password)
-        self.content = server_config("password", "", hashed)
-        return super().plan(ctx)
+        if not hash_matches(hashed, self.password):
+            hashed = password_hash(self.password)
+        return config_file(server_config("password", "", hashed)).plan(ctx)
 
 
 def config_fact() -> F.Shell:
-    return F.Shell("jupyter config", f"cat {CONFIG_FILE}")
+    return F.Shell("jupyter config", f"cat {JUPYTER_CONFIG}")
 
 
 def build(ctx: RoleContext) -> list[Step]:
     jv = ctx.vars.jupyter
-    env_prefix = f"{ctx.vars.python.prefix}/envs/demo"
-    file_kwargs = {
-        "owner": USER,
-        "group": USER,
-        "mode": 0o600,
-        "secret": True,
-        "notify": (UNIT,),
-        "label": f"file {CONFIG_FILE}",
-    }
+    place = layout.Layout.of(ctx.vars)
     if jv.auth == "password":
         secret_name = "jupyter_password"
         password = ctx.secret(secret_name, env="JUPYTER_PASSWORD")
-        config: Step = PasswordConfig(password.reveal(), **file_kwargs)
+        config: Step = PasswordConfig(password.reveal())
     else:
         secret_name = "jupyter_token"
         token = ctx.secret(secret_name, env="JUPYTER_TOKEN")
-        config = File(CONFIG_FILE, server_config("token", token.reveal()), **file_kwargs)
+        config = config_file(server_config("token", token.reveal()))
     unit = render(
         "systemd/jupyter.service.j2",
-        user=USER,
-        root_dir=ROOT_DIR,
-        env_prefix=env_prefix,
-        config_file=CONFIG_FILE,
+        user=DEMO_USER,
+        root_dir=DEMO_ROOT,
+        pycache=layout.DEMO_PYCACHE,
+        env_prefix=place.env(layout.DEMO_ENV),
+        config_file=JUPYTER_CONFIG,
         bind="0.0.0.0" if jv.public else "127.0.0.1",
         port=jv.port,
-        tracking_uri=f"http://127.0.0.1:{ctx.vars.mlflow.port}",
-        data_path=DATA_PATH,
+        tracking_uri=place.tracking_uri,
+        data_path=layout.DEMO_DATA,
     )
     return [
-        SystemUser(USER, home=ROOT_DIR, shell="/bin/bash"),
-        Directory(ROOT_DIR, USER, USER, 0o755),
-        Directory(CONF_DIR, "root", USER, 0o750),
+        SystemUser(DEMO_USER, home=DEMO_ROOT, shell="/bin/bash"),
+        Directory(DEMO_ROOT, DEMO_USER, DEMO_USER, 0o755),
+        Directory(layout.JUPYTER_CONF_DIR, "root", DEMO_USER, 0o750),
         *ctx.secret_steps(secret_name, env={secret_name: secret_name.upper()}),
         config,
-        File(f"/etc/systemd/system/{UNIT}", unit, notify=(UNIT,), unit_file=True),
-        Service(UNIT),
+        File(layout.unit_file(JUPYTER_UNIT), unit, notify=(JUPYTER_UNIT,), unit_file=True),
+        Service(JUPYTER_UNIT),
         WaitHttp(
-            "jupyter answers /api", f"http://127.0.0.1:{jv.port}/api", after=(UNIT,), defer=True
+            "jupyter answers /api",
+            f"{place.jupyter_url}/api",
+            after=(JUPYTER_UNIT,),
+            schedule=Schedule.AT_END,
         ),
     ]
 

@@ -1,49 +1,49 @@
 """Role `mlflow_server`: the MLflow tracking server as a hardened systemd unit.
 
-The backend URI (with the database password) lives only in a 0600 env file. On MariaDB an empty
-database gets its schema from a snapshot of the one MLflow builds (`schema-mariadb.sql`, loaded
-in under a second; MLflow's own create-and-migrate at the server's first start takes 6-15 s);
+The backend URI (with the database password) lives only in a 0600 env file. On MariaDB an
+empty database gets its schema from a snapshot of the one MLflow builds (`schema-mariadb.sql`);
 elsewhere the server's first start creates it. An older schema is migrated explicitly
-(`db_upgrade.py`) before the restart, which MLflow would refuse. The unit runs `server.py`,
-which serves MLflow's app with uvicorn in one process (`mlflow server` would start a second
-one); the run ends when /health answers (the wait is deferred to the end of the run so that
-the next roles proceed while MLflow starts).
+(`db_upgrade.py`) before the restart, which MLflow would refuse. The unit runs
+`tracking_server.py`, MLflow's app under uvicorn in one process; the run ends when /health
+answers (a wait left to the end of the run, so the next roles proceed while MLflow starts).
 """
 
 from __future__ import annotations
 
-from urllib.parse import quote
-
+from mlflow_stack import hostside, layout
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
-from mlflow_stack.engine.runner import Role
+from mlflow_stack.engine.role import Role
 from mlflow_stack.engine.steps import (
     Directory,
     File,
     Run,
+    Schedule,
     Service,
     Step,
     SystemUser,
     WaitHttp,
     q,
 )
-from mlflow_stack.engine.templating import TEMPLATES_DIR, render
+from mlflow_stack.engine.templating import render
+from mlflow_stack.layout import (
+    MLFLOW_ARTIFACTS,
+    MLFLOW_CONF_DIR,
+    MLFLOW_ENV_FILE,
+    MLFLOW_HOME,
+    MLFLOW_PYCACHE,
+    MLFLOW_SQLITE,
+    MLFLOW_UNIT,
+    MLFLOW_USER,
+)
 from roles import mysql
 
-USER = "mlflow"
-HOME = "/opt/mlflow"
-ARTIFACTS = f"{HOME}/artifacts"
-CONF_DIR = "/etc/mlflow"
-ENV_FILE = f"{CONF_DIR}/mlflow.env"
-UNIT = "mlflow-server.service"
-SQLITE_PATH = f"{HOME}/mlflow.db"
 # Alembic head of the pinned mlflow (3.17.2); tests check it against the installed mlflow.
 SCHEMA_HEAD = "dc11669786a5"
-SNAPSHOT = TEMPLATES_DIR / "mlflow" / "schema-mariadb.sql"  # that head, as MLflow builds it
+SNAPSHOT = hostside.HERE / "schema-mariadb.sql"  # that head, as MLflow builds it
 LOADING = "mlflow_stack_schema_loading"  # table marking a snapshot load not finished yet
-PYCACHE = f"{HOME}/.cache/pycache"  # the unit's PYTHONPYCACHEPREFIX
-WARM = "bytecode of the MLflow server"
-# What server.py imports before it serves (anything else still compiles at the first start).
+WARM_ID = "mlflow_server:bytecode"
+# What the launcher imports before it serves (anything else still compiles at the first start).
 WARM_IMPORTS = (
     "uvicorn",
     "pymysql",
@@ -56,18 +56,12 @@ WARM_IMPORTS = (
 TABLES_QUERY = "SELECT table_name FROM information_schema.tables WHERE table_schema='mlflow'"
 
 
-def backend_uri(backend: str, password: str, port: int) -> str:
-    if backend == "sqlite":
-        return f"sqlite:///{SQLITE_PATH}"
-    return f"mysql+pymysql://{mysql.DB_USER}:{quote(password, safe='')}@127.0.0.1:{port}/mlflow"
-
-
 def schema_fact(backend: str) -> F.Shell:
     """The schema revision recorded in the tracking database (empty when none); live, so a
     database the run has just started or created is read again before the schema step."""
     if backend == "sqlite":
         read = (
-            "import sqlite3; c = sqlite3.connect('file:" + SQLITE_PATH + "?mode=ro', uri=True); "
+            "import sqlite3; c = sqlite3.connect('file:" + MLFLOW_SQLITE + "?mode=ro', uri=True); "
             "print(c.execute('select version_num from alembic_version').fetchone()[0])"
         )
         return F.LiveShell("mlflow schema", f"python3 -c {q(read)}")
@@ -110,37 +104,39 @@ def snapshot_sql(snapshot: str, head: str = SCHEMA_HEAD) -> str:
     )
 
 
-def warm_bytecode_step(env_prefix: str) -> Run:
+def warm_bytecode_step(env_prefix: str, env_synced: str) -> Run:
     """Compile what the server imports into its bytecode cache, in the background: the
-    `anaconda` role starts it once the env is synced, so it runs while MariaDB installs and
-    the server's first start only imports. As root (the mlflow user comes later): this role
-    hands the cache over (`cache_owner_step`)."""
-    cache = F.PathState(PYCACHE)
+    `anaconda` role starts it once the env is synced (step id `env_synced`), so it runs while
+    MariaDB installs and the server's first start only imports. As root (the mlflow user comes
+    later): this role hands the cache over (`cache_owner_step`)."""
+    cache = F.PathState(MLFLOW_PYCACHE)
     imports = q("import " + ", ".join(WARM_IMPORTS))
     return Run(
-        WARM,
-        f"mkdir -p {PYCACHE} && cd / && "
-        f"PYTHONPYCACHEPREFIX={PYCACHE} {env_prefix}/bin/python -W ignore -c {imports}",
-        when=lambda c: c[cache] is None or "env mlflow" in c.changed,
+        "bytecode of the MLflow server",
+        f"mkdir -p {MLFLOW_PYCACHE} && cd / && "
+        f"PYTHONPYCACHEPREFIX={MLFLOW_PYCACHE} {env_prefix}/bin/python -W ignore -c {imports}",
+        when=lambda c: c[cache] is None or env_synced in c.changed,
         needs=(cache,),
-        background=True,
+        schedule=Schedule.BACKGROUND,
         timeout=900,
+        id=WARM_ID,
     )
 
 
 def cache_owner_step() -> Run:
     """The bytecode cache belongs to the mlflow user (after the warm-up, which runs as root)."""
-    cache = f"{HOME}/.cache"
+    cache = f"{MLFLOW_HOME}/.cache"
+    user = MLFLOW_USER
     foreign = F.Shell(
         "mlflow cache owner",
-        f"[ ! -e {cache} ] || find {cache} ! -user {USER} -print -quit 2>/dev/null || echo ?",
+        f"[ ! -e {cache} ] || find {cache} ! -user {user} -print -quit 2>/dev/null || echo ?",
     )
     return Run(
-        f"bytecode cache owned by {USER}",
-        f"[ ! -e {cache} ] || chown -R {USER}:{USER} {cache}",
-        when=lambda c: WARM in c.changed or bool(c[foreign].output.strip()),
+        f"bytecode cache owned by {user}",
+        f"[ ! -e {cache} ] || chown -R {user}:{user} {cache}",
+        when=lambda c: WARM_ID in c.changed or bool(c[foreign].output.strip()),
         needs=(foreign,),
-        waits_for=(WARM,),
+        waits_for=(WARM_ID,),
     )
 
 
@@ -160,20 +156,21 @@ def allowed_hosts(ctx: RoleContext) -> list[str]:
 
 def build(ctx: RoleContext) -> list[Step]:
     mv = ctx.vars.mlflow
-    env_prefix = f"{ctx.vars.python.prefix}/envs/mlflow"
+    env_prefix = layout.env_dir(ctx.vars.python.prefix, layout.MLFLOW_ENV)
     uses_mysql = mv.backend == "mysql"
     password = ctx.secret("db_password", env=mysql.PASSWORD_ENV) if uses_mysql else None
     env_vars = {
-        "backend_uri": backend_uri(
+        "backend_uri": layout.tracking_db_uri(
             mv.backend, password.reveal() if password else "", ctx.vars.mysql.port
         ),
         "public": mv.public,
     }
+    user = MLFLOW_USER
     steps: list[Step] = [
-        SystemUser(USER, home=HOME),
-        Directory(HOME, USER, USER, 0o750),
-        Directory(ARTIFACTS, USER, USER, 0o750),
-        Directory(CONF_DIR, "root", USER, 0o750),
+        SystemUser(user, home=MLFLOW_HOME),
+        Directory(MLFLOW_HOME, user, user, 0o750),
+        Directory(MLFLOW_ARTIFACTS, user, user, 0o750),
+        Directory(MLFLOW_CONF_DIR, "root", user, 0o750),
         cache_owner_step(),
     ]
     if mv.public:
@@ -185,30 +182,41 @@ def build(ctx: RoleContext) -> list[Step]:
             env={"mlflow_admin_password": "MLFLOW_ADMIN_PASSWORD"},
         )
         auth = render(
-            "mlflow/basic_auth.ini.j2", home=HOME, admin_user="admin", admin_password=admin.reveal()
+            "mlflow/basic_auth.ini.j2",
+            database=layout.MLFLOW_AUTH_DB,
+            admin_user=layout.MLFLOW_ADMIN,
+            admin_password=admin.reveal(),
         )
         steps.append(
-            File(f"{CONF_DIR}/basic_auth.ini", auth, USER, USER, 0o600, secret=True, notify=(UNIT,))
+            File(
+                layout.MLFLOW_AUTH_CONFIG,
+                auth,
+                user,
+                user,
+                0o600,
+                secret=True,
+                notify=(MLFLOW_UNIT,),
+            )
         )
     schema = schema_fact(mv.backend)
     unit = render(
         "systemd/mlflow-server.service.j2",
-        user=USER,
-        home=HOME,
-        env_file=ENV_FILE,
+        user=user,
+        home=MLFLOW_HOME,
+        pycache=MLFLOW_PYCACHE,
+        launcher=layout.MLFLOW_LAUNCHER,
+        env_file=MLFLOW_ENV_FILE,
         env_prefix=env_prefix,
         bind="0.0.0.0" if mv.public else "127.0.0.1",
         port=mv.port,
         workers=mv.workers,
-        artifacts=ARTIFACTS,
+        artifacts=MLFLOW_ARTIFACTS,
         allowed_hosts=allowed_hosts(ctx),
         public=mv.public,
-        db_unit=mysql.flavor(ctx.os).service if uses_mysql else "",
+        db_unit=layout.db_server(ctx.os).service if uses_mysql else "",
     )
-    upgrade = (TEMPLATES_DIR / "mlflow" / "db_upgrade.py").read_text()
-    launcher = (TEMPLATES_DIR / "mlflow" / "server.py").read_text()
     snapshot: list[Step] = []
-    if uses_mysql and mysql.flavor(ctx.os) == mysql.MARIADB:
+    if uses_mysql and layout.db_server(ctx.os) == layout.MARIADB:
         tables = tables_fact()
         snapshot.append(
             Run(
@@ -218,40 +226,46 @@ def build(ctx: RoleContext) -> list[Step]:
                 needs=(tables,),
                 stdin=snapshot_sql(SNAPSHOT.read_text()),
                 timeout=300,
-                notify=(UNIT,),
+                notify=(MLFLOW_UNIT,),
             )
         )
     steps += [
         File(
-            ENV_FILE,
-            render("mlflow/mlflow.env.j2", **env_vars),
-            USER,
-            USER,
+            MLFLOW_ENV_FILE,
+            render("mlflow/mlflow.env.j2", auth_config=layout.MLFLOW_AUTH_CONFIG, **env_vars),
+            user,
+            user,
             0o600,
             secret=True,
-            notify=(UNIT,),
+            notify=(MLFLOW_UNIT,),
         ),
-        File(f"{HOME}/db_upgrade.py", upgrade, "root", USER, 0o640),
-        File(f"{HOME}/server.py", launcher, "root", USER, 0o640, notify=(UNIT,)),
+        File(layout.MLFLOW_DB_UPGRADE, hostside.read("db_upgrade.py"), "root", user, 0o640),
+        File(
+            layout.MLFLOW_LAUNCHER,
+            hostside.read("tracking_server.py"),
+            "root",
+            user,
+            0o640,
+            notify=(MLFLOW_UNIT,),
+        ),
         *snapshot,
         Run(
             "migrate tracking schema",
-            f"PYTHONPYCACHEPREFIX={HOME}/.cache/pycache "
-            f"{env_prefix}/bin/python {HOME}/db_upgrade.py {ENV_FILE}",
+            f"PYTHONPYCACHEPREFIX={MLFLOW_PYCACHE} "
+            f"{env_prefix}/bin/python {layout.MLFLOW_DB_UPGRADE} {MLFLOW_ENV_FILE}",
             when=lambda c: needs_migration(c[schema].output),
             needs=(schema,),
-            user=USER,
-            notify=(UNIT,),
+            user=user,
+            notify=(MLFLOW_UNIT,),
         ),
-        File(f"/etc/systemd/system/{UNIT}", unit, notify=(UNIT,), unit_file=True),
-        Service(UNIT),
-        # Deferred: the next roles run while MLflow starts; the run ends when /health answers.
+        File(layout.unit_file(MLFLOW_UNIT), unit, notify=(MLFLOW_UNIT,), unit_file=True),
+        Service(MLFLOW_UNIT),
         WaitHttp(
             "mlflow answers /health",
             f"http://127.0.0.1:{mv.port}/health",
             timeout=300,  # a first start creates the schema
-            after=(UNIT,),
-            defer=True,
+            after=(MLFLOW_UNIT,),
+            schedule=Schedule.AT_END,
         ),
     ]
     return steps

@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+from mlflow_stack import layout
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
-from mlflow_stack.engine.runner import Role
+from mlflow_stack.engine.role import Role
 from mlflow_stack.engine.steps import (
     Apt,
     Change,
@@ -19,13 +20,13 @@ from mlflow_stack.engine.steps import (
     File,
     MaskedUnit,
     PlanContext,
+    Schedule,
     Service,
     Step,
 )
 from mlflow_stack.engine.templating import render
+from mlflow_stack.layout import DATABASES, DB_USER, DbServer
 
-DATABASES = ("mlflow", "optuna")
-DB_USER = "mlflow"
 CHARSET, COLLATION = "utf8mb4", "utf8mb4_bin"
 REQUIRED_PRIVILEGES = frozenset(
     {"SELECT", "INSERT", "UPDATE", "DELETE", "CREATE", "DROP", "ALTER", "INDEX", "REFERENCES"}
@@ -33,30 +34,9 @@ REQUIRED_PRIVILEGES = frozenset(
 PASSWORD_ENV = "MLFLOW_DB_PASSWORD"
 
 
-@dataclass(frozen=True)
-class Flavor:
-    package: str
-    service: str
-    conf_dir: str
-    native_clause: str  # how CREATE/ALTER USER asks for mysql_native_password
-    sockets: tuple[str, ...] = ()  # socket-activation units that would override port and bind
-
-    @property
-    def conf_file(self) -> str:
-        return f"{self.conf_dir}/60-mlflow-stack.cnf"
-
-
-MARIADB = Flavor(
-    "mariadb-server", "mariadb.service", "/etc/mysql/mariadb.conf.d", "", ("mariadb.socket",)
-)
-MYSQL = Flavor(
-    "mysql-server", "mysql.service", "/etc/mysql/mysql.conf.d", " WITH mysql_native_password"
-)
-
-
-def flavor(os_info: F.OsInfo) -> Flavor:
-    """Ubuntu gets MySQL, Debian (and the rest) MariaDB."""
-    return MYSQL if os_info.family == "ubuntu" else MARIADB
+def native_clause(server: DbServer) -> str:
+    """How CREATE/ALTER USER asks for mysql_native_password on `server`."""
+    return " WITH mysql_native_password" if server == layout.MYSQL else ""
 
 
 def native_password_hash(password: str) -> str:
@@ -127,7 +107,7 @@ def state_fact() -> F.Shell:
 class Wanted:
     password: str
     hosts: tuple[str, ...]
-    flavor: Flavor
+    server: DbServer
 
 
 def _privileges_ok(state: DbState, host: str) -> bool:
@@ -163,7 +143,7 @@ def plan_sql(state: DbState, wanted: Wanted) -> list[tuple[str, str]]:
         elif state.databases[db] != (CHARSET, COLLATION):
             out.append((f"set {db} to {CHARSET}", f"ALTER DATABASE `{db}` {spec};"))
     digest = native_password_hash(wanted.password)
-    identified = f"IDENTIFIED{wanted.flavor.native_clause} BY {sql_string(wanted.password)}"
+    identified = f"IDENTIFIED{native_clause(wanted.server)} BY {sql_string(wanted.password)}"
     for host in wanted.hosts:
         who = account(DB_USER, host)
         if (DB_USER, host) not in state.users:
@@ -190,7 +170,8 @@ class SecureDatabase(Step):
     wanted: Wanted
 
     def __post_init__(self) -> None:
-        self.name = f"databases {', '.join(DATABASES)} and user {DB_USER}"
+        self.id = "mysql:databases"
+        self.label = f"databases {', '.join(DATABASES)} and user {DB_USER}"
 
     def facts(self) -> list[F.Fact]:
         return [state_fact()]
@@ -208,17 +189,17 @@ class SecureDatabase(Step):
 
 def build(ctx: RoleContext) -> list[Step]:
     mv = ctx.vars.mysql
-    fl = flavor(ctx.os)
+    server = layout.db_server(ctx.os)
     password = ctx.secret("db_password", env=PASSWORD_ENV)
     hosts = tuple(dict.fromkeys(("localhost", "127.0.0.1", *mv.allow_from)))
     conf = render("mysql/60-mlflow-stack.cnf.j2", bind_address=mv.bind_address, port=mv.port)
     return [
-        Apt((fl.package,), background=True),  # installs while the anaconda role runs
-        *(MaskedUnit(unit, notify=(fl.service,)) for unit in fl.sockets),
-        File(fl.conf_file, conf, notify=(fl.service,)),
-        Service(fl.service),
+        Apt((server.package,), schedule=Schedule.EARLY),  # installs while anaconda runs
+        *(MaskedUnit(unit, notify=(server.service,)) for unit in server.sockets),
+        File(server.conf_file, conf, notify=(server.service,)),
+        Service(server.service),
         *ctx.secret_steps("db_password", env={"db_password": PASSWORD_ENV}),
-        SecureDatabase(Wanted(password.reveal(), hosts, fl)),
+        SecureDatabase(Wanted(password.reveal(), hosts, server)),
     ]
 
 

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 import pymysql
 
-from mlflow_stack.actions.remote import ActionError, Layout, read_secret
+from mlflow_stack import layout
+from mlflow_stack.actions.remote import ActionError, read_secret
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.forward import forward
 from mlflow_stack.engine.host import Host
-from mlflow_stack.engine.runner import probe
-from roles import mysql
+from mlflow_stack.engine.probing import probe
+from mlflow_stack.layout import Layout
 
 EXPECTED_SCRIPT = (
     "import json; from mlflow.store.db.utils import _get_latest_schema_revision as head; "
@@ -44,10 +45,10 @@ def sql_fact(name: str, query: str) -> F.Shell:
     return F.Shell(name, f'mysql -N -B -e "{query}"')
 
 
-def host_facts(layout: Layout) -> dict[str, F.Fact]:
+def host_facts(place: Layout) -> dict[str, F.Fact]:
     return {
         "os": F.OsRelease(),
-        **{f"unit {fl.service}": F.Unit(fl.service) for fl in (mysql.MARIADB, mysql.MYSQL)},
+        **{f"unit {db.service}": F.Unit(db.service) for db in (layout.MARIADB, layout.MYSQL)},
         "socket": sql_fact("root socket", "SELECT CURRENT_USER()"),
         "charset": sql_fact(
             "charset",
@@ -58,7 +59,7 @@ def host_facts(layout: Layout) -> dict[str, F.Fact]:
         "revision": sql_fact("revision", "SELECT version_num FROM mlflow.alembic_version"),
         "expected": F.Shell(
             "expected schema",
-            f'cd / && {layout.prefix}/envs/mlflow/bin/python -c "{EXPECTED_SCRIPT}"',
+            f'cd / && {place.python(layout.MLFLOW_ENV)} -c "{EXPECTED_SCRIPT}"',
         ),
         **{f"count {k}": sql_fact(f"count {k}", q) for k, q in COUNTS.items()},
     }
@@ -147,7 +148,7 @@ def client_login(host: Host, db_port: int) -> Check:
             conn = pymysql.connect(
                 host="127.0.0.1",
                 port=local,
-                user=mysql.DB_USER,
+                user=layout.DB_USER,
                 password=password.reveal(),
                 database="mlflow",
                 connect_timeout=10,
@@ -166,15 +167,15 @@ def client_login(host: Host, db_port: int) -> Check:
     return Check("user mlflow logs in (PyMySQL over an SSH tunnel)", True, f"{who} on {db}")
 
 
-def check_mysql(host: Host, layout: Layout, db_port: int = 3306) -> tuple[list[Check], dict]:
-    facts = host_facts(layout)
+def check_mysql(host: Host, place: Layout) -> tuple[list[Check], dict]:
+    facts = host_facts(place)
     values = {name: v for name, v in zip(facts, _probe_values(host, facts), strict=True)}
-    flavor = mysql.flavor(values["os"])
-    unit = values[f"unit {flavor.service}"]
-    checks, counts = evaluate(values, unit, flavor.service)
+    server = layout.db_server(values["os"])
+    unit = values[f"unit {server.service}"]
+    checks, counts = evaluate(values, unit, server.service)
     if unit.active:
         try:
-            checks.append(client_login(host, db_port))
+            checks.append(client_login(host, place.db_port))
         except ActionError as exc:
             checks.append(
                 Check(

@@ -110,3 +110,16 @@ def predict(host: Host, port: int, payload: dict) -> list[float]:
     if not all(math.isfinite(p) for p in predictions):
         raise ActionError(f"the model returned non-finite predictions: {predictions}")
     return predictions
+
+
+def predict_served(host: Host, name: str, port: int | None, payload: dict) -> list[float]:
+    """Score `payload` against the served instance `name` (or whatever listens on `port`)."""
+    if port is None:
+        from mlflow_stack.actions.serve import served
+
+        port = served(host).get(name)
+        if port is None:
+            raise ActionError(
+                f"no served model named {name!r} on {host.name}; start one with invoke serve"
+            )
+    return predict(host, port, payload)

@@ -1,53 +1,24 @@
-"""What every remote action shares: the host's layout, running demo code, reading secrets."""
+"""What every remote action shares: running demo code as the demo user, reading secrets,
+reading results."""
 
 from __future__ import annotations
 
 import json
 import shlex
-from collections.abc import Callable
-from dataclasses import dataclass
 
-from mlflow_stack.engine.context import SECRETS_DIR
-from mlflow_stack.engine.host import Host, RunResult
-from mlflow_stack.inventory import ResolvedHost
+from mlflow_stack import layout
+from mlflow_stack.engine.host import Host
+from mlflow_stack.errors import UserError
+from mlflow_stack.layout import Layout
 from mlflow_stack.secrets import Secret
 
 
-class ActionError(Exception):
+class ActionError(UserError):
     """An action failed; the message is one line saying what and what to do."""
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Where provisioning put things on a host (from its vars)."""
-
-    prefix: str
-    mlflow_port: int
-    jupyter_port: int
-    demo_user: str = "demo"
-    demo_root: str = "/opt/demo"
-    tracking_host: str = "127.0.0.1"  # where the MLflow server is, seen from this host
-
-    @classmethod
-    def of(cls, resolved: ResolvedHost) -> Layout:
-        v = resolved.vars
-        return cls(v.python.prefix, v.mlflow.port, v.jupyter.port)
-
-    @property
-    def demo_python(self) -> str:
-        return f"{self.prefix}/envs/demo/bin/python"
-
-    @property
-    def tracking_uri(self) -> str:
-        return f"http://{self.tracking_host}:{self.mlflow_port}"
-
-    @property
-    def data_path(self) -> str:
-        return f"{self.demo_root}/data/winequality-white.csv"
-
-
 def demo_command(
-    layout: Layout,
+    place: Layout,
     args: list[str],
     env: dict[str, str] | None = None,
     secret_env: tuple[str, ...] = (),
@@ -58,20 +29,20 @@ def demo_command(
     read from one line of stdin instead (see `secret_stdin`) and exported to the process.
     """
     variables = {
-        "HOME": layout.demo_root,
-        "MLFLOW_TRACKING_URI": layout.tracking_uri,
-        "DEMO_WINE_DATA": layout.data_path,
-        "PYTHONPATH": layout.demo_root,
+        "HOME": layout.DEMO_ROOT,
+        "MLFLOW_TRACKING_URI": place.tracking_uri,
+        "DEMO_WINE_DATA": layout.DEMO_DATA,
+        "PYTHONPATH": layout.DEMO_ROOT,
         "PYTHONUNBUFFERED": "1",
         "MLFLOW_DISABLE_TELEMETRY": "true",  # MLflow 3 sends usage data by default
-        "PYTHONPYCACHEPREFIX": f"{layout.demo_root}/.cache/pycache",
+        "PYTHONPYCACHEPREFIX": layout.DEMO_PYCACHE,
         **(env or {}),
     }
     assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in variables.items())
-    command = " ".join(shlex.quote(a) for a in [layout.demo_python, *args])
+    command = " ".join(shlex.quote(a) for a in [place.demo_python, *args])
     reads = "".join(f"IFS= read -r {name} && export {name} && " for name in secret_env)
     return (
-        f"{reads}cd {layout.demo_root} && runuser -u {layout.demo_user} -- "
+        f"{reads}cd {layout.DEMO_ROOT} && runuser -u {layout.DEMO_USER} -- "
         f"env {assignments} {command}"
     )
 
@@ -81,9 +52,9 @@ def secret_stdin(*values: Secret) -> str:
     return "".join(v.reveal() + "\n" for v in values)
 
 
-def require_provisioned(host: Host, layout: Layout) -> None:
+def require_provisioned(host: Host, place: Layout) -> None:
     """Fail clearly when the host has no demo env or demo code yet."""
-    check = f"test -x {layout.demo_python} && test -d {layout.demo_root}/demo_wine"
+    check = f"test -x {place.demo_python} && test -d {layout.DEMO_CODE}"
     if not host.run(check).ok:
         raise ActionError(
             f"{host.name}: not provisioned (no demo env or demo code); "
@@ -92,7 +63,7 @@ def require_provisioned(host: Host, layout: Layout) -> None:
 
 
 def read_secret(host: Host, name: str) -> Secret:
-    result = host.run(f"cat {SECRETS_DIR}/{name}")
+    result = host.run(f"cat {layout.secret_path(name)}")
     if not result.ok or not result.stdout.strip():
         raise ActionError(
             f"{host.name}: secret {name} not found; run: invoke provision --host {host.name}"
@@ -110,13 +81,3 @@ def last_json_line(output: str) -> dict | None:
             except json.JSONDecodeError:
                 continue
     return None
-
-
-def stream(host: Host, script: str, printer: Callable[[str], None], **kwargs) -> RunResult:
-    """Run `script`, passing each output line (stdout) to `printer` as it arrives."""
-    return host.run(script, on_output=printer, **kwargs)
-
-
-def error_tail(result: RunResult, lines: int = 1) -> str:
-    text = (result.stderr.strip() or result.stdout.strip()).splitlines()
-    return " | ".join(text[-lines:]) if text else f"exit {result.rc}"

@@ -7,33 +7,35 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mlflow_stack.actions.remote import ActionError, Layout, error_tail, require_provisioned
+from mlflow_stack import hostside, layout
+from mlflow_stack.actions.remote import ActionError, require_provisioned
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.host import Host
-from mlflow_stack.engine.report import Reporter, Status
-from mlflow_stack.engine.runner import HostJob, Options, Role, converge_host, probe
+from mlflow_stack.engine.probing import probe
+from mlflow_stack.engine.report import Reporter
+from mlflow_stack.engine.role import Role
+from mlflow_stack.engine.runner import HostJob, Options, converge_host
 from mlflow_stack.engine.steps import Directory, File, Service, Step, WaitHttp
 from mlflow_stack.engine.templating import render
+from mlflow_stack.layout import MODELS_CONF_DIR, Layout, model_env_file, model_unit
 
-CONF_DIR = "/etc/mlflow-models"
-TEMPLATE_UNIT = "mlflow-model@.service"
+if TYPE_CHECKING:
+    from mlflow_stack.host_vars import HostVars
+
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,40}$")
-RESOLVER = Path(__file__).with_name("resolve_model.py")
-# The unit's program: MLflow's scoring app under uvicorn, one Python start (see the file).
-SERVER_SCRIPT = Path(__file__).with_name("model_server.py")
-SERVER_PATH = "/usr/local/lib/mlflow-stack/model_server.py"
-# Its fast path for the common /invocations request, imported from the same directory.
-FAST_PATH_SCRIPT = Path(__file__).with_name("fast_scoring.py")
-FAST_PATH_PATH = str(Path(SERVER_PATH).with_name("fast_scoring.py"))
+# The unit's program (MLflow's scoring app under uvicorn, one Python start) and its fast path
+# for the common /invocations request, which it imports from the same directory.
+PROGRAMS = ("model_server.py", "fast_scoring.py")
+SERVER_PATH = f"{layout.HOSTSIDE_DIR}/model_server.py"
 
 
 def served_fact() -> F.Shell:
     """The served instances and their ports, one `NAME PORT` line each."""
     return F.Shell(
         "served models",
-        f"cd {CONF_DIR} 2>/dev/null && "
+        f"cd {MODELS_CONF_DIR} 2>/dev/null && "
         "for f in *.env; do echo \"${f%.env} $(sed -n 's/^PORT=//p' $f)\"; done",
     )
 
@@ -46,10 +48,6 @@ def parse_served(result: F.ShellResult) -> dict[str, int]:
 def served(host: Host) -> dict[str, int]:
     """Served instance name → port on the host."""
     return parse_served(probe(host, [served_fact()])[served_fact().key])
-
-
-def unit_name(name: str) -> str:
-    return f"mlflow-model@{name}.service"
 
 
 @dataclass(frozen=True)
@@ -68,21 +66,23 @@ class ServeRequest:
             raise ActionError(f"--workers {self.workers}: choose 1 to 16, or 0 for one per CPU")
 
 
-def resolve_model(host: Host, layout: Layout, ref: str) -> dict:
+def resolve_model(host: Host, place: Layout, ref: str) -> dict:
     """Resolve a run id or models:/ URI on the host (the tracking server is local there)."""
     result = host.run(
-        f"python3 - {layout.tracking_uri} '{ref}'", stdin=RESOLVER.read_text(), sudo=False
+        f"python3 - {place.tracking_uri} '{ref}'",
+        stdin=hostside.read("resolve_model.py"),
+        sudo=False,
     )
     answer = json.loads(result.stdout.strip().splitlines()[-1]) if result.stdout.strip() else {}
     if "error" in answer or not answer:
-        raise ActionError(answer.get("error") or f"resolving {ref} failed: {error_tail(result)}")
+        raise ActionError(answer.get("error") or f"resolving {ref} failed: {result.tail()}")
     return answer
 
 
 def check_port(host: Host, name: str, port: int) -> None:
     """The port must be free, or already be this instance's."""
     script = (
-        f"cur=$(sed -n 's/^PORT=//p' {CONF_DIR}/{name}.env 2>/dev/null); "
+        f"cur=$(sed -n 's/^PORT=//p' {model_env_file(name)} 2>/dev/null); "
         f'busy=$(ss -Hltn "sport = :{port}" | head -1); '
         f'[ -z "$busy" ] && echo free || echo "busy $cur"'
     )
@@ -94,8 +94,8 @@ def check_port(host: Host, name: str, port: int) -> None:
         )
 
 
-def serve_steps(req: ServeRequest, uri: str, layout: Layout) -> list[Step]:
-    unit = unit_name(req.name)
+def serve_steps(req: ServeRequest, uri: str, place: Layout) -> list[Step]:
+    unit = model_unit(req.name)
     env_text = render(
         "serving/model.env.j2",
         name=req.name,
@@ -103,25 +103,29 @@ def serve_steps(req: ServeRequest, uri: str, layout: Layout) -> list[Step]:
         bind="127.0.0.1",
         port=req.port,
         workers=req.workers,
-        tracking_uri=layout.tracking_uri,
+        tracking_uri=place.tracking_uri,
     )
     template = render(
         "systemd/mlflow-model@.service.j2",
-        user=layout.demo_user,
-        home=layout.demo_root,
-        conf_dir=CONF_DIR,
-        env_prefix=f"{layout.prefix}/envs/demo",
+        user=layout.DEMO_USER,
+        home=layout.DEMO_ROOT,
+        pycache=layout.DEMO_PYCACHE,
+        conf_dir=MODELS_CONF_DIR,
+        env_prefix=place.env(layout.DEMO_ENV),
         server=SERVER_PATH,
     )
+    programs = [
+        File(f"{layout.HOSTSIDE_DIR}/{name}", hostside.read(name), notify=(unit,))
+        for name in PROGRAMS
+    ]
     return [
-        Directory(CONF_DIR, "root", layout.demo_user, 0o750),
-        Directory(str(Path(SERVER_PATH).parent), "root", "root", 0o755),
-        File(SERVER_PATH, SERVER_SCRIPT.read_text(), notify=(unit,)),
-        File(FAST_PATH_PATH, FAST_PATH_SCRIPT.read_text(), notify=(unit,)),
+        Directory(MODELS_CONF_DIR, "root", layout.DEMO_USER, 0o750),
+        Directory(layout.HOSTSIDE_DIR, "root", "root", 0o755),
+        *programs,
+        File(model_env_file(req.name), env_text, "root", layout.DEMO_USER, 0o640, notify=(unit,)),
         File(
-            f"{CONF_DIR}/{req.name}.env", env_text, "root", layout.demo_user, 0o640, notify=(unit,)
+            layout.unit_file(layout.MODEL_UNIT_TEMPLATE), template, notify=(unit,), unit_file=True
         ),
-        File(f"/etc/systemd/system/{TEMPLATE_UNIT}", template, notify=(unit,), unit_file=True),
         Service(unit),
         WaitHttp(
             f"model {req.name} answers /ping",
@@ -147,20 +151,19 @@ class ServeResult:
         return f"http://127.0.0.1:{self.port}/invocations"
 
 
-def serve(host: Host, layout: Layout, req: ServeRequest, vars) -> ServeResult:
+def serve(host: Host, host_vars: HostVars, req: ServeRequest) -> ServeResult:
     started = time.monotonic()
     req.validate()
-    require_provisioned(host, layout)
-    model = resolve_model(host, layout, req.model_ref)
+    place = Layout.of(host_vars)
+    require_provisioned(host, place)
+    model = resolve_model(host, place, req.model_ref)
     check_port(host, req.name, req.port)
-    role = Role("serve", lambda ctx: serve_steps(req, model["uri"], layout))
-    recap = converge_host(HostJob(host, [role], vars), Options(), Reporter(io.StringIO()))
-    if recap.failed:
-        failure = recap.error or next(
-            f"{r.step}: {r.summary}" for r in recap.results if r.status == Status.FAILED
-        )
-        journal = host.run(f"journalctl -u {unit_name(req.name)} -n 5 --no-pager -o cat")
-        raise ActionError(f"{failure}; last log lines: {error_tail(journal, 3)}")
+    role = Role("serve", lambda ctx: serve_steps(req, model["uri"], place))
+    recap = converge_host(HostJob(host, [role], host_vars), Options(), Reporter(io.StringIO()))
+    failure = recap.failure()
+    if failure:
+        journal = host.run(f"journalctl -u {model_unit(req.name)} -n 5 --no-pager -o cat")
+        raise ActionError(f"{failure}; last log lines: {journal.tail(3)}")
     return ServeResult(
         req.name,
         model["uri"],
@@ -174,10 +177,13 @@ def serve(host: Host, layout: Layout, req: ServeRequest, vars) -> ServeResult:
 
 def stop(host: Host, name: str) -> bool:
     """Stop and remove a served model; False when there was none of that name."""
-    unit = unit_name(name)
+    if not NAME.match(name):
+        raise ActionError(f"--name {name!r}: use lower-case letters, digits, - and _")
+    unit = model_unit(name)
+    env = model_env_file(name)
     script = (
-        f"if [ -f {CONF_DIR}/{name}.env ] || systemctl -q is-active {unit}; then "
-        f"systemctl disable --now {unit} 2>/dev/null; rm -f {CONF_DIR}/{name}.env; echo stopped; "
+        f"if [ -f {env} ] || systemctl -q is-active {unit}; then "
+        f"systemctl disable --now {unit} 2>/dev/null; rm -f {env}; echo stopped; "
         "fi"
     )
     return host.check(script, f"stopping {unit}").stdout.strip() == "stopped"

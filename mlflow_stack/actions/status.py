@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from mlflow_stack import layout
 from mlflow_stack.actions import serve as serving
-from mlflow_stack.actions.remote import Layout
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.host import Host
-from mlflow_stack.engine.runner import probe
-from roles import demo_files, mysql
+from mlflow_stack.engine.probing import probe
+from mlflow_stack.layout import Layout
+
+if TYPE_CHECKING:
+    from mlflow_stack.host_vars import HostVars
+    from mlflow_stack.targets import ResolvedHost
 
 
 @dataclass
@@ -39,24 +44,24 @@ def _health(result: F.ShellResult) -> str:
     return f"ok ({code})" if 200 <= code < 300 else ("no answer" if code == 0 else f"HTTP {code}")
 
 
-def gather(host: Host, layout: Layout) -> list[ServiceStatus]:
+def gather(host: Host, place: Layout) -> list[ServiceStatus]:
     """Every unit of the stack with its state, health endpoint and version, in two probes."""
     models = serving.served_fact()
     first = probe(host, [F.OsRelease(), models])
     served = serving.parse_served(first[models.key]).items()
-    db_unit = mysql.flavor(first[F.OsRelease().key]).service
-    mlflow_url = f"http://127.0.0.1:{layout.mlflow_port}"
-    jupyter_url = f"http://127.0.0.1:{layout.jupyter_port}"
+    db_unit = layout.db_server(first[F.OsRelease().key]).service
+    mlflow_url = f"http://127.0.0.1:{place.mlflow_port}"
+    jupyter_url = place.jupyter_url
     units: dict[str, tuple[F.Fact, F.Fact | None]] = {
         db_unit: (F.Shell("db ping", "mysqladmin ping"), F.Shell("db version", "mysql -V")),
-        "mlflow-server.service": (_get(f"{mlflow_url}/health"), _get(f"{mlflow_url}/version")),
-        "jupyter.service": (_get(f"{jupyter_url}/api"), _get(f"{jupyter_url}/api")),
+        layout.MLFLOW_UNIT: (_get(f"{mlflow_url}/health"), _get(f"{mlflow_url}/version")),
+        layout.JUPYTER_UNIT: (_get(f"{jupyter_url}/api"), _get(f"{jupyter_url}/api")),
     }
-    warm_unit = demo_files.WARM_UNIT
-    units[warm_unit] = (F.Shell("warm socket", f"test -S {demo_files.WARM_SOCKET}"), None)
+    warm_unit = layout.WARM_UNIT
+    units[warm_unit] = (F.Shell("warm socket", f"test -S {layout.WARM_SOCKET}"), None)
     for name, port in served:
         url = f"http://127.0.0.1:{port}"
-        units[f"mlflow-model@{name}.service"] = (_get(f"{url}/ping"), _get(f"{url}/version"))
+        units[layout.model_unit(name)] = (_get(f"{url}/ping"), _get(f"{url}/version"))
     facts = [F.Unit(u) for u in units] + [f for pair in units.values() for f in pair if f]
     values = probe(host, facts)
     out = []
@@ -118,16 +123,16 @@ def public_address(host: Host, fallback: str) -> str:
     return text if result.ok and is_ip else fallback
 
 
-def urls(layout: Layout, vars, address: str, token: str | None, reveal: bool) -> list[str]:
+def urls(host_vars: HostVars, address: str, token: str | None, reveal: bool) -> list[str]:
     """Lines telling where each UI is and how to log in."""
-    mv, jv = vars.mlflow, vars.jupyter
+    mv, jv = host_vars.mlflow, host_vars.jupyter
     mlflow_host = address if mv.public else "127.0.0.1"
     jupyter_host = address if jv.public else "127.0.0.1"
     lines = [f"MLflow   http://{mlflow_host}:{mv.port}/"]
     if mv.public:
         lines.append(
-            "         user admin; password: sudo cat "
-            "/etc/mlflow-stack/secrets/mlflow_admin_password (on the host)"
+            f"         user {layout.MLFLOW_ADMIN}; password: sudo cat "
+            f"{layout.secret_path('mlflow_admin_password')} (on the host)"
         )
     if jv.auth == "token":
         shown = token if (reveal and token) else "<token>"
@@ -139,3 +144,17 @@ def urls(layout: Layout, vars, address: str, token: str | None, reveal: bool) ->
     if not (mv.public and jv.public):
         lines.append("Local-only services: run `invoke tunnel` and open the 127.0.0.1 URLs.")
     return lines
+
+
+def login_lines(host: Host, resolved: ResolvedHost, reveal: bool) -> list[str]:
+    """`invoke urls`: where each UI is (the public address when opened) and how to log in."""
+    from mlflow_stack.actions.remote import read_secret
+
+    v = resolved.vars
+    address = resolved.target.address
+    if v.mlflow.public or v.jupyter.public:
+        address = public_address(host, address)
+    token = None
+    if reveal and v.jupyter.auth == "token":
+        token = read_secret(host, "jupyter_token").reveal()
+    return urls(v, address, token, reveal)

@@ -2,39 +2,25 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 from mlflow_stack.actions.remote import (
     ActionError,
-    Layout,
     demo_command,
-    error_tail,
     last_json_line,
     require_provisioned,
 )
 from mlflow_stack.engine.host import Host
+from mlflow_stack.layout import Layout
 
 
-def parse_float(flag: str, value, low: float, high: float | None = None) -> float:
-    """A finite float within bounds, else a one-line `ActionError` naming the flag."""
-    try:
-        number = float(str(value))
-    except ValueError:
-        raise ActionError(f"{flag} {value!r}: not a number") from None
-    if not math.isfinite(number) or number < low or (high is not None and number > high):
-        bounds = f"between {low:g} and {high:g}" if high is not None else f">= {low:g}"
-        raise ActionError(f"{flag} {value}: must be {bounds}")
-    return number
-
-
-def run_url(layout: Layout, result: dict) -> str:
-    return f"{layout.tracking_uri}/#/experiments/{result['experiment_id']}/runs/{result['run_id']}"
+def run_url(place: Layout, result: dict) -> str:
+    return f"{place.tracking_uri}/#/experiments/{result['experiment_id']}/runs/{result['run_id']}"
 
 
 def train(
     host: Host,
-    layout: Layout,
+    place: Layout,
     alpha: float,
     l1_ratio: float,
     experiment: str,
@@ -43,7 +29,7 @@ def train(
 ) -> dict:
     """Run demo_wine.train on the host (forked from its warm runner when there is one, see
     `demo_wine.warm`); its JSON result line."""
-    require_provisioned(host, layout)
+    require_provisioned(host, place)
     args = [
         "-m",
         "demo_wine.warm",
@@ -58,8 +44,8 @@ def train(
     ]
     if not artifacts:
         args.append("--no-artifacts")
-    result = host.run(demo_command(layout, args), on_output=printer, timeout=600)
+    result = host.run(demo_command(place, args), on_output=printer, timeout=600)
     parsed = last_json_line(result.stdout)
     if not result.ok or parsed is None:
-        raise ActionError(f"training on {host.name} failed: {error_tail(result)}")
+        raise ActionError(f"training on {host.name} failed: {result.tail()}")
     return parsed

@@ -4,9 +4,9 @@ With one process on one host the study is local (in memory). Otherwise every pro
 one study in the server's `optuna` database (Optuna's distributed mode), all log to the one
 MLflow server, and when they are done the server finalises: registers the best trial as
 `wine-elasticnet` and points the `champion` alias at it. Processes on the server's machine
-(MySQL backend) write their trial runs straight into the MLflow database (`DEMO_WINE_MLFLOW_DB`,
-see demo_wine/recorder.py), many per transaction; the rest goes through the server. Database
-credentials travel on stdin, never on a command line.
+(MySQL backend) write their trial runs straight into the MLflow database (see
+demo_wine/recorder.py); the rest goes through the server. Database credentials travel on
+stdin, never on a command line.
 """
 
 from __future__ import annotations
@@ -16,22 +16,25 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
+from mlflow_stack import layout
 from mlflow_stack.actions.remote import (
     ActionError,
-    Layout,
     demo_command,
-    error_tail,
     last_json_line,
     read_secret,
     require_provisioned,
     secret_stdin,
 )
 from mlflow_stack.engine.host import Host
-from mlflow_stack.inventory import ResolvedHost
+from mlflow_stack.layout import Layout
 from mlflow_stack.secrets import Secret
-from roles.mlflow_server import backend_uri
+from mlflow_stack.targets import ResolvedHost
+
+if TYPE_CHECKING:
+    from mlflow_stack.inventory import Inventory
 
 STORAGE_ENV = "DEMO_WINE_STORAGE"
 MLFLOW_DB_ENV = "DEMO_WINE_MLFLOW_DB"
@@ -51,7 +54,7 @@ def storage_url(password: Secret, db_host: str, port: int) -> Secret:
 
 def mlflow_db_url(password: Secret, port: int) -> Secret:
     """The MLflow server's backend database, as seen from the server's own machine."""
-    return Secret(backend_uri("mysql", password.reveal(), port))
+    return Secret(layout.tracking_db_uri("mysql", password.reveal(), port))
 
 
 def reach(server: ResolvedHost, worker: ResolvedHost) -> str:
@@ -109,7 +112,7 @@ def tune_args(n_trials: int, study: str, experiment: str, register: bool) -> lis
 
 def _run_process(
     host: Host,
-    layout: Layout,
+    place: Layout,
     args: list[str],
     secrets: dict[str, Secret],
     printer: Callable[[str], None],
@@ -118,14 +121,14 @@ def _run_process(
     names = tuple(secrets)
     stdin = secret_stdin(*secrets.values()) if secrets else None
     result = host.run(
-        demo_command(layout, args, secret_env=names),
+        demo_command(place, args, secret_env=names),
         stdin=stdin,
         on_output=printer,
         timeout=6 * 3600,
     )
     parsed = last_json_line(result.stdout)
     if not result.ok or parsed is None:
-        raise ActionError(error_tail(result))
+        raise ActionError(result.tail())
     return parsed
 
 
@@ -142,7 +145,7 @@ def tune(
     """Run the search; every process's result and the server's final registration."""
     started = time.monotonic()
     for h in hosts:
-        require_provisioned(connections[h.name], Layout.of(h))
+        require_provisioned(connections[h.name], Layout.of(h.vars))
     slots = [(h, i) for h in hosts for i in range(per_host)]
     shares = split_trials(n_trials, len(slots))
     shared = len(slots) > 1
@@ -157,14 +160,14 @@ def tune(
 
     def work(slot_share):
         (h, index), share = slot_share
-        layout = replace(
-            Layout.of(h), tracking_host=reach(server, h), mlflow_port=server.vars.mlflow.port
+        place = replace(
+            Layout.of(h.vars), tracking_host=reach(server, h), mlflow_port=server.vars.mlflow.port
         )
         args = tune_args(share, study, experiment, register=not shared)
         try:
             res = _run_process(
                 connections[h.name],
-                layout,
+                place,
                 args,
                 secrets_for(h),
                 lambda line: printer(f"{h.name}#{index}", line),
@@ -189,7 +192,7 @@ def tune(
     if shared:
         outcome.final = _run_process(
             server_host,
-            Layout.of(server),
+            Layout.of(server.vars),
             tune_args(0, study, experiment, register=True),
             secrets_for(server),
             lambda line: printer(f"{server.name}:final", line),
@@ -198,3 +201,42 @@ def tune(
         outcome.final = results[0].result or {}
     outcome.seconds = time.monotonic() - started
     return outcome
+
+
+def choose_hosts(
+    inv: Inventory, hosts: str | None, group: str | None
+) -> tuple[ResolvedHost, list[ResolvedHost]]:
+    """The server (the first of the `server` group) and the hosts that tune: `hosts`, or
+    the members of `group` with the server joining them, else the server alone."""
+    from mlflow_stack.inventory import default_host_spec, resolve
+
+    if hosts and group:
+        raise ActionError("give --hosts or --group, not both")
+    server = resolve(default_host_spec(inv), inv)[0]
+    chosen = resolve(hosts or group, inv) if (hosts or group) else [server]
+    if group and server.name not in [h.name for h in chosen]:
+        chosen = [server, *chosen]
+    return server, chosen
+
+
+def default_study(shared: bool) -> str:
+    """A new study per shared search (its trials stay apart), else the one local study."""
+    return f"wine-{time.strftime('%Y%m%d-%H%M%S')}" if shared else "wine-elasticnet"
+
+
+def render_outcome(outcome: TuneOutcome) -> list[str]:
+    """The lines `invoke tune` prints: trials per host, the best trial, the champion."""
+    final = outcome.final
+    per_host = ", ".join(f"{k}: {v}" for k, v in outcome.trials_per_host.items())
+    params = ", ".join(f"{k}={v:.4g}" for k, v in (final.get("best_params") or {}).items())
+    version = final.get("registered_version")
+    lines = [
+        f"study {outcome.study}: {sum(outcome.trials_per_host.values())} trials in "
+        f"{outcome.seconds:.1f}s  ({per_host})",
+        f"best: {params}  val_rmse={final.get('best_value', float('nan')):.4f}  "
+        f"run {final.get('best_run_id')}",
+        f"champion: models:/wine-elasticnet@champion -> version {version}"
+        if version
+        else "champion: not changed (the best trial was registered before)",
+    ]
+    return lines + [f"warning: {failure}" for failure in outcome.failures]

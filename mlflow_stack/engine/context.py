@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from mlflow_stack import secrets
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.steps import PENDING_DIR, Directory, File, Step
+from mlflow_stack.layout import SECRETS_DIR, secret_path
 
-SECRETS_DIR = "/etc/mlflow-stack/secrets"
+if TYPE_CHECKING:
+    from mlflow_stack.host_vars import HostVars
 
 
 @dataclass
@@ -19,9 +21,8 @@ class RoleContext:
 
     host: str
     os: F.OsInfo
-    vars: Any
+    vars: HostVars
     host_secrets: dict[str, str] = field(default_factory=dict)
-    check: bool = False
     address: str = ""  # how the controller reaches the host (for allowed hosts, URLs)
     _secrets: dict[str, secrets.Secret] = field(default_factory=dict, repr=False)
 
@@ -42,7 +43,7 @@ class RoleContext:
             value = self.secret(name, env.get(name)).reveal()
             steps.append(
                 File(
-                    f"{SECRETS_DIR}/{name}",
+                    secret_path(name),
                     value + "\n",
                     mode=0o600,
                     secret=True,

@@ -1,8 +1,8 @@
 """Facts: what a step needs to know about a host.
 
 Each fact is a frozen dataclass with a shell `command()` and a pure `parse()` of that
-command's output, so parsing is unit-tested with recorded outputs. The engine gathers
-many facts in one SSH round-trip with `build_probe` / `split_probe`.
+command's output, so parsing is unit-tested with recorded outputs. `probing` gathers many
+facts in one SSH command.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from mlflow_stack.engine import probe_script
-from mlflow_stack.engine.probe_script import split_probe
 
 
 @dataclass(frozen=True)
@@ -237,27 +236,6 @@ class User(Fact):
         return UserInfo(name=name, uid=int(uid), gid=int(gid), home=home, shell=shell)
 
 
-@dataclass(frozen=True)
-class Group(Fact):
-    """Members of a group, or None if the group does not exist."""
-
-    name: str
-    kind: ClassVar[str] = "group"
-
-    def arg(self) -> str:
-        return self.name
-
-    def command(self) -> str:
-        return f"getent group {shlex.quote(self.name)}"
-
-    def parse(self, output: str, rc: int) -> tuple[str, ...] | None:
-        line = output.strip()
-        if rc != 0 or not line:
-            return None
-        members = line.split(":")[3] if line.count(":") >= 3 else ""
-        return tuple(m for m in members.split(",") if m)
-
-
 def parse_systemctl_show(output: str) -> UnitInfo:
     values = dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
     return UnitInfo(
@@ -385,17 +363,3 @@ class FileContents(Fact):
             name = base64.b64decode(name_b64).decode().rstrip("\n")
             files[name] = base64.b64decode(data_b64).decode(errors="replace")
         return files
-
-
-# --- batching --------------------------------------------------------------------------
-
-
-def build_probe(facts: list[Fact], marker: str | None = None) -> tuple[str, str]:
-    """One shell script that runs every fact's command, with markers around each output."""
-    return probe_script.script([fact.command() for fact in facts], marker)
-
-
-def parse_probe(facts: list[Fact], output: str, marker: str) -> dict[str, Any]:
-    """Parsed values of `facts` from one probe run, keyed by `fact.key`."""
-    pieces = split_probe(output, marker, len(facts))
-    return {fact.key: fact.parse(text, rc) for fact, (text, rc) in zip(facts, pieces, strict=True)}

@@ -51,9 +51,7 @@ class CommandError(HostError):
     """A remote command exited non-zero."""
 
     def __init__(self, what: str, result: RunResult) -> None:
-        detail = (result.stderr.strip() or result.stdout.strip()).splitlines()
-        tail = " | ".join(detail[-3:]) if detail else "no output"
-        super().__init__(mask(f"{what} failed (exit {result.rc}): {tail}"))
+        super().__init__(mask(f"{what} failed (exit {result.rc}): {result.tail(3)}"))
         self.result = result
 
 
@@ -67,6 +65,11 @@ class RunResult:
     @property
     def ok(self) -> bool:
         return self.rc == 0
+
+    def tail(self, lines: int = 1) -> str:
+        """The last `lines` lines of stderr (else stdout) joined on one line."""
+        text = (self.stderr.strip() or self.stdout.strip()).splitlines()
+        return " | ".join(text[-lines:]) if text else "no output"
 
 
 @dataclass

@@ -6,10 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from mlflow_stack.errors import UserError
+
 CONNECT_TIMEOUT = 10
 
 
-class HostError(Exception):
+class HostError(UserError):
     """A host could not be reached or used; the message is one line naming the fix."""
 
 

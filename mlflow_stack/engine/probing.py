@@ -160,3 +160,36 @@ class Prefetch:
         wanted = list({f.key: (f.key, f.command()) for f in facts}.values())
         if wanted != self.planned:
             save_plan(self.path, facts)
+
+
+class FactStore:
+    """The facts one run has read from its host, and how fresh they are.
+
+    Every change the run makes bumps `generation`; a fact read before the current generation
+    is stale. A role's facts are read again when stale; a live fact (a service's state) is
+    read again before its step. The prefetched values (`known`) answer the first reads only.
+    """
+
+    def __init__(self, host: Host, known: Known | None = None) -> None:
+        self.host = host
+        self.known: Known = known or {}
+        self.values: dict[str, Any] = {}
+        self.generation = 0
+        self._read_at: dict[str, int] = {}
+
+    def read(self, facts: list[F.Fact]) -> None:
+        """Probe `facts` (from the prefetch when it has them) into the values."""
+        self.values.update(probe(self.host, facts, self.known))
+        self._read_at.update((f.key, self.generation) for f in facts)
+
+    def stale(self, facts: list[F.Fact], *, live_only: bool = False) -> list[F.Fact]:
+        """Those of `facts` read before the host last changed (`live_only`: live ones)."""
+        return [
+            f
+            for f in facts
+            if (f.live or not live_only) and self._read_at.get(f.key, -1) < self.generation
+        ]
+
+    def changed_host(self) -> None:
+        self.generation += 1
+        self.known = {}  # values read before a change are not this host's any more

@@ -16,7 +16,6 @@ class Status(StrEnum):
     OK = "ok"
     CHANGED = "changed"
     FAILED = "failed"
-    SKIPPED = "skipped"
 
 
 @dataclass
@@ -50,12 +49,18 @@ class HostRecap:
     def changed_steps(self) -> list[StepResult]:
         return [r for r in self.results if r.status == Status.CHANGED]
 
+    def failure(self) -> str | None:
+        """One line naming what failed first (`host: role: step: why`), or None."""
+        if self.error is not None:
+            return self.error
+        failed = next((r for r in self.results if r.status == Status.FAILED), None)
+        return f"{self.host}: {failed.role}: {failed.step}: {failed.summary}" if failed else None
+
     def summary(self) -> dict:
         return {
             "ok": self.count(Status.OK),
             "changed": self.count(Status.CHANGED),
             "failed": self.count(Status.FAILED) + (1 if self.error else 0),
-            "skipped": self.count(Status.SKIPPED),
             "seconds": round(self.seconds, 3),
             "ssh_commands": self.ssh_commands,
             "roles": {k: round(v, 3) for k, v in self.role_seconds.items()},
@@ -63,7 +68,7 @@ class HostRecap:
         }
 
 
-_COLORS = {Status.OK: "32", Status.CHANGED: "33", Status.FAILED: "31", Status.SKIPPED: "36"}
+_COLORS = {Status.OK: "32", Status.CHANGED: "33", Status.FAILED: "31"}
 
 
 class Reporter:
@@ -100,10 +105,6 @@ class Reporter:
             line += "\n" + result.diff.rstrip("\n")
         self._write(line)
 
-    def note(self, host: str, text: str) -> None:
-        if not self.json_mode:
-            self._write(f"{host:<12} {text}")
-
     def recap(self, recaps: list[HostRecap]) -> None:
         if self.json_mode:
             payload = {
@@ -125,7 +126,7 @@ class Reporter:
             roles = ", ".join(f"{k} {v:.2f}s" for k, v in r.role_seconds.items())
             lines.append(
                 f"{r.host:<12} ok={s['ok']:<3} changed={s['changed']:<3} failed={s['failed']:<3} "
-                f"skipped={s['skipped']:<3} {r.seconds:.2f}s, {r.ssh_commands} SSH commands"
+                f"{r.seconds:.2f}s, {r.ssh_commands} SSH commands"
                 + (f"  [{roles}]" if roles else "")
             )
             if r.error:

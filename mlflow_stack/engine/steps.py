@@ -3,6 +3,11 @@
 `plan()` is pure: from gathered facts it returns None (already as wanted) or a `Change`
 listing the commands to run. The runner applies changes, handles notifications and
 reports; steps never touch SSH themselves.
+
+A step has an `id` (what other steps and the runner refer to: `changed`, `waits_for`) and a
+`label` (what people read); and it declares how it is scheduled (`Schedule`), which units it
+manages (their handlers run with its role) and which it notifies. A new kind of step is a
+subclass here with `facts()` and `plan()`.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import hashlib
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from mlflow_stack.engine import facts as F
@@ -26,6 +32,16 @@ class Cmd:
     stdin: bytes | str | None = field(default=None, repr=False)
     user: str | None = None
     timeout: float | None = None
+
+    def root_script(self) -> str:
+        """The script as the root shell runs it (as `user` when one is given)."""
+        return as_user(self.script, self.user) if self.user else self.script
+
+
+def as_user(script: str, user: str) -> str:
+    """Run `script` (from a root shell) as `user`, with that user's home as HOME."""
+    home = f'"$(getent passwd {shlex.quote(user)} | cut -d: -f6)"'
+    return f"cd / && HOME={home} runuser -u {shlex.quote(user)} -- sh -c {shlex.quote(script)}"
 
 
 @dataclass
@@ -49,20 +65,39 @@ class PlanContext:
     facts: dict[str, Any]
     reload_pending: bool = False
     restarted: set[str] = field(default_factory=set)
-    changed: set[str] = field(default_factory=set)  # names of the steps changed so far
+    changed: set[str] = field(default_factory=set)  # ids of the steps changed so far
     pending: set[str] = field(default_factory=set)  # units with a restart pending
 
     def __getitem__(self, fact: F.Fact) -> Any:
         return self.facts[fact.key]
 
 
-class Step:
-    """Base class of all steps."""
+class Schedule(Enum):
+    """When the runner applies a step's change."""
 
-    name: str = ""
-    notify: tuple[str, ...] = ()
+    IN_TURN = "in turn"  # when its turn comes
+    # started on the host as soon as the run's facts are in, so that it proceeds while the
+    # roles before it run; its turn waits for it and reports its result. Only when no other
+    # step of its `exclusive` group changes anything (those run one at a time).
+    EARLY = "early"
+    # started in its turn; the runner goes on, and a step listing it in `waits_for` (or the
+    # end of the run) waits for it and reports its result
+    BACKGROUND = "background"
+    # applied at the end of the run: a wait nothing after it needs; reported under its role
+    AT_END = "at end"
+
+
+class Step:
+    """Base class of all steps (subclasses are dataclasses; these are their defaults)."""
+
+    id: str = ""  # stable identity, for `changed` and `waits_for`
+    label: str = ""  # what the report shows
+    notify: tuple[str, ...] = ()  # units restarted (once, by a handler) when this changes
+    manages: tuple[str, ...] = ()  # units whose pending restarts run with this step's role
     flush_before: bool = False  # pending handlers of the role run before this step
-    waits_for: tuple[str, ...] = ()  # background steps (by name) to finish before this one
+    waits_for: tuple[str, ...] = ()  # ids of background steps to finish before this one
+    schedule: Schedule = Schedule.IN_TURN
+    exclusive: str = ""  # steps sharing this group never run at the same time ("dpkg")
 
     def facts(self) -> list[F.Fact]:
         return []
@@ -96,13 +131,12 @@ class Apt(Step):
     packages: tuple[str, ...]
     max_list_age: int = 6 * 3600
     notify: tuple[str, ...] = ()
-    # Start the install on the host as soon as the run's facts are in, so that it proceeds
-    # while the roles before this step run; the step itself then waits for it and reports its
-    # result. Only when no other package step of the run installs anything (one apt at a time).
-    background: bool = False
+    schedule: Schedule = Schedule.IN_TURN  # EARLY: installs while the roles before it run
+    exclusive: str = "dpkg"
 
     def __post_init__(self) -> None:
-        self.name = "packages " + " ".join(self.packages)
+        self.id = "packages:" + ",".join(self.packages)
+        self.label = "packages " + " ".join(self.packages)
 
     def facts(self) -> list[F.Fact]:
         return [F.Packages(self.packages), F.AptListsAge()]
@@ -135,7 +169,8 @@ class SystemUser(Step):
     shell: str = "/usr/sbin/nologin"
 
     def __post_init__(self) -> None:
-        self.name = f"user {self.user}"
+        self.id = f"user:{self.user}"
+        self.label = f"user {self.user}"
 
     def facts(self) -> list[F.Fact]:
         return [F.User(self.user)]
@@ -177,7 +212,8 @@ class Directory(Step):
     mode: int = 0o755
 
     def __post_init__(self) -> None:
-        self.name = f"directory {self.path}"
+        self.id = f"directory:{self.path}"
+        self.label = f"directory {self.path}"
 
     def facts(self) -> list[F.Fact]:
         return [F.PathState(self.path)]
@@ -229,7 +265,8 @@ class File(Step):
     label: str = ""
 
     def __post_init__(self) -> None:
-        self.name = self.label or f"file {self.path}"
+        self.id = f"file:{self.path}"
+        self.label = self.label or f"file {self.path}"
 
     @property
     def data(self) -> bytes:
@@ -271,7 +308,9 @@ class Service(Step):
     running: bool = True
 
     def __post_init__(self) -> None:
-        self.name = f"service {self.unit}"
+        self.id = f"service:{self.unit}"
+        self.label = f"service {self.unit}"
+        self.manages = (self.unit,)
 
     def facts(self) -> list[F.Fact]:
         return [F.Unit(self.unit)]
@@ -325,7 +364,8 @@ class MaskedUnit(Step):
     notify: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        self.name = f"masked {self.unit}"
+        self.id = f"masked:{self.unit}"
+        self.label = f"masked {self.unit}"
 
     def facts(self) -> list[F.Fact]:
         # Live: the unit usually comes with a package installed earlier in the same run
@@ -348,7 +388,7 @@ class MaskedUnit(Step):
 class Run(Step):
     """A command run only when `when(ctx)` says so, judged from the facts in `needs`."""
 
-    label: str
+    label: str = field()  # required (the base class's default does not apply)
     script: str | Callable[[PlanContext], str]  # a callable builds the script from facts
     when: Callable[[PlanContext], bool]
     needs: tuple[F.Fact, ...] = ()
@@ -356,13 +396,12 @@ class Run(Step):
     user: str | None = None
     timeout: float | None = 1800
     notify: tuple[str, ...] = ()
-    # Start the command on the host when its turn comes and go on with the next steps; a step
-    # that lists it in `waits_for` (or the end of the run) waits for it and reports its result.
-    background: bool = False
+    schedule: Schedule = Schedule.IN_TURN
     waits_for: tuple[str, ...] = ()
+    id: str = ""  # give one when another step refers to this one (default: from the label)
 
     def __post_init__(self) -> None:
-        self.name = self.label
+        self.id = self.id or f"run:{self.label}"
 
     def facts(self) -> list[F.Fact]:
         return list(self.needs)
@@ -379,18 +418,16 @@ class Run(Step):
 class WaitHttp(Step):
     """Wait until a URL on the host answers with an expected status."""
 
-    label: str
+    label: str = field()  # required (the base class's default does not apply)
     url: str
     timeout: int = 90
     expect: tuple[int, ...] = (200,)
     after: tuple[str, ...] = ()  # units whose (re)start in this run forces a fresh wait
     flush_before: bool = True
-    # Wait at the end of the run instead of here: later roles proceed while the service
-    # starts (nothing after it needs it). Its result still shows under its role.
-    defer: bool = False
+    schedule: Schedule = Schedule.IN_TURN  # AT_END: later roles proceed while it starts
 
     def __post_init__(self) -> None:
-        self.name = self.label
+        self.id = f"wait:{self.url}"
 
     def facts(self) -> list[F.Fact]:
         return [F.Http(self.url)]

@@ -32,9 +32,11 @@ class PruneExtra(Step):
     remote: str
     keep: frozenset[str]
     exclude: tuple[str, ...] = EXCLUDE
+    notify: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        self.name = f"prune {self.remote}"
+        self.id = f"prune:{self.remote}"
+        self.label = f"prune {self.remote}"
 
     def fact(self) -> F.Shell:
         r = shlex.quote(self.remote)
@@ -63,11 +65,17 @@ class PruneExtra(Step):
 
 
 def tree_steps(
-    local: Path, remote: str, owner: str, group: str, notify: tuple[str, ...] = ()
+    local: Path,
+    remote: str,
+    owner: str,
+    group: str,
+    notify: tuple[str, ...] = (),
+    elsewhere: frozenset[str] = frozenset(),
 ) -> list[Step]:
     """Directories, files and a prune step making `remote` mirror `local`; a changed or
-    removed file notifies the units in `notify`."""
-    files = local_files(local)
+    removed file notifies the units in `notify`. Files in `elsewhere` (relative paths) are
+    another step's: neither sent nor pruned."""
+    files = [p for p in local_files(local) if str(p) not in elsewhere]
     dirs = sorted({str(p.parent) for p in files if str(p.parent) != "."})
     steps: list[Step] = [Directory(remote, owner, group, 0o755)]
     steps += [Directory(f"{remote}/{d}", owner, group, 0o755) for d in dirs]
@@ -75,7 +83,6 @@ def tree_steps(
         mode = 0o755 if (local / rel).stat().st_mode & 0o100 else 0o644
         data = (local / rel).read_bytes()
         steps.append(File(f"{remote}/{rel}", data, owner, group, mode, notify=notify))
-    prune = PruneExtra(remote, frozenset(str(p) for p in files))
-    prune.notify = notify
-    steps.append(prune)
+    keep = frozenset(str(p) for p in files) | elsewhere
+    steps.append(PruneExtra(remote, keep, notify=notify))
     return steps

@@ -8,6 +8,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlflow_stack.errors import UserError
+
 CACHE_ENV = "MLFLOW_STACK_CACHE"
 STATE_ENV = "MLFLOW_STACK_STATE"
 DEFAULT_CACHE = Path("/var/cache/mlflow-stack")
@@ -26,7 +28,7 @@ _SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 
-class SandboxError(Exception):
+class SandboxError(UserError):
     """Any sandbox failure; the message is one line naming the problem and the fix."""
 
 

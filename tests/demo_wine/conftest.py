@@ -11,22 +11,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED_CSV = REPO.parent / "shared" / "data" / "winequality-white.csv"
 
 
 @pytest.fixture(scope="session")
-def wine_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shared copy, or a checksum-verified download from UCI (skip when offline)."""
-    if SHARED_CSV.is_file():
-        return SHARED_CSV
-    from demo_wine.data import SHA256, UCI_URL, download
-    from demo_wine.errors import InputError
+def wine_csv() -> Path:
+    """The copy shipped with demo_wine (its checksum is checked by test_data)."""
+    from demo_wine.data import BUNDLED
 
-    dest = tmp_path_factory.mktemp("data") / "winequality-white.csv"
-    try:
-        return download(UCI_URL, dest, SHA256)
-    except InputError as exc:
-        pytest.skip(f"no shared CSV and no download: {exc}")
+    return BUNDLED
 
 
 @pytest.fixture

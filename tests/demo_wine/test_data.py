@@ -79,8 +79,9 @@ def test_missing_file_and_checksum_mismatch(tmp_path: Path, wine_csv: Path) -> N
 
 def test_default_path_and_env_override(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(data.DATA_ENV, raising=False)
-    expected = Path(data.__file__).resolve().parent.parent / "data" / "winequality-white.csv"
+    expected = Path(data.__file__).resolve().parent / "data" / "winequality-white.csv"
     assert data.default_data_path() == str(expected)
+    assert data.sha256_hex(expected.read_bytes()) == data.SHA256  # the shipped copy
     monkeypatch.setenv(data.DATA_ENV, "/srv/wine.csv")
     assert data.default_data_path() == "/srv/wine.csv"
 

@@ -12,6 +12,8 @@ import pytest
 
 from tests.demo_wine.conftest import REPO, child_env
 
+pytestmark = pytest.mark.slow  # MLflow projects and notebooks run end to end
+
 NOTEBOOKS = sorted((REPO / "demo_wine" / "notebooks").glob("*.ipynb"))
 
 

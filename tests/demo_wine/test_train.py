@@ -71,6 +71,7 @@ def test_bad_data_creates_no_run(store: Path) -> None:
     assert run_count(store / "mlflow.db") == before
 
 
+@pytest.mark.slow
 def test_cli_prints_json_last_line(store: Path) -> None:
     proc = run_module(
         "demo_wine.train",

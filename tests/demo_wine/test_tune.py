@@ -152,6 +152,7 @@ def test_storage_must_not_be_the_mlflow_db(store: Path) -> None:
         tune(5, storage=os.environ["MLFLOW_TRACKING_URI"])
 
 
+@pytest.mark.slow
 def test_two_processes_share_a_study_then_finalise(store: Path) -> None:
     """Optuna's distributed mode over a shared RDB storage (SQLite here; set
     DEMO_WINE_TEST_OPTUNA_STORAGE to a mysql+pymysql:// URL to run it against MySQL)."""

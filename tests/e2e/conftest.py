@@ -67,6 +67,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if HERE in Path(str(item.path)).parents:
             item.add_marker(pytest.mark.e2e)
+            item.add_marker(pytest.mark.slow)
             if reason:
                 item.add_marker(pytest.mark.skip(reason=reason))
     # A test that reboots the session's sandbox goes last (a stable sort keeps the rest's order).
@@ -116,10 +117,10 @@ STACK_PORTS = {"mlflow": 15000, "jupyter": 18888, "mysql": 13306}
 
 
 @pytest.fixture(scope="session")
-def wine_csv(tmp_path_factory) -> Path:
-    from tests.data import wine_csv
+def wine_csv() -> Path:
+    from tests.data import WINE_CSV
 
-    return wine_csv(tmp_path_factory.mktemp("data"))
+    return WINE_CSV
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from mlflow_stack.engine.steps import (
     WaitHttp,
 )
 from mlflow_stack.engine.templating import render
-from mlflow_stack.vars import StackVars
+from mlflow_stack.vars import defaults
 from tests.e2e.helpers import host, sh
 
 pytestmark = pytest.mark.e2e
@@ -69,7 +69,7 @@ def run(info, role: Role, *, check=False, diff=False):
     h = host(info)
     try:
         (recap,) = converge(
-            [HostJob(h, [role], StackVars())], Options(check, diff), Reporter(stream, check=check)
+            [HostJob(h, [role], defaults())], Options(check, diff), Reporter(stream, check=check)
         )
     finally:
         h.close()

@@ -5,6 +5,7 @@ every service answers, secrets stay secret, and one variable change restarts exa
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from pathlib import Path
@@ -12,8 +13,9 @@ from pathlib import Path
 import pymysql
 import pytest
 
+from mlflow_stack import layout
 from mlflow_stack.vars import WINE_SHA256
-from tests.data import SHARED_CSV
+from tests.data import WINE_CSV
 from tests.e2e.helpers import changed_steps, host, provision_json, sh
 
 pytestmark = pytest.mark.e2e
@@ -156,9 +158,9 @@ def test_jupyter_auth_and_notebook_logs_to_mlflow(stack):
 
 def test_demo_files_and_data(stack):
     h = host_of(stack)
-    owners = sh(h, "stat -c '%U' /opt/demo/demo_wine /opt/demo/data/winequality-white.csv")
+    owners = sh(h, f"stat -c '%U' {layout.DEMO_CODE} {layout.DEMO_DATA}")
     assert set(owners.split()) == {"demo"}
-    digest = sh(h, "sha256sum /opt/demo/data/winequality-white.csv").split()[0]
+    digest = sh(h, f"sha256sum {layout.DEMO_DATA}").split()[0]
     assert digest == WINE_SHA256
     assert f"MLFLOW_TRACKING_URI={stack['tracking_uri']}" in sh(h, "cat /opt/demo/setenv.sh")
     assert sh(h, "test -f /opt/demo/demo_wine/MLproject && echo yes").strip() == "yes"
@@ -168,22 +170,19 @@ def test_corrupt_data_file_fails_clearly_and_keeps_the_old_one(stack, tmp_path):
     bad = tmp_path / "winequality-white.csv"
     bad.write_text("fixed acidity;quality\n1;2\n")
     inv = Path(stack["inv"])
-    text = inv.read_text().replace("data_url:", f"data_file: '{bad}', data_url:")
+    text = re.sub(r"data_url: '[^']*'", f"data_file: '{bad}'", inv.read_text())
     bad_inv = tmp_path / "inventory.yaml"
     bad_inv.write_text(text)
     code, report, proc = provision_json(bad_inv)
     assert code != 0
     assert "checksum mismatch" in proc.stderr and str(bad) in proc.stderr
     h = host_of(stack)
-    digest = sh(h, "sha256sum /opt/demo/data/winequality-white.csv").split()[0]
+    digest = sh(h, f"sha256sum {layout.DEMO_DATA}").split()[0]
     assert digest == WINE_SHA256
     good_inv = tmp_path / "good.yaml"
-    good_inv.write_text(
-        inv.read_text().replace("data_url:", f"data_file: '{SHARED_CSV}', data_url:")
-    )
-    if SHARED_CSV.exists():
-        code, report, proc = provision_json(good_inv)
-        assert code == 0 and changed_steps(report) == []  # same bytes: nothing re-uploaded
+    good_inv.write_text(inv.read_text().replace("data_url:", f"data_file: '{WINE_CSV}', data_url:"))
+    code, report, proc = provision_json(good_inv)
+    assert code == 0 and changed_steps(report) == []  # same bytes: nothing re-uploaded
 
 
 def test_changing_workers_restarts_only_mlflow(stack, tmp_path):

@@ -6,13 +6,16 @@ import json
 
 import pytest
 
-from mlflow_stack.actions import check_mysql, predict, serve, status, train, tune, tunnel
-from mlflow_stack.actions.remote import ActionError, Layout, demo_command, last_json_line
+from mlflow_stack import inputs
+from mlflow_stack.actions import check_mysql, predict, serve, status, tune, tunnel
+from mlflow_stack.actions.remote import ActionError, demo_command, last_json_line
 from mlflow_stack.engine import facts as F
+from mlflow_stack.engine.host import RunResult
+from mlflow_stack.layout import Layout
 from mlflow_stack.secrets import Secret, mask
-from mlflow_stack.vars import StackVars
+from mlflow_stack.vars import defaults, validate
 
-LAYOUT = Layout("/opt/anaconda", 5000, 8888)
+LAYOUT = Layout()
 
 
 @pytest.mark.parametrize(
@@ -25,13 +28,13 @@ LAYOUT = Layout("/opt/anaconda", 5000, 8888)
     ],
 )
 def test_bad_training_parameters(flag, value, low, high, message):
-    with pytest.raises(ActionError, match=message.replace("(", r"\(")):
-        train.parse_float(flag, value, low, high)
+    with pytest.raises(inputs.InputError, match=message.replace("(", r"\(")):
+        inputs.number(value, flag, low, high)
 
 
 def test_good_training_parameters():
-    assert train.parse_float("--alpha", "0.42", 0) == 0.42
-    assert train.parse_float("--l1-ratio", "1", 0, 1) == 1.0
+    assert inputs.number("0.42", "--alpha", 0) == 0.42
+    assert inputs.number("1", "--l1-ratio", 0, 1) == 1.0
 
 
 def test_demo_command_runs_as_demo_user_and_keeps_secrets_off_argv():
@@ -132,20 +135,21 @@ def test_serve_request_validation():
 def test_serve_steps_render_unit_and_env():
     req = serve.ServeRequest("wine", "models:/wine-elasticnet@champion", 54321, 1)
     steps = serve.serve_steps(req, "models:/m-123", LAYOUT)
-    env = next(s for s in steps if s.name == "file /etc/mlflow-models/wine.env")
+    env = next(s for s in steps if s.label == "file /etc/mlflow-models/wine.env")
     assert "MODEL_URI=models:/m-123\n" in env.content and "PORT=54321\n" in env.content
     assert env.notify == ("mlflow-model@wine.service",)
     assert "WORKERS=1\n" in env.content and "BIND=127.0.0.1\n" in env.content
-    unit = next(s for s in steps if s.name.endswith("mlflow-model@.service")).content
+    unit = next(s for s in steps if s.label.endswith("mlflow-model@.service")).content
     assert f"ExecStart=/opt/anaconda/envs/demo/bin/python {serve.SERVER_PATH}\n" in unit
     assert "EnvironmentFile=/etc/mlflow-models/%i.env" in unit and "User=demo" in unit
     assert "Restart=on-failure" in unit and "ProtectSystem=strict" in unit
-    script = next(s for s in steps if s.name == f"file {serve.SERVER_PATH}")
-    assert script.content == serve.SERVER_SCRIPT.read_text()
-    assert script.notify == ("mlflow-model@wine.service",)
-    fast = next(s for s in steps if s.name == "file /usr/local/lib/mlflow-stack/fast_scoring.py")
-    assert fast.content == serve.FAST_PATH_SCRIPT.read_text()
-    assert fast.notify == ("mlflow-model@wine.service",)
+    # the program the unit runs, and the fast path it imports from its own directory
+    script = next(s for s in steps if s.label == f"file {serve.SERVER_PATH}")
+    assert "def main(" in script.content and "from fast_scoring import" in script.content
+    fast = next(s for s in steps if s.label.endswith("/fast_scoring.py"))
+    assert fast.path == serve.SERVER_PATH.replace("model_server.py", "fast_scoring.py")
+    assert "class FastScorer" in fast.content
+    assert script.notify == fast.notify == ("mlflow-model@wine.service",)
 
 
 def test_model_server_socket_gets_tcp_nodelay():
@@ -154,7 +158,7 @@ def test_model_server_socket_gets_tcp_nodelay():
     import asyncio
     import socket
 
-    from mlflow_stack.actions import model_server
+    from mlflow_stack.hostside import model_server
 
     async def nodelay_of(listener: socket.socket) -> int:
         accepted = asyncio.get_running_loop().create_future()
@@ -182,7 +186,7 @@ def test_model_server_socket_gets_tcp_nodelay():
 
 
 def test_model_server_refuses_a_busy_port():
-    from mlflow_stack.actions import model_server
+    from mlflow_stack.hostside import model_server
 
     taken = model_server.listen("127.0.0.1", 0)
     port = taken.getsockname()[1]
@@ -192,7 +196,7 @@ def test_model_server_refuses_a_busy_port():
 
 
 def test_model_server_workers_can_each_listen_on_the_port():
-    from mlflow_stack.actions import model_server
+    from mlflow_stack.hostside import model_server
 
     first = model_server.listen("127.0.0.1", 0, reuse_port=True)
     port = first.getsockname()[1]
@@ -206,7 +210,7 @@ def test_model_server_supervisor_exits_nonzero_when_a_worker_dies():
     import os
     import time
 
-    from mlflow_stack.actions import model_server
+    from mlflow_stack.hostside import model_server
 
     sleeper = os.fork()
     if sleeper == 0:
@@ -279,18 +283,45 @@ def test_status_health_and_versions():
 
 
 def test_urls_without_and_with_public_services():
-    lines = status.urls(LAYOUT, StackVars(), "203.0.113.10", None, reveal=False)
+    lines = status.urls(defaults(), "203.0.113.10", None, reveal=False)
     assert lines[0] == "MLflow   http://127.0.0.1:5000/"
     assert "token=<token>" in lines[1] and any("invoke tunnel" in line for line in lines)
-    public = StackVars.model_validate({"mlflow": {"public": True}, "jupyter": {"public": True}})
-    lines = status.urls(LAYOUT, public, "203.0.113.10", "tok", reveal=True)
+    public = validate({"mlflow": {"public": True}, "jupyter": {"public": True}})
+    lines = status.urls(public, "203.0.113.10", "tok", reveal=True)
     assert lines[0] == "MLflow   http://203.0.113.10:5000/"
     assert any("token=tok" in line for line in lines)
 
 
-def test_imds_lookup_uses_imdsv2_token():
-    assert "X-aws-ec2-metadata-token-ttl-seconds" in status.IMDS_PUBLIC_IP
-    assert "latest/meta-data/public-ipv4" in status.IMDS_PUBLIC_IP
+class AnsweringHost:
+    """A host whose every command prints `stdout` with exit code `rc` (and records it)."""
+
+    name = "h"
+
+    def __init__(self, rc: int, stdout: str) -> None:
+        self.answer = RunResult(rc, stdout, "", 0.0)
+        self.scripts: list[str] = []
+
+    def run(self, script: str, **kwargs) -> RunResult:
+        self.scripts.append(script)
+        return self.answer
+
+
+@pytest.mark.parametrize(
+    ("rc", "stdout", "expected"),
+    [
+        (0, "203.0.113.10", "203.0.113.10"),  # EC2 with a public IPv4
+        (0, "203.0.113.10\n", "203.0.113.10"),
+        (0, '<?xml version="1.0"?><Error>Not Found</Error>', "10.0.0.5"),  # no public IP
+        (22, "", "10.0.0.5"),  # curl failed: no metadata service (not on EC2)
+        (0, "999.1.2.3", "10.0.0.5"),
+        (0, "", "10.0.0.5"),
+    ],
+)
+def test_public_address_from_the_metadata_service(rc, stdout, expected):
+    host = AnsweringHost(rc, stdout)
+    assert status.public_address(host, "10.0.0.5") == expected
+    (script,) = host.scripts  # IMDSv2: a session token first, then the address with it
+    assert script.index("X-aws-ec2-metadata-token-ttl-seconds") < script.index("public-ipv4")
 
 
 def test_tunnel_port_pairs():

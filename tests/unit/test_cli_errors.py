@@ -43,7 +43,7 @@ CASES = [
         "unknown role in inventory",
         "hosts:\n  web:\n    address: x\n    roles: [nginx]\n",
         ["provision"],
-        "hosts.web.roles.0: Input should be 'anaconda'",
+        "hosts.web.roles.0: unknown role 'nginx'; roles: anaconda, mysql",
     ),
     ("unknown host", GOOD, ["provision", "--host", "nosuch"], "unknown host 'nosuch'"),
     (

@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from mlflow_stack.engine import facts as F
+from mlflow_stack.engine import probe_script
 
 DEBIAN_12 = """PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"
 NAME="Debian GNU/Linux"
@@ -79,8 +80,6 @@ def test_user_and_group():
         "mlflow", 998, 998, "/opt/mlflow", "/usr/sbin/nologin"
     )
     assert F.User("ghost").parse("", 2) is None
-    assert F.Group("sudo").parse("sudo:x:27:ubuntu,demo\n", 0) == ("ubuntu", "demo")
-    assert F.Group("none").parse("", 2) is None
 
 
 def test_systemctl_show():
@@ -107,9 +106,11 @@ def test_fact_keys_identify_arguments():
 
 
 def run_local_probe(facts):
-    script, marker = F.build_probe(facts)
+    """The probe's script run by a local shell, its output cut apart and parsed per fact."""
+    script, marker = probe_script.script([f.command() for f in facts])
     out = subprocess.run(["sh", "-s"], input=script, capture_output=True, text=True).stdout
-    return F.parse_probe(facts, out, marker)
+    pieces = probe_script.split_probe(out, marker, len(facts))
+    return {f.key: f.parse(text, rc) for f, (text, rc) in zip(facts, pieces, strict=True)}
 
 
 def test_probe_runs_in_one_shell_and_splits_exactly(tmp_path):
@@ -138,10 +139,9 @@ def test_probe_runs_in_one_shell_and_splits_exactly(tmp_path):
 
 
 def test_probe_output_cut_short_is_an_error():
-    facts = [F.Shell("x", "echo hi")]
-    _, marker = F.build_probe(facts)
+    _, marker = probe_script.script(["echo hi"])
     with pytest.raises(ValueError, match="incomplete"):
-        F.parse_probe(facts, f"{marker} 0\nhi\n", marker)
+        probe_script.split_probe(f"{marker} 0\nhi\n", marker, 1)
 
 
 def test_long_probe_read_from_stdin_is_not_cut_short(tmp_path):

@@ -12,8 +12,8 @@ import pytest
 pytest.importorskip("mlflow")
 pytest.importorskip("sklearn")
 
-from mlflow_stack.actions import fast_scoring
 from mlflow_stack.actions.predict import SAMPLE_WINE
+from mlflow_stack.hostside import fast_scoring
 
 NAMES = list(SAMPLE_WINE)
 JSON = "application/json"

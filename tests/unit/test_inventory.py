@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 
 from mlflow_stack.inventory import (
-    ALL_ROLES,
-    WORKER_ROLES,
     Inventory,
     InventoryError,
     parse_address,
     resolve,
 )
+from mlflow_stack.layout import ROLES as ALL_ROLES
+from mlflow_stack.layout import WORKER_ROLES
 
 GOOD = """
 defaults:

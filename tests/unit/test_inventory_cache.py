@@ -9,9 +9,9 @@ from invoke.exceptions import Exit
 
 from mlflow_stack import cli, inventory_cache
 from mlflow_stack.engine.host import Target
+from mlflow_stack.host_vars import HostVars
 from mlflow_stack.targets import ResolvedHost
-from mlflow_stack.vars import StackVars, view
-from mlflow_stack.vars_view import VarsView
+from mlflow_stack.vars import StackVars, defaults, view
 
 GOOD = """
 defaults:
@@ -46,7 +46,7 @@ def no_loading(monkeypatch) -> None:
     def refuse(*args):
         raise AssertionError("the inventory was loaded again")
 
-    monkeypatch.setattr(cli, "select_hosts", refuse)
+    monkeypatch.setattr(cli, "load_inventory", refuse)
 
 
 def test_the_second_resolution_comes_from_the_cache_unchanged(inv, monkeypatch):
@@ -84,7 +84,7 @@ def test_only_inventory_hosts_and_groups_are_cached(inv, monkeypatch):
 
 def test_a_cached_sandbox_host_is_looked_up_live(inv):
     # as if the sandbox had been running when the entry was made
-    box = ResolvedHost("box", Target("box", "127.0.0.1", 2222), ("mysql",), view(StackVars()))
+    box = ResolvedHost("box", Target("box", "127.0.0.1", 2222), ("mysql",), defaults())
     inventory_cache.store(inv, inv.read_bytes(), "box", "box", _inventory(inv), [box])
     assert inventory_cache.cache_dir().is_dir()
     with pytest.raises(Exit, match="sandbox 'nosuch-sandbox' is not running"):
@@ -107,7 +107,7 @@ def test_entries_are_private(inv):
 def test_a_vars_view_reads_like_stack_vars_and_is_read_only():
     model = StackVars.model_validate({"mysql": {"allow_from": ["10.0.0.%"]}, "test": {"a": 1}})
     v = view(model)
-    assert isinstance(v, VarsView)
+    assert isinstance(v, HostVars)
     assert v.mysql.port == model.mysql.port and v.mysql.allow_from == ["10.0.0.%"]
     assert v.test == {"a": 1} and v.as_dict() == model.model_dump()
     v.mysql.allow_from.append("x")  # a copy: the view does not change

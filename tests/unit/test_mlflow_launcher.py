@@ -1,4 +1,4 @@
-"""templates/mlflow/server.py starts MLflow as `mlflow server` would, in one process.
+"""hostside/tracking_server.py starts MLflow as `mlflow server` would, in one process.
 
 The launcher's environment is compared with the one the installed `mlflow server` hands to
 its uvicorn process (captured instead of started), so an MLflow upgrade that changes it fails
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-LAUNCHER = Path(__file__).resolve().parents[2] / "templates" / "mlflow" / "server.py"
+LAUNCHER = Path(__file__).resolve().parents[2] / "mlflow_stack" / "hostside" / "tracking_server.py"
 BOOT_ID = "_MLFLOW_SERVER_BOOT_ID"
 
 

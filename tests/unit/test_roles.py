@@ -6,10 +6,11 @@ import json
 
 import pytest
 
+from mlflow_stack import layout
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
-from mlflow_stack.engine.steps import File, PlanContext, Run
-from mlflow_stack.vars import StackVars
+from mlflow_stack.engine.steps import File, PlanContext, Run, Schedule
+from mlflow_stack.vars import defaults, validate
 from roles import anaconda, demo_files, jupyter, mlflow_server, mysql
 from tests.unit.test_facts import DEBIAN_12, UBUNTU_2204, UBUNTU_2404
 
@@ -20,7 +21,7 @@ def context(os_text: str = DEBIAN_12, **vars) -> RoleContext:
     return RoleContext(
         "h",
         F.OsRelease().parse(os_text, 0),
-        StackVars.model_validate(vars),
+        validate(vars),
         {"db_password": "pw-from-host\n", "jupyter_token": "tok-from-host"},
     )
 
@@ -34,11 +35,11 @@ def context(os_text: str = DEBIAN_12, **vars) -> RoleContext:
     ],
 )
 def test_database_flavor_from_os(os_text, package, service):
-    fl = mysql.flavor(F.OsRelease().parse(os_text, 0))
+    fl = layout.db_server(F.OsRelease().parse(os_text, 0))
     assert (fl.package, fl.service) == (package, service)
     steps = mysql.build(context(os_text))
     assert steps[0].packages == (package,)
-    masked = [s.unit for s in steps if s.name.startswith("masked ")]
+    masked = [s.unit for s in steps if s.label.startswith("masked ")]
     assert masked == (["mariadb.socket"] if package == "mariadb-server" else [])
 
 
@@ -61,7 +62,7 @@ FRESH_MARIADB = "\n".join(
 
 
 def wanted(password="s3cret", hosts=("localhost", "127.0.0.1")):
-    return mysql.Wanted(password, hosts, mysql.MARIADB)
+    return mysql.Wanted(password, hosts, layout.MARIADB)
 
 
 def test_fresh_server_gets_secured_and_provisioned():
@@ -122,7 +123,7 @@ def test_password_quotes_are_escaped():
 
 
 def test_ubuntu_users_use_native_password():
-    w = mysql.Wanted("pw", ("localhost",), mysql.MYSQL)
+    w = mysql.Wanted("pw", ("localhost",), layout.MYSQL)
     sql = "".join(s for _, s in mysql.plan_sql(mysql.DbState(), w))
     assert "IDENTIFIED WITH mysql_native_password BY 'pw'" in sql
 
@@ -140,12 +141,12 @@ def test_secrets_come_from_host_then_env(monkeypatch):
     assert ctx.secret("db_password", env="MLFLOW_DB_PASSWORD").reveal() == "pw-from-host"
     monkeypatch.setenv("MLFLOW_DB_PASSWORD", "from-env-var")
     assert context().secret("db_password", env="MLFLOW_DB_PASSWORD").reveal() == "from-env-var"
-    fresh = RoleContext("h", DEBIAN, StackVars())
+    fresh = RoleContext("h", DEBIAN, defaults())
     assert len(fresh.secret("db_password").reveal()) >= 30
 
 
 def find(steps, name):
-    return next(s for s in steps if s.name == name)
+    return next(s for s in steps if s.label == name)
 
 
 def test_mlflow_server_env_file_unit_and_schema():
@@ -163,7 +164,7 @@ def test_mlflow_server_env_file_unit_and_schema():
     assert "User=mlflow" in unit and "ProtectSystem=strict" in unit and "Restart=on-failure" in unit
     assert "After=network-online.target mariadb.service" in unit and "basic-auth" not in unit
     assert "ExecStart=/opt/anaconda/envs/mlflow/bin/python /opt/mlflow/server.py --host" in unit
-    launcher = find(steps, "file /opt/mlflow/server.py")
+    launcher = find(steps, f"file {layout.MLFLOW_LAUNCHER}")
     assert launcher.notify == ("mlflow-server.service",) and "uvicorn.run(" in launcher.content
     schema = find(steps, "migrate tracking schema")
     assert isinstance(schema, Run) and schema.user == "mlflow"
@@ -176,15 +177,15 @@ def test_mlflow_server_env_file_unit_and_schema():
 
 
 def snapshot_step(steps):
-    return next((s for s in steps if s.name.startswith("tracking schema ")), None)
+    return next((s for s in steps if s.label.startswith("tracking schema ")), None)
 
 
 def test_empty_mariadb_database_gets_the_schema_snapshot_before_the_server_starts():
     steps = mlflow_server.build(context())
     load = snapshot_step(steps)
     assert isinstance(load, Run) and load.user is None and load.notify == ("mlflow-server.service",)
-    names = [s.name for s in steps]
-    assert names.index(load.name) < names.index("service mlflow-server.service")
+    names = [s.label for s in steps]
+    assert names.index(load.label) < names.index("service mlflow-server.service")
     fact = load.needs[0]
     assert fact.live  # the mysql role creates the database in the same run
 
@@ -255,10 +256,10 @@ def test_schema_head_is_the_installed_mlflows():
 
 
 def test_password_is_url_quoted_in_the_uri():
-    assert mlflow_server.backend_uri("mysql", "a/b@c:d", 3306) == (
+    assert layout.tracking_db_uri("mysql", "a/b@c:d", 3306) == (
         "mysql+pymysql://mlflow:a%2Fb%40c%3Ad@127.0.0.1:3306/mlflow"
     )
-    assert mlflow_server.backend_uri("sqlite", "", 0) == "sqlite:////opt/mlflow/mlflow.db"
+    assert layout.tracking_db_uri("sqlite", "", 0) == "sqlite:////opt/mlflow/mlflow.db"
 
 
 def test_public_mlflow_turns_on_auth_and_allowed_hosts():
@@ -346,7 +347,7 @@ def test_jupyter_token_and_password_configs():
 def test_jupyter_password_hash_is_kept_while_it_matches():
     hashed = jupyter.password_hash("pw")
     assert jupyter.hash_matches(hashed, "pw") and not jupyter.hash_matches(hashed, "other")
-    step = jupyter.PasswordConfig("pw", owner="demo", group="demo", mode=0o600)
+    step = jupyter.PasswordConfig("pw")
     existing = jupyter.server_config("password", "", hashed)
     path_fact, config_fact = step.facts()
     import hashlib
@@ -356,23 +357,25 @@ def test_jupyter_password_hash_is_kept_while_it_matches():
     )
     ctx = PlanContext({path_fact.key: info, config_fact.key: F.ShellResult(0, existing)})
     assert step.plan(ctx) is None  # same password: the salted hash is not regenerated
-    other = jupyter.PasswordConfig("new", owner="demo", group="demo", mode=0o600)
+    other = jupyter.PasswordConfig("new")
     change = other.plan(ctx)
-    assert change is not None and jupyter.hash_matches(jupyter.existing_hash(other.content), "new")
+    assert change is not None and jupyter.hash_matches(
+        jupyter.existing_hash(change.new_text), "new"
+    )
+    assert other.plan(ctx).new_text != change.new_text  # planning is pure: a new salt each time
 
 
 def test_every_role_renders_without_undefined_variables():
     import roles
 
     ctx = context()
-    for name in roles.ORDER:
+    for name in layout.ROLES:
         steps = roles.get(name).build(ctx)
-        assert steps and all(s.name for s in steps)
+        assert steps and all(s.label for s in steps)
         assert all(isinstance(s.content, (str, bytes)) for s in steps if isinstance(s, File))
 
 
 def test_every_service_unit_is_hardened_and_restarts():
-    from mlflow_stack.actions.remote import Layout
     from mlflow_stack.actions.serve import ServeRequest, serve_steps
 
     units = {
@@ -384,10 +387,8 @@ def test_every_service_unit_is_hardened_and_restarts():
         ).content,
         "model": next(
             s
-            for s in serve_steps(
-                ServeRequest("w", "r", 54321, 1), "models:/m-1", Layout("/opt/anaconda", 5000, 8888)
-            )
-            if s.name.endswith("mlflow-model@.service")
+            for s in serve_steps(ServeRequest("w", "r", 54321, 1), "models:/m-1", layout.Layout())
+            if s.label.endswith("mlflow-model@.service")
         ).content,
     }
     for name, unit in units.items():
@@ -405,50 +406,54 @@ def test_every_service_unit_is_hardened_and_restarts():
 
 def test_provisioning_and_the_demo_pin_the_same_data():
     from demo_wine import data
-    from mlflow_stack.vars import WINE_SHA256, WINE_URL
+    from mlflow_stack.vars import WINE_SHA256
 
-    assert (data.UCI_URL, data.SHA256) == (WINE_URL, WINE_SHA256)
+    assert data.SHA256 == WINE_SHA256 == data.sha256_hex(data.BUNDLED.read_bytes())
+    shipped = find(demo_files.build(context()), "data (shipped copy)")
+    assert shipped.path == layout.DEMO_DATA and shipped.data == data.BUNDLED.read_bytes()
 
 
 def test_the_warm_runner_is_the_demo_users_and_can_be_turned_off():
     steps = demo_files.build(context(demo={"data_file": None}))
-    unit = find(steps, f"file /etc/systemd/system/{demo_files.WARM_UNIT}")
-    assert unit.notify == (demo_files.WARM_UNIT,) and unit.unit_file
+    unit = find(steps, f"file /etc/systemd/system/{layout.WARM_UNIT}")
+    assert unit.notify == (layout.WARM_UNIT,) and unit.unit_file
     for line in ("User=demo", "RuntimeDirectoryMode=0700", "Restart=always", "NoNewPrivileges=yes"):
         assert line in unit.content
-    assert f"-m demo_wine.warm serve {demo_files.WARM_SOCKET}" in unit.content
-    code = [s for s in steps if isinstance(s, File) and s.path.startswith("/opt/demo/demo_wine/")]
-    assert code and all(s.notify == (demo_files.WARM_UNIT,) for s in code)  # new code: restart
-    service = find(steps, f"service {demo_files.WARM_UNIT}")
+    assert f"-m demo_wine.warm serve {layout.WARM_SOCKET}" in unit.content
+    code = [
+        s
+        for s in steps
+        if isinstance(s, File)
+        and s.path.startswith(layout.DEMO_CODE)
+        and s.path != layout.DEMO_DATA
+    ]
+    assert code and all(s.notify == (layout.WARM_UNIT,) for s in code)  # new code: restart
+    service = find(steps, f"service {layout.WARM_UNIT}")
     assert service.enabled and service.running
 
     off = demo_files.build(context(demo={"warm_runner": False}))
-    service = find(off, f"service {demo_files.WARM_UNIT}")
+    service = find(off, f"service {layout.WARM_UNIT}")
     assert not service.enabled and not service.running
     assert all(not s.notify for s in off)
 
 
 def test_no_mlflow_process_on_the_host_sends_usage_data():
     """MLflow 3 sends telemetry by default; every process of the stack turns it off."""
-    from mlflow_stack.actions.remote import Layout, demo_command
+    from mlflow_stack.actions.remote import demo_command
     from mlflow_stack.actions.serve import ServeRequest, serve_steps
 
     ctx = context()
     texts = {
         "mlflow.env": find(mlflow_server.build(ctx), "file /etc/mlflow/mlflow.env").content,
         "jupyter": find(jupyter.build(ctx), "file /etc/systemd/system/jupyter.service").content,
-        "warm": find(
-            demo_files.build(ctx), f"file /etc/systemd/system/{demo_files.WARM_UNIT}"
-        ).content,
+        "warm": find(demo_files.build(ctx), f"file /etc/systemd/system/{layout.WARM_UNIT}").content,
         "setenv": find(demo_files.build(ctx), "file /opt/demo/setenv.sh").content,
         "model.env": next(
             s
-            for s in serve_steps(
-                ServeRequest("w", "r", 54321, 1), "models:/m-1", Layout("/opt/anaconda", 5000, 8888)
-            )
-            if s.name.endswith(".env")
+            for s in serve_steps(ServeRequest("w", "r", 54321, 1), "models:/m-1", layout.Layout())
+            if s.label.endswith(".env")
         ).content,
-        "actions": demo_command(Layout("/opt/anaconda", 5000, 8888), ["-m", "demo_wine.train"]),
+        "actions": demo_command(layout.Layout(), ["-m", "demo_wine.train"]),
     }
     for name, text in texts.items():
         assert "MLFLOW_DISABLE_TELEMETRY=true" in text, name
@@ -456,21 +461,24 @@ def test_no_mlflow_process_on_the_host_sends_usage_data():
 
 def test_mlflow_server_bytecode_compiles_in_the_background_and_is_handed_to_its_user():
     steps = anaconda.build(context())
-    names = [s.name for s in steps]
-    warm = find(steps, mlflow_server.WARM)
-    assert names.index(warm.name) == names.index("env mlflow") + 1 and warm.background
+    names = [s.label for s in steps]
+    warm = find(steps, "bytecode of the MLflow server")
+    assert names.index(warm.label) == names.index("env mlflow") + 1
+    assert warm.schedule is Schedule.BACKGROUND and warm.id == mlflow_server.WARM_ID
     assert warm.user is None and "PYTHONPYCACHEPREFIX=/opt/mlflow/.cache/pycache" in warm.script
     assert "mlflow.server.fastapi_app" in warm.script
     cache = warm.needs[0]
     info = F.PathInfo("directory", 0o755, "mlflow", "mlflow", 0)
     assert warm.plan(PlanContext({cache.key: None})) is not None
     assert warm.plan(PlanContext({cache.key: info})) is None
-    assert warm.plan(PlanContext({cache.key: info}, changed={"env mlflow"})) is not None
+    synced = {anaconda.env_step_id("mlflow")}
+    assert warm.plan(PlanContext({cache.key: info}, changed=synced)) is not None
+    assert warm.plan(PlanContext({cache.key: info}, changed={"env mlflow"})) is None  # a label
     server = mlflow_server.build(context())
     owner = find(server, "bytecode cache owned by mlflow")
-    assert owner.waits_for == (mlflow_server.WARM,)
-    server_names = [s.name for s in server]
-    assert server_names.index(owner.name) < server_names.index("service mlflow-server.service")
+    assert owner.waits_for == (mlflow_server.WARM_ID,)
+    server_names = [s.label for s in server]
+    assert server_names.index(owner.label) < server_names.index("service mlflow-server.service")
     fact = owner.needs[0]
 
     def chowns(output: str, changed: frozenset[str] = frozenset()) -> bool:
@@ -479,4 +487,4 @@ def test_mlflow_server_bytecode_compiles_in_the_background_and_is_handed_to_its_
 
     assert not chowns("")  # all the mlflow user's
     assert chowns("/opt/mlflow/.cache/pycache/x.pyc\n")  # a root-owned leftover
-    assert chowns("", {mlflow_server.WARM})  # warmed in this run
+    assert chowns("", {mlflow_server.WARM_ID})  # warmed in this run

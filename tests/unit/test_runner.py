@@ -7,11 +7,11 @@ import subprocess
 from dataclasses import dataclass, field
 
 from mlflow_stack.engine import facts as F
-from mlflow_stack.engine import runner
+from mlflow_stack.engine import jobs, runner
 from mlflow_stack.engine.host import RunResult, Target
 from mlflow_stack.engine.report import HostRecap, Reporter, Status
 from mlflow_stack.engine.runner import HostJob, Options, Role, converge_host
-from mlflow_stack.engine.steps import Apt, MaskedUnit, Run, WaitHttp
+from mlflow_stack.engine.steps import Apt, MaskedUnit, Run, Schedule, WaitHttp
 
 
 @dataclass
@@ -53,7 +53,9 @@ def test_deferred_wait_runs_after_the_later_roles_and_reports_under_its_role(tmp
     marker = tmp_path / "later-role-ran"
     url = f"http://127.0.0.1:{closed_port()}/health"  # nothing answers: the wait fails
     never = F.Shell("never", "false")
-    first = Role("first", lambda ctx: [WaitHttp("service answers", url, timeout=1, defer=True)])
+    first = Role(
+        "first", lambda ctx: [WaitHttp("service answers", url, timeout=1, schedule=Schedule.AT_END)]
+    )
     later = Role(
         "later",
         lambda ctx: [Run("touch", f"touch {marker}", when=lambda c: True, needs=(never,))],
@@ -70,7 +72,9 @@ def test_deferred_wait_runs_after_the_later_roles_and_reports_under_its_role(tmp
 
 def test_deferred_wait_in_check_mode_is_planned_in_place(tmp_path):
     url = f"http://127.0.0.1:{closed_port()}/health"
-    first = Role("first", lambda ctx: [WaitHttp("service answers", url, timeout=1, defer=True)])
+    first = Role(
+        "first", lambda ctx: [WaitHttp("service answers", url, timeout=1, schedule=Schedule.AT_END)]
+    )
     later = Role("later", lambda ctx: [Run("echo", "true", when=lambda c: True)])
     job = HostJob(LocalHost(), [first, later], None)
     recap = converge_host(job, Options(check=True), Reporter(json_mode=True, check=True))
@@ -95,12 +99,12 @@ def test_background_job_runs_detached_and_replays_output_and_exit_code(tmp_path,
     (bin_dir / "systemctl").write_text("#!/bin/sh\nexit 0\n")  # the unit looks active
     (bin_dir / "systemctl").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
-    jobs = str(tmp_path / "jobs")
+    jobs_dir = str(tmp_path / "jobs")
     # `exit` (or a failing `set -e` script) still leaves an exit status behind
-    start = runner.background_start_script("job1", "echo out; echo err >&2; exit 3", jobs)
+    start = jobs.background_start_script("job1", "echo out; echo err >&2; exit 3", jobs_dir)
     subprocess.run(["sh", "-c", start], check=True)
     waited = subprocess.run(
-        ["sh", "-c", runner.background_wait_script("job1", jobs)],
+        ["sh", "-c", jobs.background_wait_script("job1", jobs_dir)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -116,7 +120,7 @@ def test_background_job_gone_without_status_fails_clearly(tmp_path, monkeypatch)
     (bin_dir / "systemctl").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     waited = subprocess.run(
-        ["sh", "-c", runner.background_wait_script("job2", str(tmp_path))],
+        ["sh", "-c", jobs.background_wait_script("job2", str(tmp_path))],
         capture_output=True,
         text=True,
         timeout=60,
@@ -137,26 +141,28 @@ class RecordingHost(LocalHost):
         return RunResult(0, "", "", 0.0)
 
 
-def started_in_background(apt_steps: list, installed: dict) -> list[str]:
+def started_early(apt_steps: list, installed: dict) -> list[str]:
     host = RecordingHost()
     job = HostJob(host, [], None)
-    run = runner._HostRun(job, Options(), Reporter(json_mode=True), HostRecap("h"))
-    run.facts = {}
+    run = runner.HostRun(job, Options(), Reporter(json_mode=True), HostRecap("h"))
     for step in apt_steps:
-        run.facts[F.Packages(step.packages).key] = installed
-        run.facts[F.AptListsAge().key] = 10
-    run.start_background([(Role("r", lambda ctx: apt_steps), apt_steps)])
-    return sorted(run.background)
+        run.facts.values[F.Packages(step.packages).key] = installed
+        run.facts.values[F.AptListsAge().key] = 10
+    run.start_early([(Role("r", lambda ctx: apt_steps), apt_steps)])
+    started = sorted(run.jobs.running)
+    assert len(host.scripts) == len(started)  # one systemd-run each, nothing else
+    assert all("systemd-run" in script for script in host.scripts)
+    return started
 
 
 def test_background_install_starts_only_when_no_other_apt_runs():
     base = Apt(("python3", "curl"))
-    db = Apt(("mariadb-server",), background=True)
+    db = Apt(("mariadb-server",), schedule=Schedule.EARLY)
     present = {"python3": "3", "curl": "7"}
-    assert started_in_background([base, db], present) == ["packages mariadb-server"]
-    assert started_in_background([base, db], {}) == []  # curl missing: one apt at a time
+    assert started_early([base, db], present) == ["packages:mariadb-server"]
+    assert started_early([base, db], {}) == []  # curl missing: one apt at a time
     everything = {**present, "mariadb-server": "10"}
-    assert started_in_background([base, db], everything) == []  # nothing to install
+    assert started_early([base, db], everything) == []  # nothing to install
 
 
 def test_masked_unit_reads_its_unit_again_after_a_change_in_the_run():
@@ -175,7 +181,7 @@ class FakeSystemdHost(LocalHost):
     def run(self, script, *, stdin=None, timeout=None, **kwargs) -> RunResult:
         self.commands += 1
         proc = subprocess.run(
-            ["sh", "-c", script.replace(runner.JOBS_DIR, f"{self.bin_dir}/jobs")],
+            ["sh", "-c", script.replace(jobs.JOBS_DIR, f"{self.bin_dir}/jobs")],
             input=stdin,
             capture_output=True,
             text=True,
@@ -197,9 +203,15 @@ def fake_systemd(tmp_path) -> str:
 
 def test_background_run_is_waited_for_by_a_later_step_and_reported_under_its_role(tmp_path):
     done, later = tmp_path / "job-done", tmp_path / "later"
-    job = Run("slow job", f"sleep 0.5 && touch {done}", when=lambda c: True, background=True)
+    job = Run(
+        "slow job",
+        f"sleep 0.5 && touch {done}",
+        when=lambda c: True,
+        schedule=Schedule.BACKGROUND,
+        id="the-job",
+    )
     check = f"test -e {done} && touch {later}"  # fails if the job has not finished
-    needs_job = Run("needs it", check, when=lambda c: True, waits_for=("slow job",))
+    needs_job = Run("needs it", check, when=lambda c: True, waits_for=("the-job",))
     first = Role("first", lambda ctx: [job])
     second = Role("second", lambda ctx: [Run("meanwhile", "true", when=lambda c: True), needs_job])
     host = FakeSystemdHost(bin_dir=fake_systemd(tmp_path))
@@ -213,7 +225,9 @@ def test_background_run_is_waited_for_by_a_later_step_and_reported_under_its_rol
 
 
 def test_background_run_nobody_waits_for_is_reported_at_the_end_and_its_failure_fails(tmp_path):
-    job = Run("doomed", "echo broken >&2; exit 4", when=lambda c: True, background=True)
+    job = Run(
+        "doomed", "echo broken >&2; exit 4", when=lambda c: True, schedule=Schedule.BACKGROUND
+    )
     after = Run("after", "true", when=lambda c: True)
     roles = [Role("first", lambda ctx: [job]), Role("second", lambda ctx: [after])]
     host = FakeSystemdHost(bin_dir=fake_systemd(tmp_path))
@@ -226,7 +240,7 @@ def test_background_run_nobody_waits_for_is_reported_at_the_end_and_its_failure_
 
 
 def test_background_run_in_check_mode_is_planned_in_place(tmp_path):
-    job = Run("job", "touch should-not-exist", when=lambda c: True, background=True)
+    job = Run("job", "touch should-not-exist", when=lambda c: True, schedule=Schedule.BACKGROUND)
     host = FakeSystemdHost(bin_dir=fake_systemd(tmp_path))
     recap = converge_host(
         HostJob(host, [Role("r", lambda ctx: [job])], None),

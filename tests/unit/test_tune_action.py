@@ -7,14 +7,15 @@ from mlflow_stack.actions import tune
 from mlflow_stack.actions.remote import demo_command, secret_stdin
 from mlflow_stack.engine.host import Target
 from mlflow_stack.inventory import ResolvedHost
+from mlflow_stack.layout import Layout
 from mlflow_stack.secrets import Secret
-from mlflow_stack.vars import StackVars
+from mlflow_stack.vars import validate
 
 PASSWORD = Secret("p@ss/word")
 
 
 def host(name: str, address: str, **vars_) -> ResolvedHost:
-    return ResolvedHost(name, Target(name, address), (), StackVars.model_validate(vars_))
+    return ResolvedHost(name, Target(name, address), (), validate(vars_))
 
 
 SERVER = host("srv", "10.0.0.1", mysql={"port": 3307})
@@ -47,7 +48,7 @@ def test_sqlite_backend_or_no_password_means_no_direct_writes():
 
 def test_secrets_travel_on_stdin_in_the_order_read():
     env = tune.process_secrets(SERVER, SERVER, PASSWORD, shared=True)
-    cmd = demo_command(tune.Layout.of(SERVER), ["-m", "demo_wine.tune"], secret_env=tuple(env))
+    cmd = demo_command(Layout.of(SERVER.vars), ["-m", "demo_wine.tune"], secret_env=tuple(env))
     assert "p%40ss" not in cmd
     assert cmd.index("read -r DEMO_WINE_STORAGE") < cmd.index("read -r DEMO_WINE_MLFLOW_DB")
     lines = secret_stdin(*env.values()).splitlines()

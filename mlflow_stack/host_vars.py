@@ -1,7 +1,8 @@
-"""Validated role variables, read by attribute like `StackVars`, without importing pydantic.
+"""A host's variables as roles and actions read them: `v.mysql.port`, read-only.
 
-The inventory validates `vars:` into `StackVars`; what the controller keeps (and caches, see
-`inventory_cache`) is that model's dump. `VarsView` reads it back: `v.mysql.port`.
+The inventory validates `vars:` with the `StackVars` schema (`vars.py`); what the controller
+keeps (and caches, see `inventory_cache`) is the validated dump, read back through `HostVars`
+without importing pydantic.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class Section:
         return copy.deepcopy(self._values)
 
 
-class VarsView(Section):
+class HostVars(Section):
     """All variables of a host: its `sections` are `Section`s (`v.mlflow.port`), the rest
     (e.g. the free-form `test`) plain values."""
 

@@ -1,27 +1,14 @@
-"""Runs on the host in the demo env as mlflow-model@NAME: MLflow's own scoring app
-(`mlflow.pyfunc.scoring_server.init`, the app `mlflow models serve` runs) served by uvicorn.
+"""A served model (mlflow-model@NAME): MLflow's own scoring app under uvicorn, on the host.
 
-What it does differently from `mlflow models serve --env-manager local`:
-- one Python start: `mlflow models serve` imports MLflow, downloads the model, then starts a
-  second interpreter (`bash -c "exec uvicorn ... scoring_server.app:app"`) that imports MLflow
-  and loads the model again;
-- the listening socket is bound before the slow imports (a busy port fails at once) and is
-  created as IPPROTO_TCP, so asyncio sets TCP_NODELAY on every accepted connection (uvicorn's
-  own socket for --workers > 1 has protocol 0, which asyncio skips: ≈ 40 ms stalls on
-  keep-alive connections);
-- with WORKERS > 1 the model is loaded once and the workers are forked from it. Each worker
-  listens on its own SO_REUSEPORT socket, so the kernel spreads new connections over the
-  workers (with one shared socket, the first idle worker accepts a whole burst of keep-alive
-  connections and the others stay idle: measured 800 vs 40 CPU ticks). The parent supervises
-  them: a dead worker stops the others and the process exits non-zero, so systemd restarts
-  the whole unit;
-- in front of MLflow's app, a fast path (fast_scoring.py, deployed next to this file) scores the
-  common request — JSON `dataframe_split`/`dataframe_records` with exactly the signature's
-  double columns — without MLflow's per-column DataFrame casts and schema enforcement, and
-  hands every other request to MLflow's app: the answers are the same byte for byte.
+The app is `mlflow.pyfunc.scoring_server.init`, the one `mlflow models serve` runs. Unlike
+`mlflow models serve --env-manager local`, it starts Python once; binds its socket before the
+slow imports (a busy port fails at once) as IPPROTO_TCP, so every connection gets TCP_NODELAY;
+with WORKERS > 1 loads the model once and forks the workers, each on its own SO_REUSEPORT
+socket, supervised (a dead worker stops the unit, systemd restarts it); and puts the fast path
+of fast_scoring.py (deployed beside it) in front of MLflow's app. Figures: BENCHMARKS.md.
 
-Settings come from the environment (the unit's env file): MODEL_URI, BIND, PORT, WORKERS (0:
-one per CPU) and ACCESS_LOG (1 logs every request, as `mlflow models serve` does; default 0).
+Settings come from the unit's env file: MODEL_URI, BIND, PORT, WORKERS (0: one per CPU) and
+ACCESS_LOG (1 logs every request, as `mlflow models serve` does).
 """
 
 from __future__ import annotations
@@ -60,7 +47,7 @@ def build_app(model_uri: str):
     from mlflow.pyfunc import scoring_server
 
     if __package__:  # imported from the repository (tests)
-        from mlflow_stack.actions.fast_scoring import FastPathApp, FastScorer
+        from mlflow_stack.hostside.fast_scoring import FastPathApp, FastScorer
     else:  # on the host, deployed next to this file
         from fast_scoring import FastPathApp, FastScorer
 

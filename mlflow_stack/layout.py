@@ -1,0 +1,164 @@
+"""Where everything lives on a provisioned host: accounts, directories, files, units, sockets.
+
+The one source of truth for the host's layout: roles build it, actions and the demo use it.
+Fixed names are module constants; what depends on a host's variables (the Python prefix, the
+ports) comes from `Layout.of(vars)`. The roles that build it are `ROLES`, in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+if TYPE_CHECKING:
+    from mlflow_stack.engine.facts import OsInfo
+    from mlflow_stack.vars_view import HostVars
+
+# --- the roles, in the order `provision` runs them ---------------------------------------
+
+ROLES = ("anaconda", "mysql", "mlflow_server", "jupyter", "demo_files")
+WORKER_ROLES = ("anaconda", "demo_files")  # hosts of the `workers` group only tune
+
+# --- secrets -----------------------------------------------------------------------------
+
+SECRETS_DIR = "/etc/mlflow-stack/secrets"
+
+
+def secret_path(name: str) -> str:
+    return f"{SECRETS_DIR}/{name}"
+
+
+# --- Python environments (under the `python.prefix` variable) ----------------------------
+
+MLFLOW_ENV = "mlflow"  # the tracking server's
+DEMO_ENV = "demo"  # Jupyter's, the demo's and the model servers'
+ENVS = (MLFLOW_ENV, DEMO_ENV)
+
+
+def env_dir(prefix: str, name: str) -> str:
+    """The directory of the Python env `name` under the `python.prefix` `prefix`."""
+    return f"{prefix}/envs/{name}"
+
+
+# --- the MLflow tracking server ----------------------------------------------------------
+
+MLFLOW_USER = "mlflow"
+MLFLOW_HOME = "/opt/mlflow"
+MLFLOW_ARTIFACTS = f"{MLFLOW_HOME}/artifacts"
+MLFLOW_PYCACHE = f"{MLFLOW_HOME}/.cache/pycache"  # the server's PYTHONPYCACHEPREFIX
+MLFLOW_SQLITE = f"{MLFLOW_HOME}/mlflow.db"
+MLFLOW_LAUNCHER = f"{MLFLOW_HOME}/server.py"
+MLFLOW_DB_UPGRADE = f"{MLFLOW_HOME}/db_upgrade.py"
+MLFLOW_CONF_DIR = "/etc/mlflow"
+MLFLOW_ENV_FILE = f"{MLFLOW_CONF_DIR}/mlflow.env"
+MLFLOW_AUTH_CONFIG = f"{MLFLOW_CONF_DIR}/basic_auth.ini"
+MLFLOW_AUTH_DB = f"{MLFLOW_HOME}/basic_auth.db"
+MLFLOW_UNIT = "mlflow-server.service"
+MLFLOW_ADMIN = "admin"
+
+# --- the database server -----------------------------------------------------------------
+
+DATABASES = ("mlflow", "optuna")  # MLflow's tracking store, Optuna's shared studies
+DB_USER = "mlflow"
+
+
+@dataclass(frozen=True)
+class DbServer:
+    """The database server a distribution ships: package, unit and config directory."""
+
+    package: str
+    service: str
+    conf_dir: str
+    sockets: tuple[str, ...] = ()  # socket-activation units that bypass port and bind address
+
+    @property
+    def conf_file(self) -> str:
+        return f"{self.conf_dir}/60-mlflow-stack.cnf"
+
+
+MARIADB = DbServer(
+    "mariadb-server", "mariadb.service", "/etc/mysql/mariadb.conf.d", ("mariadb.socket",)
+)
+MYSQL = DbServer("mysql-server", "mysql.service", "/etc/mysql/mysql.conf.d")
+
+
+def db_server(os_info: OsInfo) -> DbServer:
+    """Ubuntu gets MySQL, Debian (and the rest) MariaDB."""
+    return MYSQL if os_info.family == "ubuntu" else MARIADB
+
+
+def tracking_db_uri(backend: str, password: str, db_port: int) -> str:
+    """The MLflow server's backend store URI (it holds the password: 0600 files and stdin)."""
+    if backend == "sqlite":
+        return f"sqlite:///{MLFLOW_SQLITE}"
+    return f"mysql+pymysql://{DB_USER}:{quote(password, safe='')}@127.0.0.1:{db_port}/mlflow"
+
+
+# --- JupyterLab and the demo -------------------------------------------------------------
+
+DEMO_USER = "demo"
+DEMO_ROOT = "/opt/demo"
+DEMO_CODE = f"{DEMO_ROOT}/demo_wine"
+DEMO_DATA = f"{DEMO_CODE}/data/winequality-white.csv"  # shipped with the code
+DEMO_SETENV = f"{DEMO_ROOT}/setenv.sh"
+DEMO_README = f"{DEMO_ROOT}/README"
+DEMO_PYCACHE = f"{DEMO_ROOT}/.cache/pycache"
+JUPYTER_CONF_DIR = "/etc/jupyter-demo"
+JUPYTER_CONFIG = f"{JUPYTER_CONF_DIR}/jupyter_server_config.json"
+JUPYTER_UNIT = "jupyter.service"
+WARM_UNIT = "demo-wine-warm.service"  # the warm runner `invoke train` forks its runs from
+WARM_SOCKET = "/run/demo-wine/warm.sock"
+
+# --- model servers (`invoke serve`) ------------------------------------------------------
+
+MODELS_CONF_DIR = "/etc/mlflow-models"
+MODEL_UNIT_TEMPLATE = "mlflow-model@.service"
+HOSTSIDE_DIR = "/usr/local/lib/mlflow-stack"  # programs of ours the model servers run
+
+
+def model_unit(name: str) -> str:
+    return f"mlflow-model@{name}.service"
+
+
+def model_env_file(name: str) -> str:
+    return f"{MODELS_CONF_DIR}/{name}.env"
+
+
+def unit_file(unit: str) -> str:
+    return f"/etc/systemd/system/{unit}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The variable part of a host's layout: the Python prefix and the service ports."""
+
+    prefix: str = "/opt/anaconda"
+    mlflow_port: int = 5000
+    jupyter_port: int = 8888
+    db_port: int = 3306
+    tracking_host: str = "127.0.0.1"  # where the MLflow server is, seen from this host
+
+    @classmethod
+    def of(cls, host_vars: HostVars) -> Layout:
+        v = host_vars
+        return cls(v.python.prefix, v.mlflow.port, v.jupyter.port, v.mysql.port)
+
+    def env(self, name: str) -> str:
+        """The directory of the Python env `name`."""
+        return env_dir(self.prefix, name)
+
+    def python(self, env: str) -> str:
+        return f"{self.env(env)}/bin/python"
+
+    @property
+    def demo_python(self) -> str:
+        return self.python(DEMO_ENV)
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"http://{self.tracking_host}:{self.mlflow_port}"
+
+    @property
+    def jupyter_url(self) -> str:
+        return f"http://127.0.0.1:{self.jupyter_port}"
