@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cgroup, network, ssh
+from . import cgroup, ssh
 from . import distro as distros
+from . import network as privnet
 from .base import (
     ADDRESS,
     DEFAULT_HOST_PORT,
@@ -185,12 +186,21 @@ def up(
                             address=address, distro=distro, cpus=cpus, memory=memory)  # fmt: skip
         if spec.network == "host":
             check_port_free(spec.port)
+        if spec.network == "private":  # fail before building anything
+            with privnet.lock():
+                privnet.available(state, spec.address, privnet.subnet())
         if not base:
             remove_tree(state)  # half-made, made by an older version, or asked to be fresh
             base = ensure_base(ensure_tarball(spec.distro, fresh=fresh))
             state.mkdir(mode=0o700, parents=True)
             write_meta(state, {"name": name, **spec.record(), "base": str(base), "pid": None})
-        spec = _lease(state, name, spec)
+            try:
+                spec = _lease(state, name, spec)
+            except BaseException:
+                remove_tree(state)  # taken meanwhile: leave nothing half-made
+                raise
+        else:
+            spec = _lease(state, name, spec)
         assert spec.address is not None
         resolv = _resolv_conf() if spec.network == "private" else None
         if (state / CONFIGURED).exists():
@@ -214,8 +224,8 @@ def _lease(state: Path, name: str, spec: Spec) -> Spec:
     """Lease the private address (recorded at once, so the lease counts); host: as is."""
     if spec.network != "private":
         return spec
-    with network.lock():
-        address = str(network.allocate(state, name, spec.address, network.subnet()))
+    with privnet.lock():
+        address = str(privnet.allocate(state, name, spec.address, privnet.subnet()))
         spec = dataclasses.replace(spec, address=address)
         write_meta(state, {**read_meta(state), **spec.record()})
     return spec
@@ -226,7 +236,7 @@ def _resolv_conf() -> str:
         text = Path("/etc/resolv.conf").read_text()
     except OSError as exc:
         raise SandboxError(f"cannot read /etc/resolv.conf: {exc.strerror}") from None
-    return network.resolv_conf(text)
+    return privnet.resolv_conf(text)
 
 
 def down(name: str = "sandbox", *, keep: bool = False) -> bool:
@@ -467,9 +477,9 @@ def nspawn_argv(
 
 def _boot(state: Path, base: Path, name: str, spec: Spec, timeout: float) -> SandboxInfo:
     distro = distros.get(spec.distro)
-    net = network.subnet() if spec.network == "private" else None
+    net = privnet.subnet() if spec.network == "private" else None
     address = ipaddress.IPv4Address(spec.address) if net else None
-    offset = network.index_of(address, net) if net and address else 0
+    offset = privnet.index_of(address, net) if net and address else 0
     available = sorted(os.sched_getaffinity(0))
     cpus = cpu_set(spec.cpus, offset, available) if spec.cpus else None
     log.info("booting sandbox %s (%s, ssh on %s:%d)", name, distro.suite, spec.address, spec.port)
@@ -484,11 +494,11 @@ def _boot(state: Path, base: Path, name: str, spec: Spec, timeout: float) -> San
     env = {**os.environ, **distro.nspawn_env()}
     proc: subprocess.Popen[bytes] | None = None
     try:
-        with network.lock() if net else contextlib.nullcontext():
+        with privnet.lock() if net else contextlib.nullcontext():
             netns = None
             if net and address:
-                network.ensure(net)
-                netns = network.attach(address, net)
+                privnet.ensure(net)
+                netns = privnet.attach(address, net)
             argv = nspawn_argv(base, state / UPPER, name, netns=netns, cpus=cpus)
             with open(state / "nspawn.log", "ab") as out:
                 proc = subprocess.Popen(
@@ -532,15 +542,15 @@ def _unplug(state: Path, meta: dict[str, object], *, release: bool) -> None:
     last running sandbox."""
     if meta.get("network") != "private" or not meta.get("address"):
         return
-    net = network.subnet()
+    net = privnet.subnet()
     address = ipaddress.IPv4Address(str(meta["address"]))
-    with network.lock():
-        owner = network.holder(address)
+    with privnet.lock():
+        owner = privnet.holder(address)
         if owner is None or owner.state == state:
-            network.detach(address, net)
+            privnet.detach(address, net)
         if release:
-            network.release(state, str(address))
-        network.teardown_if_unused(net)
+            privnet.release(state, str(address))
+        privnet.teardown_if_unused(net)
 
 
 def _wait_ready(info: SandboxInfo, proc: subprocess.Popen[bytes], deadline: float) -> None:

@@ -227,6 +227,23 @@ def holder(address: ipaddress.IPv4Address) -> Holder | None:
     return Holder(str(meta.get("name", state.name)), state, running)
 
 
+def available(state: Path, wanted: str | None, net: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
+    """The address `allocate` would lease now, or SandboxError (it leases nothing)."""
+    if wanted:
+        address = check_address(wanted, net)
+        owner = holder(address)
+        if owner and owner.state != state and owner.running:
+            raise SandboxError(
+                f"address {address} is in use by running sandbox {owner.name}: "
+                "down it first or pick another address"
+            )
+        return address
+    free = next((a for a in host_addresses(net) if holder(a) is None), None)
+    if free is None:
+        raise SandboxError(f"no free address left in {net}: down some sandboxes")
+    return free
+
+
 def allocate(
     state: Path, name: str, wanted: str | None, net: ipaddress.IPv4Network
 ) -> ipaddress.IPv4Address:
@@ -235,22 +252,13 @@ def allocate(
     `wanted` (asked for, or recorded by a kept instance) may be taken from a stopped instance,
     never from a running one; without it, the first address nobody holds.
     """
+    address = available(state, wanted, net)
     if wanted:
-        address = check_address(wanted, net)
         owner = holder(address)
         if owner and owner.state != state:
-            if owner.running:
-                raise SandboxError(
-                    f"address {address} is in use by running sandbox {owner.name}: "
-                    "down it first or pick another address"
-                )
             log.warning(
                 "sandbox %s takes address %s of stopped sandbox %s", name, address, owner.name
             )
-    else:
-        address = next((a for a in host_addresses(net) if holder(a) is None), None)
-        if address is None:
-            raise SandboxError(f"no free address left in {net}: down some sandboxes")
     path = _lease_path(address)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
