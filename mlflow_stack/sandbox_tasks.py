@@ -56,16 +56,28 @@ def _loaded(name: str) -> SandboxInfo:
 @task(
     help={
         "name": NAME_HELP,
-        "port": "SSH port on 127.0.0.1 (default: 2222)",
+        "network": "private (default: own address on the sandboxes' bridge, ssh on port 22) "
+        "or host (the controller's network, ssh on 127.0.0.1:--port)",
+        "address": "private network: ask for this address (default: the first free one)",
+        "port": "host network: SSH port on 127.0.0.1 (default: 2222)",
+        "distro": "Debian suite: bookworm (default), trixie or sid",
+        "cpus": "CPUs the host may use (nproc says so), e.g. 1",
+        "memory": "memory limit of the host (a cgroup), e.g. 1G or 512M",
         "fresh": "rebuild the cached Debian root filesystem and start from a pristine host",
     }
 )
-def up(c, name="sandbox", port=2222, fresh=False):
-    """Boot a local systemd test host (Debian 12, user ubuntu) reachable over SSH."""
+def up(
+    c, name="sandbox", network=None, address=None, port=None, distro=None, cpus=None,
+    memory=None, fresh=False,
+):  # fmt: skip
+    """Boot a local systemd test host (Debian, user ubuntu) reachable over SSH."""
     started = time.monotonic()
-    info = _call(_sb().up, name, int(port), fresh=fresh)
+    info = _call(
+        _sb().up, name, int(port) if port else None, fresh=fresh, network=network,
+        address=address, distro=distro, cpus=int(cpus) if cpus else None, memory=memory,
+    )  # fmt: skip
     print(f"{info.name} is up ({time.monotonic() - started:.1f} s): ssh {info.host_string}")
-    print(f"  key {info.key_file}, known_hosts {info.known_hosts}, pid {info.pid}")
+    print(f"  address {info.address}, key {info.key_file}, pid {info.pid}")
     print(f"  ssh -F {info.ssh_config} {info.name}   or   invoke sandbox.ssh --name {info.name}")
 
 
@@ -84,7 +96,8 @@ def reboot(c, name="sandbox"):
     """Restart a sandbox like a host reboot: its disk is kept, its services start at boot."""
     started = time.monotonic()
     info = _call(_sb().reboot, name)
-    print(f"{info.name} rebooted ({time.monotonic() - started:.1f} s), pid {info.pid}")
+    elapsed = time.monotonic() - started
+    print(f"{info.name} rebooted ({elapsed:.1f} s): ssh {info.host_string}, pid {info.pid}")
 
 
 @task(help={"name": NAME_HELP, "command": "run this command instead of an interactive shell"})
@@ -98,7 +111,7 @@ def ssh(c, name="sandbox", command=None):
 
 @task(help={"name": NAME_HELP, "json": "print the status as one JSON object"})
 def status(c, name="sandbox", json_=False):
-    """Show whether a sandbox runs (exit 3 if not), its pid, port, uptime, systemd state."""
+    """Show whether a sandbox runs (exit 3 if not), its address, size, OOM kills, systemd state."""
     facts = _call(_sb().status, name)
     if json_:
         print(json.dumps(facts))
@@ -113,7 +126,7 @@ def status(c, name="sandbox", json_=False):
 def list_(c):
     """List the running sandboxes."""
     for info in _call(_sb().list_sandboxes):
-        print(f"{info.name:20} {info.host_string:24} pid {info.pid}")
+        print(f"{info.name:20} {info.address:15} {info.host_string:28} pid {info.pid}")
 
 
 ns = Collection("sandbox")

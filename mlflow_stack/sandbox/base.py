@@ -15,7 +15,12 @@ STATE_ENV = "MLFLOW_STACK_STATE"
 DEFAULT_CACHE = Path("/var/cache/mlflow-stack")
 DEFAULT_STATE = Path("/var/lib/mlflow-stack")
 USER = "ubuntu"
-ADDRESS = "127.0.0.1"
+ADDRESS = "127.0.0.1"  # sshd's address in the shared (host) network mode
+NETWORK_ENV = "MLFLOW_STACK_SANDBOX_NETWORK"
+NETWORKS = ("private", "host")
+DEFAULT_NETWORK = "private"
+PRIVATE_PORT = 22  # sshd's port on a private sandbox, as on EC2
+DEFAULT_HOST_PORT = 2222
 
 # tool -> Debian package that provides it
 TOOLS = {
@@ -24,6 +29,7 @@ TOOLS = {
     "ssh-keygen": "openssh-client",
     "tar": "tar",
 }
+NETWORK_TOOLS = {"nft": "nftables", "ip": "iproute2"}  # for the private network only
 _SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -121,20 +127,33 @@ def check_port(port: int) -> int:
     return port
 
 
+def default_network() -> str:
+    """The network mode used when none is asked for ($MLFLOW_STACK_SANDBOX_NETWORK or private)."""
+    return os.environ.get(NETWORK_ENV) or DEFAULT_NETWORK
+
+
+def check_network(network: str) -> str:
+    """Return `network` if it is a known mode, else raise SandboxError."""
+    if network not in NETWORKS:
+        raise SandboxError(f"unknown network {network!r}: choose one of {', '.join(NETWORKS)}")
+    return network
+
+
 def which(tool: str) -> str | None:
     """Full path of `tool`, also looking in the sbin directories."""
     path = os.environ.get("PATH", "") + ":" + _SBIN_PATH
     return shutil.which(tool, path=path)
 
 
-def preflight_problem(*, need_debootstrap: bool = True) -> str | None:
+def preflight_problem(*, need_debootstrap: bool = True, need_network: bool = False) -> str | None:
     """Why the sandbox cannot run here (one line), or None when it can."""
     if os.geteuid() != 0:
         return "the sandbox needs root (systemd-nspawn, debootstrap): run as root or with sudo"
-    tools = [t for t in TOOLS if need_debootstrap or t != "debootstrap"]
+    needed = {**TOOLS, **(NETWORK_TOOLS if need_network else {})}
+    tools = [t for t in needed if need_debootstrap or t != "debootstrap"]
     missing = [t for t in tools if which(t) is None]
     if missing:
-        pkgs = sorted({TOOLS[t] for t in missing})
+        pkgs = sorted({needed[t] for t in missing})
         return (
             f"missing {', '.join(missing)}: install the Debian package(s) with "
             f"`apt-get install {' '.join(pkgs)}`"
@@ -142,8 +161,8 @@ def preflight_problem(*, need_debootstrap: bool = True) -> str | None:
     return None
 
 
-def preflight(*, need_debootstrap: bool = True) -> None:
+def preflight(*, need_debootstrap: bool = True, need_network: bool = False) -> None:
     """Raise SandboxError when not root or a required tool is missing."""
-    problem = preflight_problem(need_debootstrap=need_debootstrap)
+    problem = preflight_problem(need_debootstrap=need_debootstrap, need_network=need_network)
     if problem:
         raise SandboxError(problem)

@@ -11,19 +11,20 @@ import uuid
 from pathlib import Path
 
 from . import render
-from .base import ADDRESS, USER, SandboxError
+from .base import USER, SandboxError
 from .rootfs import run
 
 UPPER = "upper"  # the instance's own layer: every change made to the host lands here
 CONFIGURED = "configured"  # marker file in the state dir once configure() finished
 
 
-def configure(state: Path, base: Path, name: str, port: int) -> None:
+def configure(
+    state: Path, base: Path, name: str, address: str, port: int, resolv: str | None = None
+) -> None:
     """One-time setup of host `name`'s layer; ends with the CONFIGURED marker."""
     upper = state / UPPER
     upper.mkdir(mode=0o755)
     put(base, upper, "/etc/hostname", f"{name}\n")
-    put(base, upper, "/etc/hosts", render.hosts(name))
     put(base, upper, "/etc/machine-id", uuid.uuid4().hex + "\n", mode=0o444)
     key = state / "id_ed25519"
     if not key.exists():
@@ -35,7 +36,7 @@ def configure(state: Path, base: Path, name: str, port: int) -> None:
     put(base, upper, f"{home}/.ssh/authorized_keys", public, mode=0o600, owner=(uid, gid))
     make_parents(base, upper, "/etc/ssh/sshd_config")
     run(["ssh-keygen", "-A", "-f", str(upper)])
-    set_port(state, base, name, port)
+    set_address(state, base, name, address, port, resolv)
     (state / CONFIGURED).touch()
 
 
@@ -78,13 +79,24 @@ def passwd_entry(root: Path, user: str) -> tuple[int, int, str]:
     raise SandboxError(f"user {user} missing from {root}/etc/passwd: rebuild with --fresh")
 
 
-def set_port(state: Path, base: Path, name: str, port: int) -> None:
-    """(Re)write sshd_config for `port` and the controller's known_hosts and ssh_config."""
+def set_address(
+    state: Path, base: Path, name: str, address: str, port: int, resolv: str | None = None
+) -> None:
+    """(Re)write what names the host's address: sshd_config (`address:port`), /etc/hosts,
+    /etc/resolv.conf (`resolv`, private network only) and the controller's known_hosts and
+    ssh_config. Run at every boot: a kept instance may come back on another address."""
     upper = state / UPPER
-    put(base, upper, "/etc/ssh/sshd_config", render.sshd_config(port, ADDRESS))
+    private = resolv is not None
+    put(base, upper, "/etc/ssh/sshd_config", render.sshd_config(port, address))
+    put(base, upper, "/etc/hosts", render.hosts(name, address if private else None))
+    if private:
+        resolv_conf = upper / "etc/resolv.conf"
+        if resolv_conf.is_symlink():
+            resolv_conf.unlink()
+        put(base, upper, "/etc/resolv.conf", resolv)
     pubs = [p.read_text() for p in sorted((upper / "etc/ssh").glob("ssh_host_*_key.pub"))]
     known = state / "known_hosts"
-    known.write_text(render.known_hosts(pubs, port, ADDRESS))
+    known.write_text(render.known_hosts(pubs, port, address))
     (state / "ssh_config").write_text(
-        render.ssh_config(name, port, USER, state / "id_ed25519", known, ADDRESS)
+        render.ssh_config(name, port, USER, state / "id_ed25519", known, address)
     )

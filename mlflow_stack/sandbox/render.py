@@ -31,11 +31,15 @@ def sshd_config(port: int, address: str = "127.0.0.1") -> str:
     )
 
 
-def hosts(name: str) -> str:
-    """/etc/hosts resolving the sandbox's own hostname (else sudo warns)."""
+def hosts(name: str, address: str | None = None) -> str:
+    """/etc/hosts resolving the sandbox's own hostname (else sudo warns).
+
+    A host with a fixed address (a private sandbox) maps its name to it, as Debian advises;
+    one sharing the controller's network gets Debian's 127.0.1.1.
+    """
     return (
         "127.0.0.1\tlocalhost\n"
-        f"127.0.1.1\t{name}\n"
+        f"{address or '127.0.1.1'}\t{name}\n"
         "::1\tlocalhost ip6-localhost ip6-loopback\n"
         "ff02::1\tip6-allnodes\n"
         "ff02::2\tip6-allrouters\n"

@@ -1,8 +1,10 @@
-"""The cached Debian 12 root filesystem.
+"""The cached Debian root filesystems, one per distribution (suite).
 
-debootstrap builds it once into a tarball (the cache, keyed by the recipe); the tarball is
-unpacked once more into a read-only *base* directory, with the controller's CA certificates
-added, that every instance mounts as the lower layer of its overlay root.
+debootstrap builds each once into a tarball (the cache, keyed by the recipe and the suite);
+the tarball is unpacked once more into a read-only *base* directory, with the controller's CA
+certificates added, that every instance mounts as the lower layer of its overlay root.
+Cache names: `debian-<suite>-rootfs-<key>.tar` and `debian-<suite>-base-<key>-<hash>/`; a new
+build or pruning removes old entries of its own suite only.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from . import distro as distros
 from . import render
 from .base import USER, SandboxError, cache_dir, preflight, which
+from .distro import Distro
 
 log = logging.getLogger("mlflow_stack.sandbox")
 
-SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 VARIANT = "minbase"
 PACKAGES = (
@@ -56,42 +59,58 @@ ln -sf /etc/machine-id /var/lib/dbus/machine-id
 TAR_FLAGS = ("--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls")
 
 
-def recipe_files() -> dict[str, str]:
+def recipe_files(distro: Distro | None = None) -> dict[str, str]:
     """Files written into the image before CUSTOMIZE runs (path -> content)."""
     return {
         f"/etc/sudoers.d/90-{USER}": render.sudoers(USER),
         "/etc/environment": render.environment(),
         "/etc/systemd/system.conf.d/90-sandbox-ca.conf": render.systemd_environment(),
         "/etc/default/locale": "LANG=C.UTF-8\n",
+        **_distro(distro).image_files(),
     }
 
 
-def cache_key() -> str:
-    """Short hash of the whole build recipe: any change to it means a rebuild."""
+def _distro(distro: Distro | str | None) -> Distro:
+    return distro if isinstance(distro, Distro) else distros.get(distro)
+
+
+def cache_key(distro: Distro | str | None = None) -> str:
+    """Short hash of the whole build recipe of `distro`: any change to it means a rebuild."""
+    distro = _distro(distro)
     recipe = {
         "version": RECIPE_VERSION,
-        "suite": SUITE,
+        "suite": distro.suite,
         "mirror": MIRROR,
         "variant": VARIANT,
         "packages": sorted(PACKAGES),
-        "files": recipe_files(),
+        "files": recipe_files(distro),
         "customize": CUSTOMIZE,
     }
     blob = json.dumps(recipe, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def tarball_path() -> Path:
-    """Where the tarball for the current recipe lives."""
-    return cache_dir() / f"debian12-rootfs-{cache_key()}.tar"
+def tarball_path(distro: Distro | str | None = None) -> Path:
+    """Where the tarball for the current recipe of `distro` (default: bookworm) lives."""
+    distro = _distro(distro)
+    return cache_dir() / f"{distro.prefix}-rootfs-{cache_key(distro)}.tar"
 
 
-def debootstrap_argv(target: Path) -> list[str]:
+def debootstrap_argv(target: Path, distro: Distro | str | None = None) -> list[str]:
     """The debootstrap command line of the recipe."""
     return [
         "debootstrap", f"--variant={VARIANT}", f"--include={','.join(PACKAGES)}",
-        SUITE, str(target), MIRROR,
+        _distro(distro).suite, str(target), MIRROR,
     ]  # fmt: skip
+
+
+def own_entries(distro: Distro, kind: str) -> list[Path]:
+    """Cache entries (`kind`: rootfs or base) of `distro`.
+
+    Entries named `debian12-*` by earlier versions of this tool are left alone: sessions still
+    running those versions may use them (delete them by hand once unused).
+    """
+    return sorted(cache_dir().glob(f"{distro.prefix}-{kind}-*"))
 
 
 @contextlib.contextmanager
@@ -113,36 +132,46 @@ def locked(path: Path) -> Iterator[None]:
         fh.close()
 
 
-def ensure_tarball(*, fresh: bool = False) -> Path:
-    """Return the cached tarball, building it first if missing (or if `fresh`)."""
-    target = tarball_path()
+def build_lock(prefix: str) -> contextlib.AbstractContextManager[None]:
+    """Serialise changes to one distribution's cache entries (others build meanwhile)."""
+    return locked(cache_dir() / f".{prefix}.lock")
+
+
+def ensure_tarball(distro: Distro | str | None = None, *, fresh: bool = False) -> Path:
+    """Return the cached tarball of `distro`, building it first if missing (or if `fresh`)."""
+    distro = _distro(distro)
+    target = tarball_path(distro)
     if target.exists() and not fresh:
         return target
     preflight(need_debootstrap=True)
-    with locked(cache_dir() / ".build.lock"):
+    with build_lock(distro.prefix):
         if target.exists() and not fresh:  # built meanwhile by another process
             return target
-        _build(target)
+        _build(target, distro)
     return target
 
 
-def _build(target: Path) -> None:
+def _build(target: Path, distro: Distro) -> None:
     cache = target.parent
-    for stale in cache.glob(".build-*"):  # left by an interrupted build; we hold the lock
+    for stale in cache.glob(f".{distro.prefix}-build-*"):  # an interrupted build; we hold the lock
         remove_tree(stale)
-    work = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
-    root, build_log = work / "root", cache / "debootstrap.log"
+    work = Path(tempfile.mkdtemp(prefix=f".{distro.prefix}-build-", dir=cache))
+    root, build_log = work / "root", cache / f"debootstrap-{distro.suite}.log"
     started = time.monotonic()
-    log.info("building the Debian 12 root filesystem (about a minute); log: %s", build_log)
+    log.info(
+        "building the %s (%s) root filesystem (about a minute); log: %s",
+        distro.version, distro.suite, build_log,
+    )  # fmt: skip
     try:
         with open(build_log, "wb") as out:
-            rc = subprocess.call(debootstrap_argv(root), stdout=out, stderr=subprocess.STDOUT)
+            argv = debootstrap_argv(root, distro)
+            rc = subprocess.call(argv, stdout=out, stderr=subprocess.STDOUT)
         if rc != 0:
             raise SandboxError(
                 f"debootstrap failed (exit {rc}); see {build_log} "
                 f"(needs {MIRROR} reachable; retry with --fresh)"
             )
-        for path, content in recipe_files().items():
+        for path, content in recipe_files(distro).items():
             write(root, path, content)
         chroot(root, CUSTOMIZE)
         tmp_tar = work / "rootfs.tar"
@@ -150,8 +179,8 @@ def _build(target: Path) -> None:
         os.replace(tmp_tar, target)
     finally:
         remove_tree(work)
-    for old in cache.glob("debian12-rootfs-*.tar"):
-        if old != target:
+    for old in own_entries(distro, "rootfs"):
+        if old != target and old.suffix == ".tar":
             old.unlink(missing_ok=True)
     log.info("root filesystem cached in %s (%.0f s)", target, time.monotonic() - started)
 
@@ -178,13 +207,14 @@ def ensure_base(tarball: Path) -> Path:
     base = base_path(tarball, certs)
     if base.is_dir():
         return base
-    with locked(cache_dir() / ".build.lock"):
+    prefix = tarball.name.split("-rootfs-")[0]
+    with build_lock(prefix):
         if base.is_dir():
             return base
-        for stale in base.parent.glob(".base-*"):
+        for stale in base.parent.glob(f".{prefix}-base-*"):
             remove_tree(stale)
         log.info("unpacking the base root filesystem %s (once per build)", base)
-        work = Path(tempfile.mkdtemp(prefix=".base-", dir=base.parent))
+        work = Path(tempfile.mkdtemp(prefix=f".{prefix}-base-", dir=base.parent))
         try:
             root = work / "root"
             root.mkdir(mode=0o755)
@@ -199,13 +229,37 @@ def ensure_base(tarball: Path) -> Path:
     return base
 
 
-def prune_bases(keep: set[Path]) -> None:
-    """Delete the unpacked bases not in `keep` (bases of instances that still exist)."""
-    with locked(cache_dir() / ".build.lock"):
-        for base in cache_dir().glob("debian12-base-*"):
+def prune_bases(keep: set[Path], distro: Distro | str | None = None) -> None:
+    """Delete the unpacked bases of `distro` not in `keep` (bases of instances that exist)."""
+    distro = _distro(distro)
+    with build_lock(distro.prefix):
+        keep = keep | lower_dirs_in_use()
+        for base in own_entries(distro, "base"):
             if base not in keep:
                 log.info("removing unused base %s", base)
                 remove_tree(base)
+
+
+def lower_dirs_in_use() -> set[Path]:
+    """Lower layers of every systemd-nspawn running on this machine, whoever started it.
+
+    Instances of other state roots share the cache; their overlay is mounted in nspawn's own
+    mount namespace, out of sight, so their command lines are what tells.
+    """
+    found: set[Path] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not args or os.path.basename(args[0]) != "systemd-nspawn":
+            continue
+        for arg in args:
+            if arg.startswith("--overlay="):
+                found.add(Path(arg.removeprefix("--overlay=").split(":", 1)[0]))
+    return found
 
 
 def write(root: Path, path: str, content: str, mode: int = 0o644) -> Path:

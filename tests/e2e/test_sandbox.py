@@ -1,12 +1,18 @@
-"""The sandbox host itself, over real SSH: systemd, sudo, HTTPS, restarts, up/down lifecycle."""
+"""The sandbox host itself, over real SSH: systemd, sudo, HTTPS, restarts, up/down lifecycle.
+
+The module's own `sandbox` and `fresh_sandbox` fixtures boot private sandboxes (the default
+network); conftest's boot sandboxes on the shared host network with a port (the older call).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import paramiko
@@ -15,6 +21,40 @@ import pytest
 from mlflow_stack import sandbox as sb
 
 pytestmark = pytest.mark.e2e
+
+
+def boot(**kwargs) -> sb.SandboxInfo:
+    """A new pristine sandbox owned by this pytest process (see conftest's OWNER)."""
+    info = sb.up(f"e2e-{uuid.uuid4().hex[:10]}", **kwargs)
+    (info.state_dir / "e2e-owner").write_text(f"{os.getpid()}\n")
+    return info
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[sb.SandboxInfo]:
+    """A private sandbox for the module (overrides conftest's session one)."""
+    info = boot()
+    try:
+        yield info
+    finally:
+        sb.down(info.name)
+
+
+@pytest.fixture
+def fresh_sandbox() -> Iterator[Callable[[], sb.SandboxInfo]]:
+    """Factory of extra pristine private sandboxes, removed after the test."""
+    made: list[str] = []
+
+    def make() -> sb.SandboxInfo:
+        info = boot()
+        made.append(info.name)
+        return info
+
+    try:
+        yield make
+    finally:
+        for name in made:
+            sb.down(name)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +101,7 @@ def test_login_user_has_passwordless_sudo_and_a_resolvable_hostname(client, sand
     sudo = sh(client, "sudo -n true")
     assert sudo.stderr == ""  # no "unable to resolve host"
     assert sh(client, "hostname").stdout.strip() == sandbox.name
-    assert sh(client, "getent hosts $(hostname)").stdout.split()[0] == "127.0.1.1"
+    assert sh(client, "getent hosts $(hostname)").stdout.split()[0] == sandbox.address
     assert sh(client, "sudo -n id -u").stdout.strip() == "0"
 
 
@@ -121,16 +161,28 @@ def test_up_of_a_running_sandbox_is_a_no_op(sandbox):
     assert facts["system_state"] == "running"
 
 
-def test_up_on_a_busy_port_fails_clearly(sandbox):
-    with pytest.raises(sb.SandboxError, match=rf"port {sandbox.port} .* in use"):
-        sb.up("e2e-busy-port", sandbox.port)
-    assert not sb.instance_dir("e2e-busy-port").exists()
+def test_up_on_a_busy_port_fails_clearly():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         port = sock.getsockname()[1]
-        with pytest.raises(sb.SandboxError, match="pick another with --port"):
-            sb.up("e2e-busy-port", port)
+        with pytest.raises(sb.SandboxError, match=rf"port {port} on 127.0.0.1 is in use"):
+            sb.up("e2e-busy-port", port, network="host")
+    assert not sb.instance_dir("e2e-busy-port").exists()
+
+
+def test_the_shared_host_network_mode_still_works():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # free once closed
+    info = boot(port=port, network="host")
+    try:
+        assert (info.address, info.port) == ("127.0.0.1", port)
+        assert sb.run(info, "hostname").stdout.strip() == info.name
+        assert sb.run(info, "getent hosts $(hostname)").stdout.split()[0] == "127.0.1.1"
+        assert sb.status(info.name)["network"] == "host"
+    finally:
+        sb.down(info.name)
 
 
 def test_down_stops_the_container_and_removes_its_state(fresh_sandbox, sandbox, client):
@@ -145,9 +197,7 @@ def test_down_stops_the_container_and_removes_its_state(fresh_sandbox, sandbox, 
     assert not info.state_dir.exists()
     assert sb.load(info.name) is None
     assert sb.down(info.name) is False
-    with socket.socket() as sock:  # sshd's port is free again
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", info.port))
+    assert sb.ssh.banner(info.address, 22) is None  # its address answers no more
 
 
 def test_a_kept_sandbox_boots_again_with_its_changes(fresh_sandbox):
@@ -155,8 +205,8 @@ def test_a_kept_sandbox_boots_again_with_its_changes(fresh_sandbox):
     sb.run(info, "sudo -n touch /etc/e2e-marker")
     assert sb.down(info.name, keep=True) is True
     assert pid_gone(info.pid) and sb.load(info.name) is None
-    again = sb.up(info.name, info.port)
-    assert again.pid != info.pid
+    again = sb.up(info.name)
+    assert again.pid != info.pid and again.address == info.address
     assert sb.run(again, "test -e /etc/e2e-marker").rc == 0
     base = Path(str(sb.status(info.name)["base"]))
     assert (base / "etc/os-release").exists()

@@ -74,7 +74,7 @@ def test_parse_failed_units():
 def test_cache_key_follows_the_recipe(monkeypatch, tmp_path):
     key = rootfs.cache_key()
     assert key == rootfs.cache_key() and len(key) == 12
-    assert rootfs.tarball_path() == tmp_path / "cache" / f"debian12-rootfs-{key}.tar"
+    assert rootfs.tarball_path() == tmp_path / "cache" / f"debian-bookworm-rootfs-{key}.tar"
     monkeypatch.setattr(rootfs, "PACKAGES", (*rootfs.PACKAGES, "vim"))
     assert rootfs.cache_key() != key
     monkeypatch.undo()
