@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--serve-only", action="store_true", help="train once, untimed")
     args = parser.parse_args()
     name = NAME
-    info = sandbox.load(name) or sandbox.up(name, SSH_PORT)
+    info = sandbox.load(name) or sandbox.up(name, SSH_PORT, network="host")
     try:
         with tempfile.TemporaryDirectory() as tmp:
             inv = str(make_inventory(Path(tmp), name))

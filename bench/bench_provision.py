@@ -51,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     name = NAME
     sandbox.down(name)
-    info = sandbox.up(name, SSH_PORT)
+    info = sandbox.up(name, SSH_PORT, network="host")
     try:
         with tempfile.TemporaryDirectory() as tmp:
             inv = inventory(Path(tmp), name)

@@ -1,4 +1,5 @@
-"""A sandbox for benchmarks, on its own service ports so it can run beside other sandboxes."""
+"""A sandbox for benchmarks: on the host network (the load generator reaches its services
+without a tunnel in between), on its own service ports so it can run beside other sandboxes."""
 
 from __future__ import annotations
 

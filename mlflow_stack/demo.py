@@ -24,7 +24,7 @@ from mlflow_stack.inventory import Inventory, ResolvedHost, resolve
 from mlflow_stack.layout import Layout
 from mlflow_stack.provision import RoleCatalog, first_failure, provision
 
-SANDBOX, SANDBOX_PORT = "sandbox", 2222
+SANDBOX = "sandbox"
 ALPHAS = (0.42, 0.1)
 SERVE_PORT = 54321
 
@@ -92,8 +92,9 @@ def ensure_sandbox(name: str | None, fresh: bool, say: Callable[[str], None]) ->
         say(f"stopping sandbox {name} (--fresh)")
         sandbox.down(name)
     if sandbox.load(name) is None:
-        say(f"starting sandbox {name} (Debian 12, systemd, ssh on 127.0.0.1:{SANDBOX_PORT})")
-        sandbox.up(name, SANDBOX_PORT)
+        say(f"starting sandbox {name} (Debian 12, systemd, on the sandboxes' private network)")
+        info = sandbox.up(name)
+        say(f"sandbox {name} is up: ssh {info.host_string}")
     else:
         say(f"sandbox {name} is running")
 
@@ -204,10 +205,15 @@ def render_summary(s: Summary, place: Layout, serve_port: int) -> str:
         ("prediction (sample wine)", f"{s.prediction:.3f}" if s.prediction is not None else "-"),
         ("check-mysql", "passed" if s.checks_ok else "FAILED"),
         ("provisioning changes", str(s.provision_changed)),
-        ("MLflow", f"{place.tracking_uri}/"),
-        ("Jupyter", f"{place.jupyter_url}/lab  (token: invoke urls --reveal)"),
+        ("MLflow", f"{place.tracking_uri}/  (through the tunnel below)"),
+        ("Jupyter", f"{place.jupyter_url}/lab  (through the tunnel; token: invoke urls --reveal)"),
     ]
     width = max(len(k) for k, _ in rows)
     lines = ["", "== summary"] + [f"  {k:<{width}}  {v}" for k, v in rows]
-    lines += ["", "Try it yourself:", "  " + serving.curl_example(serve_port)]
+    lines += [
+        "",
+        "Open the UIs: `invoke tunnel` forwards them (only SSH reaches the host, as on EC2).",
+        "Try it yourself on the host (`invoke sandbox.ssh`):",
+        "  " + serving.curl_example(serve_port),
+    ]
     return "\n".join(lines)

@@ -85,7 +85,7 @@ class HostRun:
         if change.secret:
             return f"    (content of {target} hidden: it holds secrets)"
         old = ""
-        if change.path:
+        if change.path and change.existed:
             old = self.host.run(f"cat {q(change.path)}").stdout
         lines = difflib.unified_diff(
             old.splitlines(keepends=True),

@@ -50,7 +50,8 @@ class Change:
 
     summary: str
     commands: list[Cmd]
-    path: str | None = None  # file whose old content a diff compares with `new_text`
+    path: str | None = None  # the file a diff shows (its old content, if `existed`)
+    existed: bool = False  # the file is on the host: the diff compares with its content
     new_text: str | None = field(default=None, repr=False)
     secret: bool = False  # never show content
     starts: tuple[str, ...] = ()  # units (re)started by these commands
@@ -285,7 +286,8 @@ class File(Step):
             return Change(
                 "created" if info is None else "updated",
                 [Cmd(script, stdin=self.data)],
-                path=self.path if info is not None else None,
+                path=self.path,
+                existed=info is not None,
                 new_text=new_text,
                 secret=self.secret,
                 unit_file=self.unit_file,

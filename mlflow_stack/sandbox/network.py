@@ -116,14 +116,30 @@ def check_address(text: str, net: ipaddress.IPv4Network) -> ipaddress.IPv4Addres
     return address
 
 
-def nft_ruleset(net: ipaddress.IPv4Network, table: str = NFT_TABLE) -> str:
+# Where a sandbox must never send anything: the metadata service an IMDS lookup would reach
+# (169.254.169.254 on EC2) and every private network of the machine's own surroundings.
+# Sandboxes reach each other, their DNS resolvers and the public registries; nothing else.
+CLOSED = ("169.254.0.0/16", "100.64.0.0/10", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
+
+
+def nft_ruleset(
+    net: ipaddress.IPv4Network, resolvers: tuple[str, ...] = (), table: str = NFT_TABLE
+) -> str:
     """The whole nftables table, replaced atomically (`nft -f`): every rule names the subnet."""
+    dns = "".join(
+        f"    ip saddr {net} ip daddr {r} {proto} dport 53 accept\n"
+        for r in resolvers
+        for proto in ("udp", "tcp")
+    )
     return (
         f"table ip {table}\n"
         f"delete table ip {table}\n"
         f"table ip {table} {{\n"
         "  chain forward {\n"
         "    type filter hook forward priority filter; policy accept;\n"
+        f"    ip saddr {net} ip daddr {net} accept\n"
+        f"{dns}"
+        f"    ip saddr {net} ip daddr {{ {', '.join(CLOSED)} }} reject\n"
         f"    ip saddr {net} accept\n"
         f"    ip daddr {net} ct state established,related accept\n"
         f"    ip daddr {net} drop\n"
@@ -134,6 +150,26 @@ def nft_ruleset(net: ipaddress.IPv4Network, table: str = NFT_TABLE) -> str:
         "  }\n"
         "}\n"
     )
+
+
+def resolvers(text: str | None = None) -> tuple[str, ...]:
+    """The controller's non-loopback IPv4 resolvers (from /etc/resolv.conf)."""
+    if text is None:
+        try:
+            text = Path("/etc/resolv.conf").read_text()
+        except OSError:
+            return ()
+    found = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            try:
+                address = ipaddress.ip_address(fields[1])
+            except ValueError:
+                continue
+            if address.version == 4 and not address.is_loopback:
+                found.append(str(address))
+    return tuple(found)
 
 
 def resolv_conf(controller_resolv: str) -> str:
@@ -341,7 +377,7 @@ def ensure(net: ipaddress.IPv4Network) -> None:
                 f"${SUBNET_ENV} is in use on this machine (down its sandboxes, or use the same)"
             )
     _ip("link", "set", BRIDGE, "up")
-    _nft(nft_ruleset(net))
+    _nft(nft_ruleset(net, resolvers()))
     saved = net_dir() / "ip_forward.saved"
     if not saved.exists():
         saved.parent.mkdir(parents=True, exist_ok=True)

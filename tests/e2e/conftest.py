@@ -1,32 +1,30 @@
-"""End-to-end fixtures: a real sandbox host (systemd-nspawn) reached over SSH.
+"""End-to-end fixtures: real sandbox hosts (systemd-nspawn) on the private network, over SSH.
 
-`sandbox` boots one pristine host per test session (skipped with the reason when this machine
-cannot run it); `fresh_sandbox` makes extra pristine hosts for tests that need their own.
-Every test in tests/e2e is marked `e2e`.
+Each fixture states the host it gives: `sandbox` a pristine host for the session,
+`fresh_sandbox` pristine hosts made for one test, `stack` the session host provisioned with
+every role at the inventory's defaults (services on their default ports, reached from here
+through `invoke tunnel`, as on EC2). A test that changes the stack puts it back. Every test
+under tests/e2e is marked `e2e` and `slow`; without root and the sandbox tools they skip
+(and fail under CI=true).
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from mlflow_stack import sandbox as sb
+from mlflow_stack.sandbox import network
+from tests.e2e.helpers import Tunnel, inventory, provision_json
 
 HERE = Path(__file__).parent
 OWNER = "e2e-owner"  # file in a sandbox's state dir: pid of the pytest session that made it
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def unique_name() -> str:
@@ -36,13 +34,13 @@ def unique_name() -> str:
 
 def skip_reason() -> str | None:
     """Why e2e tests cannot run on this machine, or None."""
-    problem = sb.preflight_problem(need_debootstrap=not sb.tarball_path().exists())
+    problem = sb.preflight_problem(need_debootstrap=True)
     return f"no sandbox host here: {problem}" if problem else None
 
 
-def boot(name: str | None = None) -> sb.SandboxInfo:
-    """Boot a new pristine sandbox owned by this pytest process."""
-    info = sb.up(name or unique_name(), free_port())
+def boot(name: str | None = None, **options) -> sb.SandboxInfo:
+    """Boot a new pristine sandbox (private network) owned by this pytest process."""
+    info = sb.up(name or unique_name(), **options)
     (info.state_dir / OWNER).write_text(f"{os.getpid()}\n")
     return info
 
@@ -61,8 +59,8 @@ def prune_orphans() -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every test under tests/e2e `e2e`, skip them when no sandbox can run, and put the
-    host-restart test last."""
+    """Mark every test under tests/e2e `e2e` and `slow`, skip them when no sandbox can run,
+    and put the host-restart test last."""
     reason = skip_reason()
     for item in items:
         if HERE in Path(str(item.path)).parents:
@@ -74,9 +72,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: item.get_closest_marker("host_restart") is not None)
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """With the session's last sandbox gone (and no other session's running), the private
+    network must be gone too: the bridge, the NAT table, the namespaces, forwarding."""
+    if (
+        skip_reason()
+        or not session.items
+        or not any(HERE in Path(str(item.path)).parents for item in session.items)
+    ):
+        return
+    running = [a for a in network.leases() if (h := network.holder(a)) and h.running]
+    if running:
+        return  # another session's sandboxes still use it
+    from tests.e2e.test_sandbox_net import assert_network_gone
+
+    try:
+        assert_network_gone()
+    except AssertionError as exc:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(
+                f"FAILED after the last sandbox went: network left behind: {exc}", red=True
+            )
+
+
 @pytest.fixture(scope="session")
 def sandbox() -> Iterator[sb.SandboxInfo]:
-    """A running pristine sandbox for the whole session; always removed at the end."""
+    """A pristine private sandbox for the whole session; always removed at the end."""
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
@@ -89,15 +112,16 @@ def sandbox() -> Iterator[sb.SandboxInfo]:
 
 
 @pytest.fixture
-def fresh_sandbox() -> Iterator[Callable[[], sb.SandboxInfo]]:
-    """Factory of extra pristine sandboxes (a few seconds each), removed after the test."""
+def fresh_sandbox() -> Iterator[Callable[..., sb.SandboxInfo]]:
+    """Factory of extra pristine sandboxes (a few seconds each), removed after the test;
+    `fresh_sandbox(distro=..., memory=..., address=...)` passes its options to `up`."""
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
     made: list[str] = []
 
-    def make() -> sb.SandboxInfo:
-        info = boot()
+    def make(**options) -> sb.SandboxInfo:
+        info = boot(**options)
         made.append(info.name)
         return info
 
@@ -108,14 +132,6 @@ def fresh_sandbox() -> Iterator[Callable[[], sb.SandboxInfo]]:
             sb.down(name)
 
 
-# --- the provisioned stack, shared by the stack and action tests ------------------------
-
-# Non-default ports: sandboxes share the machine's network, so a developer's own sandbox
-# (on the defaults) keeps running while the tests provision theirs. They also prove that
-# every port is configurable.
-STACK_PORTS = {"mlflow": 15000, "jupyter": 18888, "mysql": 13306}
-
-
 @pytest.fixture(scope="session")
 def wine_csv() -> Path:
     from tests.data import WINE_CSV
@@ -124,8 +140,9 @@ def wine_csv() -> Path:
 
 
 @pytest.fixture(scope="session")
-def data_server(wine_csv):
-    """A local HTTP server the sandbox downloads the data from (loopback is shared)."""
+def data_server(sandbox, wine_csv):
+    """An HTTP server on the sandboxes' gateway (the controller, as the hosts see it) serving
+    the wine data: the URL a host downloads it from."""
     import http.server
     import threading
 
@@ -138,31 +155,57 @@ def data_server(wine_csv):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    address = str(network.gateway(network.subnet()))
+    server = http.server.ThreadingHTTPServer((address, 0), Quiet)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/{wine_csv.name}"
+    yield f"http://{address}:{server.server_address[1]}/{wine_csv.name}"
     server.shutdown()
 
 
-@pytest.fixture(scope="session")
-def stack(sandbox, tmp_path_factory, data_server):
-    """The session sandbox converged once with all roles (data downloaded over HTTP)."""
-    from tests.e2e.helpers import inventory, provision_json
+# --- the provisioned stack ---------------------------------------------------------------
 
-    tmp = tmp_path_factory.mktemp("stack")
-    p = STACK_PORTS
-    vars_yaml = (
-        f"mlflow: {{port: {p['mlflow']}}}\njupyter: {{port: {p['jupyter']}}}\n"
-        f"mysql: {{port: {p['mysql']}}}\ndemo: {{data_url: '{data_server}'}}"
-    )
-    inv = inventory(tmp, sandbox, vars_yaml=vars_yaml)
+PORTS = {"mlflow": 5000, "jupyter": 8888, "mysql": 3306}  # the defaults, as on EC2
+
+
+@dataclass
+class Stack:
+    """The session's host with every role converged at the inventory's defaults."""
+
+    info: sb.SandboxInfo
+    inv: Path  # host `e2e`, alone in the `server` group
+    report: dict  # `provision --json` of the cold converge
+    output: str  # its stdout and stderr
+    tunnel: Tunnel  # `invoke tunnel --mysql` to the host, for the whole session
+    ports: dict[str, int] = field(default_factory=lambda: dict(PORTS))
+
+    @property
+    def tracking_uri(self) -> str:
+        """MLflow, through the tunnel."""
+        return self.tunnel.url(self.ports["mlflow"])
+
+    @property
+    def jupyter_url(self) -> str:
+        return self.tunnel.url(self.ports["jupyter"])
+
+    @property
+    def db_port(self) -> int:
+        """The database's local end of the tunnel."""
+        return self.tunnel.local(self.ports["mysql"])
+
+    def with_vars(self, directory: Path, vars_yaml: str) -> Path:
+        """An inventory for the same host with these vars (a test's own variant)."""
+        return inventory(directory, self.info, vars_yaml=vars_yaml)
+
+
+@pytest.fixture(scope="session")
+def stack(sandbox, tmp_path_factory) -> Iterator[Stack]:
+    """The session sandbox converged once with all roles at their defaults."""
+    inv = inventory(tmp_path_factory.mktemp("stack"), sandbox)
     code, report, proc = provision_json(inv)
     assert code == 0 and report, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {
-        "inv": inv,
-        "info": sandbox,
-        "report": report,
-        "proc": proc,
-        "ports": p,
-        "tracking_uri": f"http://127.0.0.1:{p['mlflow']}",
-    }
+    tunnel = Tunnel(inv, database=True)
+    tunnel.start()
+    try:
+        yield Stack(sandbox, inv, report, proc.stdout + proc.stderr, tunnel)
+    finally:
+        tunnel.stop()

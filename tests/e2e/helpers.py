@@ -1,11 +1,19 @@
-"""Shared helpers for end-to-end tests: inventories for a sandbox, CLI runs, host commands."""
+"""Shared helpers for end-to-end tests: inventories for a sandbox, CLI runs, host commands,
+and the tunnel through which the controller reaches a host's loopback services."""
 
 from __future__ import annotations
 
 import json
 import os
+import queue
+import random
+import re
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from mlflow_stack.engine.host import Host, Target
@@ -90,3 +98,98 @@ def wait_until(check, seconds: float, what: str):
             return value
         assert time.monotonic() < deadline, f"{what} not within {seconds:.0f} s"
         time.sleep(0.5)
+
+
+def ports_free(ports: list[int]) -> bool:
+    """True if every port can be bound on 127.0.0.1 right now."""
+    for port in ports:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+class Tunnel:
+    """`invoke tunnel` to a host, run in the background: the host's 127.0.0.1 services on
+    local ports (its ports plus an offset chosen so that every local port is free)."""
+
+    def __init__(self, inv: Path, host_name: str = "e2e", database: bool = False) -> None:
+        self.inv = inv
+        self.host_name = host_name
+        self.database = database
+        self.proc: subprocess.Popen | None = None
+        self.ports: dict[int, int] = {}  # remote -> local
+        self.offset: int | None = None
+
+    def start(self, timeout: float = 60) -> None:
+        """Start it (on the same local ports as before, if it ran) and wait up to `timeout`
+        until it says it forwards."""
+        if self.offset is None:
+            self.offset = self._free_offset()
+        args = ["tunnel", "--offset", str(self.offset), "--inventory", str(self.inv)]
+        args += ["--host", self.host_name] + (["--mysql"] if self.database else [])
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "invoke", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        lines: queue.Queue[str | None] = queue.Queue()
+
+        def read() -> None:
+            for line in self.proc.stdout:
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+        seen: list[str] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                line = ""
+            if line is None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError("invoke tunnel did not start:\n" + "".join(seen))
+            seen.append(line)
+            if m := re.match(r"127\.0\.0\.1:(\d+) -> \S+:127\.0\.0\.1:(\d+)$", line.strip()):
+                self.ports[int(m[2])] = int(m[1])
+            if line.startswith("forwarding"):
+                return
+
+    def _free_offset(self) -> int:
+        # served models are on 54321 and up: their local ports must stay below 65536 too
+        wanted = [5000, 8888, 3306, 54321, 54400, 54401, 54402, 54410, 54420]
+        for _ in range(200):
+            offset = random.randrange(1000, 11000)
+            if ports_free([p + offset for p in wanted]):
+                return offset
+        raise AssertionError("no free local ports for the tunnel")
+
+    def local(self, remote_port: int) -> int:
+        """The local port forwarded to the host's 127.0.0.1:`remote_port`."""
+        return self.ports[remote_port]
+
+    def url(self, remote_port: int) -> str:
+        return f"http://127.0.0.1:{self.local(remote_port)}"
+
+    def stop(self) -> None:
+        """Ctrl-C it (as a user stops it)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self) -> None:
+        """Open it again (after the host rebooted, say), on the same local ports."""
+        self.stop()
+        self.start()

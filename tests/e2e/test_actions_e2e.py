@@ -1,27 +1,36 @@
-"""Remote actions on the provisioned sandbox, through the CLI as a user runs them:
-train, tune (one host, then a server plus a worker host), serve, predict, check-mysql,
-status, urls and tunnel — and their refusals of bad input.
+"""Remote actions on the provisioned stack, through the CLI as a user runs them: train, tune,
+serve, predict, check-mysql, status, urls and tunnel, and their refusals of bad input.
+Multi-host tuning is tests/e2e/test_multihost_e2e.py.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
-import sys
 import urllib.request
 
+import pymysql
 import pytest
 
-from tests.e2e.helpers import ROOT, error_line, host, invoke, ok, sh, wait_until
+from tests.data import WINE_CSV
+from tests.e2e.helpers import (
+    Tunnel,
+    error_line,
+    host,
+    invoke,
+    ok,
+    provision_json,
+    sh,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 SERVE_PORT = 54400
 
 
 def cli(stack, *args, timeout=900):
-    return invoke(*args, "--inventory", str(stack["inv"]), timeout=timeout)
+    return invoke(*args, "--inventory", str(stack.inv), timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +48,7 @@ def trained(stack):
 def test_train_twice_records_two_runs_with_their_params(stack, trained):
     import mlflow
 
-    mlflow.set_tracking_uri(stack["tracking_uri"])
+    mlflow.set_tracking_uri(stack.tracking_uri)
     for alpha, run_id in trained.items():
         run = mlflow.get_run(run_id)
         assert float(run.data.params["alpha"]) == float(alpha)
@@ -78,15 +87,37 @@ def test_serve_predict_and_serve_again(stack, trained):
     assert "started/updated" in out and f"http://127.0.0.1:{SERVE_PORT}/invocations" in out
     curl = out.strip().splitlines()[-1]
     assert curl.startswith("curl ")
-    answer = subprocess.run(curl, shell=True, capture_output=True, text=True, check=True).stdout
-    assert json.loads(answer)["predictions"][0] > 0
-    again = ok(cli(stack, "serve", "--run", run_id, "--name", "e2e", "--port", str(SERVE_PORT)))
-    assert "already serving (no change)" in again
-    prediction = ok(cli(stack, "predict", "--name", "e2e"))
-    assert 3.0 < float(prediction.strip()) < 9.0
-    h = host(stack["info"])
-    assert sh(h, "systemctl is-active mlflow-model@e2e.service").strip() == "active"
-    h.close()
+    h = host(stack.info)
+    try:
+        answer = sh(h, curl)  # the printed curl, run where it is meant to run: on the host
+        assert json.loads(answer)["predictions"][0] > 0
+        again = ok(cli(stack, "serve", "--run", run_id, "--name", "e2e", "--port", str(SERVE_PORT)))
+        assert "already serving (no change)" in again
+        prediction = ok(cli(stack, "predict", "--name", "e2e"))
+        assert 3.0 < float(prediction.strip()) < 9.0
+        assert sh(h, "systemctl is-active mlflow-model@e2e.service").strip() == "active"
+    finally:
+        h.close()
+
+
+def test_serve_with_two_workers_and_predict_a_csv_of_wines(stack, trained, tmp_path):
+    port = str(SERVE_PORT + 2)
+    out = ok(cli(stack, "serve", "--run", trained["0.9"], "--name", "two", "--port", port,
+                 "--workers", "2"))  # fmt: skip
+    assert "started/updated" in out
+    h = host(stack.info)
+    try:
+        main = sh(h, "systemctl show -p MainPID --value mlflow-model@two.service").strip()
+        workers = sh(h, f"pgrep -P {main} -f model_server.py || true").split()
+        assert len(workers) == 2, workers  # forked from the one that loaded the model
+        rows = WINE_CSV.read_text().splitlines()[:6]  # the header and five wines
+        data = tmp_path / "five.csv"
+        data.write_text("\n".join(rows) + "\n")
+        predictions = ok(cli(stack, "predict", "--name", "two", "--data", str(data))).split()
+        assert len(predictions) == 5 and all(3.0 < float(p) < 9.0 for p in predictions)
+    finally:
+        ok(cli(stack, "serve", "--stop", "--name", "two"))
+        h.close()
 
 
 def test_serving_the_champion_and_a_bad_payload(stack, tmp_path):
@@ -109,16 +140,16 @@ def test_serving_the_champion_and_a_bad_payload(stack, tmp_path):
     line = error_line(cli(stack, "predict", "--name", "champ", "--data", str(bad)))
     assert "the model server refused the request (HTTP 400)" in line
     ok(cli(stack, "serve", "--stop", "--name", "champ"))
-    h = host(stack["info"])
+    h = host(stack.info)
     assert sh(h, "systemctl is-active mlflow-model@champ.service || true").strip() != "active"
     h.close()
 
 
 def test_serve_on_a_busy_port_starts_nothing(stack, trained):
-    busy = stack["ports"]["jupyter"]
+    busy = stack.ports["jupyter"]
     proc = cli(stack, "serve", "--run", trained["0.9"], "--name", "busy", "--port", str(busy))
     assert f"port {busy} on e2e is already in use" in error_line(proc)
-    h = host(stack["info"])
+    h = host(stack.info)
     assert sh(h, "test -e /etc/mlflow-models/busy.env && echo yes || echo no").strip() == "no"
     h.close()
 
@@ -126,7 +157,7 @@ def test_serve_on_a_busy_port_starts_nothing(stack, trained):
 def test_check_mysql_fails_when_the_database_is_down_and_provision_repairs_it(stack):
     out = ok(cli(stack, "check-mysql"))
     assert "FAIL" not in out and "user mlflow logs in (PyMySQL over an SSH tunnel)" in out
-    h = host(stack["info"])
+    h = host(stack.info)
     sh(h, "systemctl stop mariadb")
     try:
         proc = cli(stack, "check-mysql")
@@ -144,7 +175,7 @@ def test_check_mysql_fails_when_the_database_is_down_and_provision_repairs_it(st
 
 def test_the_warm_runner_notices_changed_demo_code(stack, trained):
     """Code changed behind its back: that run starts cold, the runner restarts, the next is warm."""
-    h = host(stack["info"])
+    h = host(stack.info)
     try:
         sh(h, "touch /opt/demo/demo_wine/model.py")
         cold = ok(cli(stack, "train", "--alpha", "0.3", "--experiment", "e2e-train"))
@@ -160,117 +191,41 @@ def test_status_and_urls(stack):
     assert "all healthy" in out and "mlflow-server.service" in out and "3.17.2" in out
     assert re.search(r"ok +demo-wine-warm\.service +active +ok \(socket\)", out)
     urls = ok(cli(stack, "urls"))
-    assert f"http://127.0.0.1:{stack['ports']['mlflow']}/" in urls and "token=<token>" in urls
+    assert "MLflow   http://127.0.0.1:5000/" in urls and "token=<token>" in urls
     revealed = ok(cli(stack, "urls", "--reveal"))
-    h = host(stack["info"])
+    h = host(stack.info)
     token = sh(h, "cat /etc/mlflow-stack/secrets/jupyter_token").strip()
     h.close()
     assert f"token={token}" in revealed
 
 
-def test_tunnel_forwards_the_mlflow_port(stack):
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "invoke",
-            "tunnel",
-            "--offset",
-            "1000",
-            "--inventory",
-            str(stack["inv"]),
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def test_tunnel_forwards_mlflow_jupyter_and_the_database(stack):
+    tunnel = Tunnel(stack.inv, database=True)
+    tunnel.start(timeout=60)  # fails (with what it printed) if it does not say it forwards
     try:
-        lines = []
-        for line in proc.stdout:  # wait until the tunnel says it forwards
-            lines.append(line)
-            if line.startswith("forwarding"):
-                break
-        assert lines and lines[-1].startswith("forwarding"), "".join(lines) + proc.stderr.read()
-        local = stack["ports"]["mlflow"] + 1000
-        assert f"127.0.0.1:{local} -> e2e:127.0.0.1:{stack['ports']['mlflow']}\n" in lines
-        with urllib.request.urlopen(f"http://127.0.0.1:{local}/health", timeout=10) as answer:
+        assert set(tunnel.ports) >= {5000, 8888, 3306}
+        with urllib.request.urlopen(f"{tunnel.url(5000)}/health", timeout=10) as answer:
             assert answer.status == 200
+        with urllib.request.urlopen(f"{tunnel.url(8888)}/api", timeout=10) as answer:
+            assert answer.status == 200
+        h = host(stack.info)
+        password = sh(h, "cat /etc/mlflow-stack/secrets/db_password").strip()
+        h.close()
+        conn = pymysql.connect(
+            host="127.0.0.1", port=tunnel.local(3306), user="mlflow", password=password,
+            database="mlflow", connect_timeout=10,
+        )  # fmt: skip
+        with conn.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM experiments")
+            assert cur.fetchone()[0] >= 1
+        conn.close()
     finally:
-        proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=20)
-    assert "tunnel closed" in rest
-
-
-def test_tune_across_two_hosts_under_load(stack, fresh_sandbox, tmp_path, wine_csv):
-    worker = fresh_sandbox()
-    text = stack["inv"].read_text()
-    inv = tmp_path / "inventory.yaml"
-    worker_vars = (
-        f"    vars:\n      mlflow: {{port: {stack['ports']['mlflow']}}}\n"
-        f"      demo: {{data_file: '{wine_csv}'}}\n"
-    )
-    inv.write_text(
-        text.replace("groups:\n", "groups:\n  workers:\n    hosts: [w1]\n", 1)
-        + f"  w1:\n    sandbox: {worker.name}\n"
-        + worker_vars
-    )
-    prov = invoke("provision", "--host", "w1", "--inventory", str(inv), timeout=1200)
-    assert prov.returncode == 0, prov.stdout[-3000:] + prov.stderr[-2000:]
-    assert "mysql" not in prov.stdout and "demo_files" in prov.stdout  # worker roles only
-    # Load: four trainings on the server while both hosts tune.
-    alphas = ("0.11", "0.22", "0.33", "0.44")
-    train = [sys.executable, "-m", "invoke", "train", "--experiment", "e2e-load", "--quiet"]
-    trainings = [
-        subprocess.Popen(
-            [*train, "--alpha", alpha, "--inventory", str(inv)],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for alpha in alphas
-    ]
-    out = ok(
-        invoke(
-            "tune",
-            "--n-trials",
-            "40",
-            "--group",
-            "workers",
-            "--jobs-per-host",
-            "2",
-            "--quiet",
-            "--inventory",
-            str(inv),
-            timeout=1200,
-        )
-    )
-    match = re.search(r"study (wine-[\d-]+): 40 trials in [\d.]+s\s+\((.*)\)", out)
-    assert match, out
-    per_host = dict(part.split(": ") for part in match.group(2).split(", "))
-    assert set(per_host) == {"e2e", "w1"} and sum(int(v) for v in per_host.values()) == 40
-    assert "champion: models:/wine-elasticnet@champion" in out
-    no_db = invoke("check-mysql", "--host", "w1", "--inventory", str(inv), timeout=300)
-    assert "service mariadb.service: inactive" in error_line(no_db)
-    import mlflow
-
-    mlflow.set_tracking_uri(stack["tracking_uri"])
-    children = mlflow.search_runs(
-        experiment_names=["wine-tuning"], filter_string=f"tags.`optuna.study` = '{match.group(1)}'"
-    )
-    trial_runs = children[children["tags.optuna.state"].notna()]  # the recorder's trial runs
-    assert len(trial_runs) == 40 and trial_runs["tags.optuna.trial"].nunique() == 40
-    assert trial_runs["tags.mlflow.parentRunId"].notna().all()
-    for alpha, training in zip(alphas, trainings, strict=True):
-        stdout, stderr = training.communicate(timeout=600)
-        assert training.returncode == 0, stdout[-1000:] + stderr[-2000:]
-        run = mlflow.get_run(re.search(r"^run ([0-9a-f]{32}) ", stdout, re.M).group(1))
-        assert run.info.status == "FINISHED" and run.data.params["alpha"] == alpha
+        tunnel.stop()
+    assert tunnel.proc.returncode == 0  # Ctrl-C ends it cleanly ("tunnel closed")
 
 
 def test_wrong_key_and_sudo_password_are_clear_errors(stack, tmp_path):
-    info = stack["info"]
+    info = stack.info
     stranger = tmp_path / "stranger_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
     h = host(info)
@@ -285,12 +240,12 @@ def test_wrong_key_and_sudo_password_are_clear_errors(stack, tmp_path):
     inv = tmp_path / "inventory.yaml"
     inv.write_text(
         "hosts:\n"
-        f"  badkey:\n    address: 127.0.0.1\n    port: {info.port}\n    key: {stranger}\n"
-        f"  nosudo:\n    address: 127.0.0.1\n    port: {info.port}\n    user: nosudo\n"
+        f"  badkey:\n    address: {info.address}\n    key: {stranger}\n"
+        f"  nosudo:\n    address: {info.address}\n    user: nosudo\n"
         f"    key: {info.key_file}\n"
     )
     proc = invoke("provision", "--host", "badkey", "--inventory", str(inv), timeout=120)
-    assert f"SSH authentication failed for ubuntu@127.0.0.1:{info.port}" in error_line(proc)
+    assert f"SSH authentication failed for ubuntu@{info.address}:22" in error_line(proc)
     proc = invoke("provision", "--host", "nosudo", "--inventory", str(inv), timeout=120)
     assert "sudo needs a password for nosudo" in error_line(proc)
 
@@ -305,7 +260,7 @@ def test_wrong_key_and_sudo_password_are_clear_errors(stack, tmp_path):
     ],
 )
 def test_killed_services_come_back(stack, trained, unit):
-    h = host(stack["info"])
+    h = host(stack.info)
     if unit.startswith("mlflow-model@"):
         ok(
             cli(
@@ -335,21 +290,15 @@ def test_public_mlflow_needs_credentials_and_keeps_its_secrets(stack, tmp_path):
     import base64
     import urllib.error
 
-    from tests.e2e.helpers import provision_json
-
-    port = stack["ports"]["mlflow"]
-    public = tmp_path / "inventory.yaml"
-    public.write_text(
-        stack["inv"]
-        .read_text()
-        .replace(f"mlflow: {{port: {port}}}", f"mlflow: {{port: {port}, public: true}}")
-    )
-    h = host(stack["info"])
+    info = stack.info
+    public = stack.with_vars(tmp_path, "mlflow: {public: true}")
+    search = "/api/2.0/mlflow/experiments/search?max_results=1"
+    h = host(info)
     try:
         code, _, proc = provision_json(public)
         assert code == 0, proc.stderr
-        assert f"0.0.0.0:{port}" in sh(h, "ss -Hltn")
-        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert "0.0.0.0:5000" in sh(h, "ss -Hltn")
+        url = f"http://{info.address}:5000{search}"  # from outside, on its network address
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(url, timeout=10)
         assert refused.value.code == 401
@@ -358,19 +307,17 @@ def test_public_mlflow_needs_credentials_and_keeps_its_secrets(stack, tmp_path):
         auth = base64.b64encode(f"admin:{password}".encode()).decode()
         request = urllib.request.Request(url, headers={"Authorization": f"Basic {auth}"})
         assert urllib.request.urlopen(request, timeout=10).status == 200
+        urls = ok(invoke("urls", "--inventory", str(public)))
+        assert f"MLflow   http://{info.address}:5000/" in urls and "user admin" in urls
         for secret in (password, flask_key):
-            assert secret not in proc.stdout + proc.stderr
+            assert secret not in proc.stdout + proc.stderr + urls
             assert secret not in sh(h, "ps -eo args")
             assert secret not in sh(h, "journalctl --no-pager -q")
         modes = sh(h, "stat -c '%a %U' /etc/mlflow/basic_auth.ini /etc/mlflow/mlflow.env")
         assert modes.split("\n")[:2] == ["600 mlflow", "600 mlflow"]
     finally:
-        code, _, proc = provision_json(stack["inv"])  # back to loopback only
+        code, _, proc = provision_json(stack.inv)  # back to loopback only
         h.close()
     assert code == 0, proc.stderr
-    assert (
-        urllib.request.urlopen(
-            f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
-        ).status
-        == 200
-    )
+    with urllib.request.urlopen(f"{stack.tracking_uri}{search}", timeout=10) as answer:
+        assert answer.status == 200

@@ -22,7 +22,7 @@ def run_demo(stack):
         "--port",
         "54410",
         "--inventory",
-        str(stack["inv"]),
+        str(stack.inv),
         timeout=1800,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
@@ -30,7 +30,7 @@ def run_demo(stack):
 
 
 def summary(out: str) -> dict[str, str]:
-    block = out.split("== summary", 1)[1].split("Try it yourself:", 1)[0]
+    block = out.split("== summary", 1)[1].split("Open the UIs:", 1)[0]
     rows = [re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in block.strip().splitlines()]
     return {row[0]: row[1] for row in rows if len(row) == 2}
 
@@ -56,6 +56,7 @@ def test_demo_walkthrough_and_a_safe_rerun(stack):
     assert table["check-mysql"] == "passed"
     assert "token=" not in out  # the login is shown by `invoke urls --reveal`, not here
     assert "curl -s http://127.0.0.1:54410/invocations" in out
+    assert "`invoke tunnel` forwards them" in out
 
     again = summary(run_demo(stack))
     assert again["provisioning changes"] == "0"

@@ -131,14 +131,28 @@ def test_an_impostor_on_a_stopped_hosts_address(pair):
 
 
 def test_bridge_and_nat_go_with_the_last_sandbox(pair):
+    """The pair's own namespaces and links go with them; the bridge, NAT table and forwarding
+    go with the last sandbox on the machine (while others run they stay, for those). The suite
+    itself ends with the last sandbox gone, and conftest checks then that they went too."""
     if not Path(f"/sys/class/net/{network.BRIDGE}").exists():
         pytest.fail(f"bridge {network.BRIDGE} missing while sandboxes run")
     assert Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "1"
+    indexes = [network.index_of(ipaddress.ip_address(i.address), network.subnet()) for i in pair]
     for info in pair:
         sb.down(info.name)
+    for index in indexes:
+        assert not Path(f"/run/netns/{network.netns_name(index)}").exists()
+        assert not Path(f"/sys/class/net/{network.veth_name(index)}").exists()
     others = [a for a in network.leases() if (h := network.holder(a)) and h.running]
-    if others:
-        pytest.skip(f"other sessions' sandboxes run on {network.BRIDGE}: {others}")
+    if others:  # still needed by the sandboxes that run
+        assert Path(f"/sys/class/net/{network.BRIDGE}").exists() and network.table_exists()
+        assert Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "1"
+        return
+    assert_network_gone()
+
+
+def assert_network_gone() -> None:
+    """No bridge, NAT table, namespaces or saved forwarding state left behind."""
     assert not Path(f"/sys/class/net/{network.BRIDGE}").exists()
     assert not network.table_exists()
     assert not list(Path("/run/netns").glob(f"{network.NETNS_PREFIX}*"))

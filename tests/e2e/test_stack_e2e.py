@@ -1,12 +1,11 @@
-"""The whole stack on a fresh sandbox: five roles converge, converge again with no change,
-every service answers, secrets stay secret, and one variable change restarts exactly one unit.
+"""The whole stack on the session's host: five roles converge, converge again with no change,
+every service answers (through the tunnel), secrets stay secret, and one variable change
+restarts exactly one unit. Plus check/diff mode on a bare host and the data download option.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import socket
 import time
 from pathlib import Path
 
@@ -16,7 +15,16 @@ import pytest
 from mlflow_stack import layout
 from mlflow_stack.vars import WINE_SHA256
 from tests.data import WINE_CSV
-from tests.e2e.helpers import changed_steps, host, provision_json, sh
+from tests.e2e.helpers import (
+    changed_steps,
+    error_line,
+    host,
+    inventory,
+    invoke,
+    ok,
+    provision_json,
+    sh,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -26,18 +34,48 @@ def db_password(h) -> str:
 
 
 def test_cold_converge_then_no_change(stack):
-    recap = stack["report"]["recap"]["e2e"]
+    recap = stack.report["recap"]["e2e"]
     assert recap["failed"] == 0 and recap["changed"] > 20
-    code, again, proc = provision_json(stack["inv"])
+    code, again, proc = provision_json(stack.inv)
     assert code == 0, proc.stderr
     assert changed_steps(again) == [], "changed on the second converge"
-    assert again["recap"]["e2e"]["ssh_commands"] <= 5
+    assert again["recap"]["e2e"]["ssh_commands"] == 1  # one probe, read-only
+
+
+def test_a_no_op_over_paramiko_changes_nothing_either(stack):
+    code, again, proc = provision_json(stack.inv, env={"MLFLOW_STACK_SSH": "paramiko"})
+    assert code == 0, proc.stderr
+    assert changed_steps(again) == [] and again["recap"]["e2e"]["failed"] == 0
+
+
+def test_check_and_diff_on_a_bare_host_change_nothing_and_hide_secrets(fresh_sandbox, tmp_path):
+    bare = fresh_sandbox()
+    inv = inventory(tmp_path, bare)
+    proc = invoke("provision", "--host", "e2e", "--check", "--diff", "--inventory", str(inv))
+    out = ok(proc)
+    assert "check mode: nothing was changed" in out and "would change" in out
+    assert "failed=0" in out
+    assert "(content of /etc/mlflow-stack/secrets/db_password hidden: it holds secrets)" in out
+    assert "(content of /etc/mlflow/mlflow.env hidden: it holds secrets)" in out
+    assert "+ExecStart=/opt/anaconda/envs/mlflow/bin/python /opt/mlflow/server.py" in out
+    h = host(bare)
+    try:
+        untouched = (
+            "for p in /opt/anaconda /opt/mlflow /opt/demo /etc/mlflow /etc/mlflow-stack "
+            "/etc/systemd/system/mlflow-server.service /var/lib/mlflow-stack; do "
+            '[ -e "$p" ] && echo "exists: $p"; done; '
+            "getent passwd mlflow demo; dpkg-query -W -f='${Status}' mariadb-server 2>/dev/null"
+            " | grep -q installed && echo 'mariadb installed'; true"
+        )
+        assert sh(h, untouched).strip() == ""
+    finally:
+        h.close()
 
 
 def test_tracking_server_roundtrip_from_the_controller(stack, tmp_path):
     import mlflow
 
-    mlflow.set_tracking_uri(stack["tracking_uri"])
+    mlflow.set_tracking_uri(stack.tracking_uri)
     exp = mlflow.set_experiment(f"e2e-{time.time_ns()}")
     (tmp_path / "note.txt").write_text("artifact through the proxy\n")
     with mlflow.start_run(experiment_id=exp.experiment_id) as run:
@@ -56,7 +94,7 @@ def test_tracking_server_roundtrip_from_the_controller(stack, tmp_path):
 
 
 def host_of(stack):
-    return host(stack["info"])
+    return host(stack.info)
 
 
 def test_database_is_utf8mb4_and_user_is_least_privileged(stack):
@@ -67,8 +105,8 @@ def test_database_is_utf8mb4_and_user_is_least_privileged(stack):
         "FROM information_schema.schemata WHERE schema_name='mlflow'\"",
     )
     assert charset.split() == ["utf8mb4", "utf8mb4_bin"]
-    conn = pymysql.connect(
-        host="127.0.0.1", port=stack["ports"]["mysql"], user="mlflow", password=db_password(h)
+    conn = pymysql.connect(  # through `invoke tunnel --mysql`
+        host="127.0.0.1", port=stack.db_port, user="mlflow", password=db_password(h)
     )
     with conn.cursor() as cur:
         cur.execute("SHOW DATABASES")
@@ -87,7 +125,7 @@ def test_secrets_never_leak(stack):
     h = host_of(stack)
     password = db_password(h)
     token = sh(h, "cat /etc/mlflow-stack/secrets/jupyter_token").strip()
-    outputs = stack["proc"].stdout + stack["proc"].stderr
+    outputs = stack.output
     for secret in (password, token):
         assert len(secret) >= 16
         assert secret not in outputs
@@ -107,7 +145,7 @@ def test_jupyter_auth_and_notebook_logs_to_mlflow(stack):
     import urllib.request
 
     h = host_of(stack)
-    base = f"http://127.0.0.1:{stack['ports']['jupyter']}"
+    base = stack.jupyter_url
     token = sh(h, "cat /etc/mlflow-stack/secrets/jupyter_token").strip()
     assert urllib.request.urlopen(f"{base}/api").status == 200
     with pytest.raises(urllib.error.HTTPError) as refused:
@@ -145,13 +183,13 @@ def test_jupyter_auth_and_notebook_logs_to_mlflow(stack):
     sh(
         h,
         "cd /opt/demo && runuser -u demo -- env HOME=/opt/demo "
-        f"MLFLOW_TRACKING_URI={stack['tracking_uri']} /opt/anaconda/envs/demo/bin/jupyter "
+        "MLFLOW_TRACKING_URI=http://127.0.0.1:5000 /opt/anaconda/envs/demo/bin/jupyter "
         "nbconvert --to notebook --execute --inplace e2e.ipynb",
         timeout=300,
     )
     import mlflow
 
-    mlflow.set_tracking_uri(stack["tracking_uri"])
+    mlflow.set_tracking_uri(stack.tracking_uri)
     exp = mlflow.get_experiment_by_name(marker)
     assert exp is not None and len(mlflow.search_runs([exp.experiment_id])) == 1
 
@@ -162,26 +200,40 @@ def test_demo_files_and_data(stack):
     assert set(owners.split()) == {"demo"}
     digest = sh(h, f"sha256sum {layout.DEMO_DATA}").split()[0]
     assert digest == WINE_SHA256
-    assert f"MLFLOW_TRACKING_URI={stack['tracking_uri']}" in sh(h, "cat /opt/demo/setenv.sh")
+    assert "MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in sh(h, f"cat {layout.DEMO_SETENV}")
     assert sh(h, "test -f /opt/demo/demo_wine/MLproject && echo yes").strip() == "yes"
+
+
+def test_the_data_can_be_downloaded_instead(stack, data_server, tmp_path):
+    h = host_of(stack)
+    sh(h, f"rm {layout.DEMO_DATA}")
+    try:
+        code, report, proc = provision_json(
+            stack.with_vars(tmp_path, f"demo: {{data_url: '{data_server}'}}")
+        )
+        assert code == 0, proc.stderr
+        assert changed_steps(report) == ["demo_files: data (downloaded, sha256 verified)"]
+        assert sh(h, f"sha256sum {layout.DEMO_DATA}").split()[0] == WINE_SHA256
+    finally:
+        code, report, proc = provision_json(stack.inv)  # back to the shipped copy
+        h.close()
+    assert code == 0 and changed_steps(report) == [], proc.stdout[-2000:]  # the same bytes
 
 
 def test_corrupt_data_file_fails_clearly_and_keeps_the_old_one(stack, tmp_path):
     bad = tmp_path / "winequality-white.csv"
     bad.write_text("fixed acidity;quality\n1;2\n")
-    inv = Path(stack["inv"])
-    text = re.sub(r"data_url: '[^']*'", f"data_file: '{bad}'", inv.read_text())
-    bad_inv = tmp_path / "inventory.yaml"
-    bad_inv.write_text(text)
-    code, report, proc = provision_json(bad_inv)
+    code, report, proc = provision_json(stack.with_vars(tmp_path, f"demo: {{data_file: '{bad}'}}"))
     assert code != 0
-    assert "checksum mismatch" in proc.stderr and str(bad) in proc.stderr
+    line = error_line(proc)
+    assert "checksum mismatch" in line and str(bad) in line and "demo.data_sha256" in line
     h = host_of(stack)
-    digest = sh(h, f"sha256sum {layout.DEMO_DATA}").split()[0]
-    assert digest == WINE_SHA256
-    good_inv = tmp_path / "good.yaml"
-    good_inv.write_text(inv.read_text().replace("data_url:", f"data_file: '{WINE_CSV}', data_url:"))
-    code, report, proc = provision_json(good_inv)
+    try:
+        assert sh(h, f"sha256sum {layout.DEMO_DATA}").split()[0] == WINE_SHA256
+    finally:
+        h.close()
+    good = stack.with_vars(tmp_path, f"demo: {{data_file: '{WINE_CSV}'}}")
+    code, report, proc = provision_json(good)
     assert code == 0 and changed_steps(report) == []  # same bytes: nothing re-uploaded
 
 
@@ -189,23 +241,21 @@ def test_changing_workers_restarts_only_mlflow(stack, tmp_path):
     h = host_of(stack)
     pid = sh(h, "systemctl show -p MainPID --value mlflow-server.service").strip()
     jpid = sh(h, "systemctl show -p MainPID --value jupyter.service").strip()
-    inv = tmp_path / "inventory.yaml"
-    inv.write_text(
-        Path(stack["inv"])
-        .read_text()
-        .replace("mlflow: {port: 15000}", "mlflow: {port: 15000, workers: 2}")
-    )
-    code, report, proc = provision_json(inv)
+    try:
+        code, report, proc = provision_json(stack.with_vars(tmp_path, "mlflow: {workers: 2}"))
+        assert code == 0, proc.stderr
+        assert changed_steps(report) == [
+            "mlflow_server: file /etc/systemd/system/mlflow-server.service",
+            "mlflow_server: handler: restart mlflow-server.service",
+        ]
+        assert sh(h, "systemctl show -p MainPID --value mlflow-server.service").strip() != pid
+        assert sh(h, "systemctl show -p MainPID --value jupyter.service").strip() == jpid
+        assert "--workers 2" in sh(h, "systemctl cat mlflow-server.service")
+        assert "ok (200)" in ok(invoke("status", "--inventory", str(stack.inv)))
+    finally:
+        code, report, proc = provision_json(stack.inv)  # back to the stack's defaults
+        h.close()
     assert code == 0, proc.stderr
-    assert changed_steps(report) == [
-        "mlflow_server: file /etc/systemd/system/mlflow-server.service",
-        "mlflow_server: handler: restart mlflow-server.service",
-    ]
-    assert sh(h, "systemctl show -p MainPID --value mlflow-server.service").strip() != pid
-    assert sh(h, "systemctl show -p MainPID --value jupyter.service").strip() == jpid
-    assert "--workers 2" in sh(h, "systemctl cat mlflow-server.service")
-    with socket.create_connection(("127.0.0.1", stack["ports"]["mlflow"]), timeout=5):
-        pass
 
 
 SCHEMA_CHECK_DB = "mlflow_schema_check"

@@ -51,16 +51,27 @@ def test_only_sandbox_addresses_can_be_asked_for(bad):
 
 
 def test_nft_ruleset_touches_only_the_subnet():
-    text = network.nft_ruleset(NET)
+    text = network.nft_ruleset(NET, ("10.255.255.53",))
     assert text.startswith("table ip mlflow_stack_sandbox\ndelete table ip mlflow_stack_sandbox\n")
     rules = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("ip ")]
+    closed = "169.254.0.0/16, 100.64.0.0/10, 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16"
     assert rules == [
+        "ip saddr 10.77.0.0/24 ip daddr 10.77.0.0/24 accept",
+        "ip saddr 10.77.0.0/24 ip daddr 10.255.255.53 udp dport 53 accept",
+        "ip saddr 10.77.0.0/24 ip daddr 10.255.255.53 tcp dport 53 accept",
+        # the metadata service and the private networks around the machine: never
+        f"ip saddr 10.77.0.0/24 ip daddr {{ {closed} }} reject",
         "ip saddr 10.77.0.0/24 accept",
         "ip daddr 10.77.0.0/24 ct state established,related accept",
         "ip daddr 10.77.0.0/24 drop",
         "ip saddr 10.77.0.0/24 ip daddr != 10.77.0.0/24 masquerade",
     ]
     assert "policy accept" in text and "policy drop" not in text
+
+
+def test_resolvers_are_the_controllers_non_loopback_ipv4_ones():
+    text = "nameserver 127.0.0.53\nnameserver 10.255.255.53\nnameserver fd00::1\nsearch x\n"
+    assert network.resolvers(text) == ("10.255.255.53",)
 
 
 def test_resolv_conf_keeps_reachable_resolvers():
