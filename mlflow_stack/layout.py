@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 # --- the roles, in the order `provision` runs them ---------------------------------------
 
-ROLES = ("anaconda", "mysql", "mlflow_server", "jupyter", "demo_files")
+# `proxy` last: it fronts what the others run (and closes the front when nothing is public)
+ROLES = ("anaconda", "mysql", "mlflow_server", "jupyter", "demo_files", "proxy")
 WORKER_ROLES = ("anaconda", "demo_files")  # hosts of the `workers` group only tune
 
 # --- secrets -----------------------------------------------------------------------------
@@ -150,6 +151,36 @@ def unit_file(unit: str) -> str:
     return f"/etc/systemd/system/{unit}"
 
 
+# --- public mode: the HTTPS proxy (role `proxy`) and MLflow's accounts --------------------
+
+PROXY_USER = "caddy"  # the account Debian's caddy package creates
+PROXY_STATE = "/var/lib/caddy"  # its home and certificate store (the account's)
+PROXY_CONF_DIR = "/etc/mlflow-proxy"  # root's, readable by the proxy account
+PROXY_CONFIG = f"{PROXY_CONF_DIR}/Caddyfile"
+PROXY_MODELS_DIR = f"{PROXY_CONF_DIR}/models"  # one route per public model (`serve --public`)
+PROXY_CA_DIR = f"{PROXY_CONF_DIR}/ca"  # the host's own CA (sites without a domain)
+PROXY_CA_CERT = f"{PROXY_CA_DIR}/root.crt"  # what clients pin
+PROXY_CA_KEY = f"{PROXY_CA_DIR}/root.key"
+PROXY_ACME_ROOTS = f"{PROXY_CONF_DIR}/acme-roots.pem"  # a private ACME CA's roots
+PROXY_UNIT = "mlflow-proxy.service"
+PROXY_PACKAGE_UNIT = "caddy.service"  # the package's own unit (default site on :80): masked
+PROXY_ADMIN_SOCKET = "/run/mlflow-proxy/admin.sock"  # Caddy's admin API: root and caddy only
+MLFLOW_ADMIN_ENV = f"{MLFLOW_CONF_DIR}/admin.env"  # the bootstrap admin password (0640)
+# The MLflow account of the host's own work (train, tune, Jupyter kernels, model servers),
+# and the file its credentials are in: root's 0600, read by systemd and root shells only.
+MLFLOW_WORKLOAD_USER = "demo"
+MLFLOW_CLIENT_ENV = "/etc/mlflow-stack/mlflow-client.env"
+
+
+def proxy_model_route(name: str) -> str:
+    return f"{PROXY_MODELS_DIR}/{name}.caddy"
+
+
+def model_token_secret(name: str) -> str:
+    """The secret-store name of the bearer token of the public model `name`."""
+    return f"model_{name}_token"
+
+
 @dataclass(frozen=True)
 class Layout:
     """The variable part of a host's layout: the Python prefix and the service ports."""
@@ -159,11 +190,13 @@ class Layout:
     jupyter_port: int = 8888
     db_port: int = 3306
     tracking_host: str = "127.0.0.1"  # where the MLflow server is, seen from this host
+    jupyter_base: str = "/"  # Jupyter's base_url: /jupyter/ behind the public proxy
 
     @classmethod
     def of(cls, host_vars: HostVars) -> Layout:
         v = host_vars
-        return cls(v.python.prefix, v.mlflow.port, v.jupyter.port, v.mysql.port)
+        base = "/jupyter/" if v.jupyter.public else "/"  # public.JUPYTER_PREFIX
+        return cls(v.python.prefix, v.mlflow.port, v.jupyter.port, v.mysql.port, jupyter_base=base)
 
     def env(self, name: str) -> str:
         """The directory of the Python env `name`."""
@@ -182,4 +215,4 @@ class Layout:
 
     @property
     def jupyter_url(self) -> str:
-        return f"http://127.0.0.1:{self.jupyter_port}"
+        return f"http://127.0.0.1:{self.jupyter_port}{self.jupyter_base.rstrip('/')}"

@@ -78,12 +78,48 @@ class DemoVars(_Section):
         return self
 
 
+# --- public mode (issue 17): the HTTPS proxy in front of what `mlflow.public` and
+# `jupyter.public` expose, and of models served with `invoke serve --public` -------------
+
+DNS_NAME = r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"
+
+
+class PublicVars(_Section):
+    # A DNS name pointing at the host: its certificate comes from ACME (Let's Encrypt unless
+    # `acme_directory` says otherwise). Without one, the host's own CA issues a certificate
+    # for `address` (default: the address in the inventory), and clients pin that CA.
+    domain: str = Field(default="", pattern=DNS_NAME + "|^$", max_length=253)
+    address: str = Field(default="", pattern=r"^[A-Za-z0-9.:-]*$", max_length=253)
+    tls: Literal["auto", "acme", "internal"] = "auto"  # auto: acme with a domain, else internal
+    acme_directory: str = Field(
+        default="https://acme-v02.api.letsencrypt.org/directory", pattern=r"^https://\S+$"
+    )
+    acme_email: str = Field(default="", pattern=r"^$|^[^@\s]+@[^@\s]+$")
+    # A private ACME CA (a PEM file on the controller): trusted by the proxy for the ACME
+    # directory, and pinned by clients for the site. Not needed with Let's Encrypt.
+    acme_roots: str = ""
+    https_port: int = Field(default=443, ge=1, le=65535)
+    http_port: int = Field(default=80, ge=1, le=65535)
+    # What an MLflow account may do with experiments and models it was granted nothing on:
+    # READ (a team's shared demo: everyone browses, writes need a grant) or NO_PERMISSIONS.
+    default_permission: Literal["READ", "NO_PERMISSIONS"] = "READ"
+
+    @model_validator(mode="after")
+    def _acme_needs_a_domain(self) -> PublicVars:
+        if self.tls == "acme" and not self.domain:
+            raise ValueError("tls acme needs a domain (a DNS name pointing at the host)")
+        if self.https_port == self.http_port:
+            raise ValueError("https_port and http_port must differ")
+        return self
+
+
 class StackVars(_Section):
     python: PythonVars = Field(default_factory=PythonVars)
     mysql: MysqlVars = Field(default_factory=MysqlVars)
     mlflow: MlflowVars = Field(default_factory=MlflowVars)
     jupyter: JupyterVars = Field(default_factory=JupyterVars)
     demo: DemoVars = Field(default_factory=DemoVars)
+    public: PublicVars = Field(default_factory=PublicVars)
     test: dict = Field(default_factory=dict)  # free-form, for engine tests only
 
 
