@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from mlflow_stack import layout
+from mlflow_stack import layout, public
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
 from mlflow_stack.engine.role import Role
@@ -72,8 +72,37 @@ LAB_OVERRIDES = {
 }
 
 
-def server_config(auth: str, token: str, hashed_password: str = "") -> str:
-    """The Jupyter server config: token auth, or a password hash with tokens off."""
+def behind_proxy(origin: str) -> dict:
+    """Public mode: Jupyter under /jupyter/ behind the HTTPS proxy. It trusts the proxy's
+    X-Forwarded-* headers (so its login cookie is Secure), its _xsrf cookie is Secure too,
+    browsers may use it from the site's origin only, and it answers the public Host header."""
+    prefix = public.JUPYTER_PREFIX
+    return {
+        "ServerApp": {
+            "base_url": prefix,
+            "trust_xheaders": True,
+            "allow_origin": origin,
+            "allow_remote_access": True,
+            "tornado_settings": {"xsrf_cookie_kwargs": {"path": prefix, "secure": True}},
+        },
+        "IdentityProvider": {"secure_cookie": True, "cookie_options": {"samesite": "Lax"}},
+    }
+
+
+def merged(*configs: dict) -> dict:
+    """Configs merged section by section (later ones win within a section)."""
+    out: dict = {}
+    for config in configs:
+        for section, values in config.items():
+            out[section] = {**out.get(section, {}), **values}
+    return out
+
+
+def server_config(
+    auth: str, token: str, hashed_password: str = "", proxy: dict | None = None
+) -> str:
+    """The Jupyter server config: token auth, or a password hash with tokens off; `proxy`:
+    the settings for running behind the public proxy."""
     if auth == "password":
         config: dict = {
             "IdentityProvider": {"token": ""},
@@ -84,7 +113,7 @@ def server_config(auth: str, token: str, hashed_password: str = "") -> str:
         }
     else:
         config = {"IdentityProvider": {"token": token}}
-    return json.dumps({**QUIET, **config}, indent=2, sort_keys=True) + "\n"
+    return json.dumps(merged(QUIET, config, proxy or {}), indent=2, sort_keys=True) + "\n"
 
 
 def config_file(content: str) -> File:
@@ -106,6 +135,7 @@ class PasswordConfig(Step):
     """The config file in password mode: an existing hash is kept while it still matches."""
 
     password: str = field(repr=False)
+    proxy: dict | None = None
 
     def __post_init__(self) -> None:
         self.id = f"file:{JUPYTER_CONFIG}"
@@ -119,7 +149,7 @@ class PasswordConfig(Step):
         hashed = existing_hash(ctx[config_fact()].output)
         if not hash_matches(hashed, self.password):
             hashed = password_hash(self.password)
-        return config_file(server_config("password", "", hashed)).plan(ctx)
+        return config_file(server_config("password", "", hashed, self.proxy)).plan(ctx)
 
 
 def config_fact() -> F.Shell:
@@ -129,14 +159,16 @@ def config_fact() -> F.Shell:
 def build(ctx: RoleContext) -> list[Step]:
     jv = ctx.vars.jupyter
     place = layout.Layout.of(ctx.vars)
+    # public mode: behind the proxy, under /jupyter/ of the public site
+    proxy = behind_proxy(public.site(ctx.vars, ctx.address).origin) if jv.public else None
     if jv.auth == "password":
         secret_name = "jupyter_password"
         password = ctx.secret(secret_name, env="JUPYTER_PASSWORD")
-        config: Step = PasswordConfig(password.reveal())
+        config: Step = PasswordConfig(password.reveal(), proxy)
     else:
         secret_name = "jupyter_token"
         token = ctx.secret(secret_name, env="JUPYTER_TOKEN")
-        config = config_file(server_config("token", token.reveal()))
+        config = config_file(server_config("token", token.reveal(), proxy=proxy))
     env_prefix = place.env(layout.DEMO_ENV)
     unit = render(
         "systemd/jupyter.service.j2",
@@ -148,7 +180,8 @@ def build(ctx: RoleContext) -> list[Step]:
         pycache=layout.DEMO_PYCACHE,
         env_prefix=env_prefix,
         config_file=JUPYTER_CONFIG,
-        bind="0.0.0.0" if jv.public else "127.0.0.1",
+        bind="127.0.0.1",  # public or not: the proxy is what the network reaches
+        client_env=layout.MLFLOW_CLIENT_ENV,
         port=jv.port,
         tracking_uri=place.tracking_uri,
         data_path=layout.DEMO_DATA,

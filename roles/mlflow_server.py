@@ -34,7 +34,7 @@ from mlflow_stack.layout import (
     MLFLOW_UNIT,
     MLFLOW_USER,
 )
-from roles import mysql
+from roles import mlflow_auth, mysql
 from roles.accounts import mlflow_account
 
 # Alembic head of the pinned mlflow (3.17.2); tests check it against the installed mlflow.
@@ -132,9 +132,7 @@ def allowed_hosts(ctx: RoleContext) -> list[str]:
     mv = ctx.vars.mlflow
     if not mv.public:
         return list(mv.allowed_hosts)
-    names = mv.allowed_hosts or [n for n in (ctx.address, ctx.host) if n]
-    names = [*names, "localhost", "127.0.0.1"]
-    return list(dict.fromkeys(h for n in names for h in (n, f"{n}:{mv.port}")))
+    return mlflow_auth.allowed_hosts(ctx)  # public: the proxy's site name(s) and loopback
 
 
 def recorder_steps(env_prefix: str) -> list[Step]:
@@ -180,31 +178,12 @@ def build(ctx: RoleContext) -> list[Step]:
         *mlflow_account(),
         Directory(MLFLOW_CONF_DIR, "root", user, 0o750),
     ]
+    # --- public mode: MLflow's basic-auth app behind the proxy (roles/mlflow_auth.py) ---
     if mv.public:
-        admin = ctx.secret("mlflow_admin_password", env="MLFLOW_ADMIN_PASSWORD")
-        env_vars["flask_secret_key"] = ctx.secret("mlflow_flask_secret_key").reveal()
-        steps += ctx.secret_steps(
-            "mlflow_admin_password",
-            "mlflow_flask_secret_key",
-            env={"mlflow_admin_password": "MLFLOW_ADMIN_PASSWORD"},
-        )
-        auth = render(
-            "mlflow/basic_auth.ini.j2",
-            database=layout.MLFLOW_AUTH_DB,
-            admin_user=layout.MLFLOW_ADMIN,
-            admin_password=admin.reveal(),
-        )
-        steps.append(
-            File(
-                layout.MLFLOW_AUTH_CONFIG,
-                auth,
-                "root",
-                user,
-                0o640,
-                secret=True,
-                notify=(MLFLOW_UNIT,),
-            )
-        )
+        auth_steps, auth_env = mlflow_auth.config_steps(ctx)
+        steps += auth_steps
+        env_vars.update(auth_env)
+    # ---
     schema = schema_fact(mv.backend)
     unit = render(
         "systemd/mlflow-server.service.j2",
@@ -214,11 +193,13 @@ def build(ctx: RoleContext) -> list[Step]:
         launcher=layout.MLFLOW_LAUNCHER,
         env_file=MLFLOW_ENV_FILE,
         env_prefix=env_prefix,
-        bind="0.0.0.0" if mv.public else "127.0.0.1",
+        bind="127.0.0.1",  # public or not: the proxy is what the network reaches
         port=mv.port,
         workers=mv.workers,
         artifacts=MLFLOW_ARTIFACTS,
         allowed_hosts=allowed_hosts(ctx),
+        cors_origins=mlflow_auth.cors_origins(ctx) if mv.public else [],
+        admin_env=layout.MLFLOW_ADMIN_ENV,
         public=mv.public,
         db_unit=layout.db_server(ctx.os).service if uses_mysql else "",
     )
@@ -268,6 +249,8 @@ def build(ctx: RoleContext) -> list[Step]:
         File(layout.unit_file(MLFLOW_UNIT), unit, notify=(MLFLOW_UNIT,), unit_file=True),
         Service(MLFLOW_UNIT),
         *recorder_steps(env_prefix),
+        # public mode: the admin's password and the workload account, through MLflow's API
+        *(mlflow_auth.account_steps(ctx) if mv.public else mlflow_auth.off_steps()),
         WaitHttp(
             "mlflow answers /health",
             f"http://127.0.0.1:{mv.port}/health",

@@ -42,9 +42,17 @@ def demo_command(
     command = " ".join(shlex.quote(a) for a in [place.demo_python, *args])
     reads = "".join(f"IFS= read -r {name} && export {name} && " for name in secret_env)
     return (
-        f"{reads}cd {layout.DEMO_STATE} && runuser -u {layout.DEMO_USER} -- "
+        f"{reads}{MLFLOW_LOGIN}cd {layout.DEMO_STATE} && runuser -u {layout.DEMO_USER} -- "
         f"env {assignments} {command}"
     )
+
+
+# Public mode: MLflow wants an account; the host's work logs in as its own (`demo`), whose
+# credentials root's shell reads from the root-only file and exports (never on a command line).
+MLFLOW_LOGIN = (
+    f"{{ [ ! -r {layout.MLFLOW_CLIENT_ENV} ] || {{ set -a && . {layout.MLFLOW_CLIENT_ENV} && "
+    "set +a; }; } && "
+)
 
 
 def secret_stdin(*values: Secret) -> str:

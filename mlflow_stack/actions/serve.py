@@ -5,12 +5,13 @@ from __future__ import annotations
 import io
 import json
 import re
+import shlex
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mlflow_stack import hostside, layout
-from mlflow_stack.actions.remote import ActionError, require_provisioned
+from mlflow_stack.actions.remote import MLFLOW_LOGIN, ActionError, require_provisioned
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.host import Host
 from mlflow_stack.engine.probing import probe
@@ -68,10 +69,9 @@ class ServeRequest:
 
 def resolve_model(host: Host, place: Layout, ref: str) -> dict:
     """Resolve a run id or models:/ URI on the host (the tracking server is local there)."""
-    result = host.run(
-        f"python3 - {place.tracking_uri} '{ref}'",
+    result = host.run(  # as root: it reads the workload account's login (public mode)
+        f"{MLFLOW_LOGIN}python3 - {place.tracking_uri} {shlex.quote(ref)}",
         stdin=hostside.read("resolve_model.py"),
-        sudo=False,
     )
     answer = json.loads(result.stdout.strip().splitlines()[-1]) if result.stdout.strip() else {}
     if "error" in answer or not answer:
@@ -113,6 +113,7 @@ def serve_steps(req: ServeRequest, uri: str, place: Layout) -> list[Step]:
         conf_dir=MODELS_CONF_DIR,
         env_prefix=place.env(layout.DEMO_ENV),
         server=SERVER_PATH,
+        client_env=layout.MLFLOW_CLIENT_ENV,
     )
     programs = [
         File(f"{layout.HOSTSIDE_DIR}/{name}", hostside.read(name), notify=(unit,))

@@ -1,7 +1,10 @@
 """Runs on the host with the system python3: resolve a model reference through MLflow's REST
-API and print one JSON line, {"uri": ...} or {"error": ...}. Arguments: TRACKING_URI REF."""
+API and print one JSON line, {"uri": ...} or {"error": ...}. Arguments: TRACKING_URI REF.
+With MLFLOW_TRACKING_USERNAME/PASSWORD in the environment (public mode), it logs in."""
 
+import base64
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -11,8 +14,13 @@ import urllib.request
 
 def get(base, path, **params):
     url = f"{base}/api/2.0/mlflow/{path}?{urllib.parse.urlencode(params)}"
+    request = urllib.request.Request(url)
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if user:
+        login = f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(login.encode()).decode())
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10) as response:
             return json.load(response)
     except urllib.error.HTTPError as exc:
         if exc.code in (400, 404):

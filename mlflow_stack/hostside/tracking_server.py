@@ -8,7 +8,7 @@ the requests use), then serves the same app with uvicorn in this process (with -
 uvicorn starts worker processes, as `mlflow server` does).
 
     python server.py --host H --port P --workers N --artifacts-destination DIR
-                     [--allowed-hosts a,b] [--app-name basic-auth]
+                     [--allowed-hosts a,b] [--cors-allowed-origins o,p] [--app-name basic-auth]
 
 The backend store URI comes from MLFLOW_BACKEND_STORE_URI (the unit's 0600 EnvironmentFile),
 never from the command line. `server_env()` is compared with `mlflow server`'s own in a test.
@@ -33,12 +33,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--artifacts-destination", required=True)
     parser.add_argument("--allowed-hosts", default=None)
+    parser.add_argument("--cors-allowed-origins", default=None)
     parser.add_argument("--app-name", choices=[name for name in APPS if name], default=None)
     return parser.parse_args(argv)
 
 
-def server_env(backend_uri: str, artifacts_destination: str, allowed_hosts: str | None) -> dict:
-    """What `mlflow server --artifacts-destination D [--allowed-hosts H]` puts in uvicorn's env."""
+def server_env(
+    backend_uri: str,
+    artifacts_destination: str,
+    allowed_hosts: str | None,
+    cors_allowed_origins: str | None = None,
+) -> dict:
+    """What `mlflow server --artifacts-destination D [--allowed-hosts H]
+    [--cors-allowed-origins O]` puts in uvicorn's env."""
     from mlflow.environment_variables import (
         _MLFLOW_IN_JOB_EXECUTOR,
         _MLFLOW_SERVER_BOOT_ID,
@@ -65,6 +72,8 @@ def server_env(backend_uri: str, artifacts_destination: str, allowed_hosts: str 
     }
     if allowed_hosts:
         env["MLFLOW_SERVER_ALLOWED_HOSTS"] = allowed_hosts
+    if cors_allowed_origins:
+        env["MLFLOW_SERVER_CORS_ALLOWED_ORIGINS"] = cors_allowed_origins
     return env
 
 
@@ -73,7 +82,11 @@ def main() -> None:
     backend_uri = os.environ.get("MLFLOW_BACKEND_STORE_URI")
     if not backend_uri:
         raise SystemExit("MLFLOW_BACKEND_STORE_URI is not set (see the unit's EnvironmentFile)")
-    os.environ.update(server_env(backend_uri, args.artifacts_destination, args.allowed_hosts))
+    os.environ.update(
+        server_env(
+            backend_uri, args.artifacts_destination, args.allowed_hosts, args.cors_allowed_origins
+        )
+    )
 
     import uvicorn
     from mlflow.server import _UVICORN_LOG_CONFIG

@@ -66,15 +66,24 @@ def mlflow_server_env(monkeypatch, args: list[str]) -> tuple[list[str], dict[str
     return captured["cmd"], {**inherited, **captured["env"]}
 
 
-@pytest.mark.parametrize("allowed", [None, "203.0.113.10,203.0.113.10:5000"])
-def test_launcher_env_is_mlflow_servers(monkeypatch, tmp_path, allowed):
+@pytest.mark.parametrize(
+    ("allowed", "origins"),
+    [
+        (None, None),
+        ("203.0.113.10,203.0.113.10:5000", None),
+        ("mlflow.example.org,mlflow.example.org:443", "https://mlflow.example.org"),
+    ],
+)
+def test_launcher_env_is_mlflow_servers(monkeypatch, tmp_path, allowed, origins):
     backend = f"sqlite:///{tmp_path}/mlflow.db"
     args = ["--backend-store-uri", backend, "--host", "127.0.0.1", "--port", "5000"]
     args += ["--workers", "1", "--artifacts-destination", str(tmp_path / "artifacts")]
     if allowed:
         args += ["--allowed-hosts", allowed]
+    if origins:
+        args += ["--cors-allowed-origins", origins]
     cmd, theirs = mlflow_server_env(monkeypatch, args)
-    ours = load_launcher().server_env(backend, str(tmp_path / "artifacts"), allowed)
+    ours = load_launcher().server_env(backend, str(tmp_path / "artifacts"), allowed, origins)
     assert ours.pop(BOOT_ID) and theirs.pop(BOOT_ID)
     assert ours == theirs
     assert cmd[-1] == load_launcher().APPS[None][0]

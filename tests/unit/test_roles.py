@@ -298,18 +298,27 @@ def test_password_is_url_quoted_in_the_uri():
     assert layout.tracking_db_uri("sqlite", "", 0) == "sqlite:////var/lib/mlflow/mlflow.db"
 
 
-def test_public_mlflow_turns_on_auth_and_allowed_hosts():
+def test_public_mlflow_turns_on_auth_behind_the_proxy():
     ctx = context(mlflow={"public": True})
     ctx.address = "203.0.113.10"
     steps = mlflow_server.build(ctx)
     unit = find(steps, "file /etc/systemd/system/mlflow-server.service").content
-    assert "--host 0.0.0.0" in unit and "--app-name basic-auth" in unit
-    assert "--allowed-hosts 203.0.113.10,203.0.113.10:5000," in unit
+    # behind the proxy: loopback only, the site's Host headers and origin, basic auth
+    assert "--host 127.0.0.1 " in unit and "--app-name basic-auth" in unit
+    assert "--allowed-hosts 203.0.113.10,203.0.113.10:443,localhost,localhost:5000," in unit
+    assert "--cors-allowed-origins https://203.0.113.10" in unit
+    assert "IPAddressAllow=localhost" in unit
+    assert "EnvironmentFile=-/etc/mlflow/admin.env" in unit
     env = find(steps, "file /etc/mlflow/mlflow.env").content
     assert "MLFLOW_FLASK_SERVER_SECRET_KEY=" in env
     ini = find(steps, "file /etc/mlflow/basic_auth.ini")
     assert (ini.mode, ini.owner, ini.group) == (0o640, "root", "mlflow")
-    assert "admin_password = " in ini.content
+    assert "admin_password" not in ini.content and "default_permission = READ" in ini.content
+    admin_env = find(steps, "file /etc/mlflow/admin.env")
+    assert admin_env.secret and not admin_env.notify  # used at the admin's creation only
+    client = find(steps, "file /etc/mlflow-stack/mlflow-client.env")
+    assert (client.mode, client.owner) == (0o600, "root") and client.secret
+    assert "MLFLOW_TRACKING_USERNAME=demo" in client.content
 
 
 def test_sqlite_backend_needs_no_database_password():

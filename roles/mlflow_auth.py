@@ -1,0 +1,188 @@
+"""MLflow's accounts in public mode (not a role: the `mlflow_server` role's public part).
+
+With `mlflow.public`, MLflow runs its basic-auth app behind the proxy:
+* no self sign-up: in MLflow 3.17 only an admin creates users (`invoke users add`);
+* `default_permission` READ (`public.default_permission`): on a team's demo host everyone
+  browses every experiment and model, while writing needs a grant or ownership (a creator
+  manages what it creates). NO_PERMISSIONS would make each user see only what was shared.
+* the admin's password comes from the secret store (`mlflow_admin_password`, or
+  `MLFLOW_ADMIN_PASSWORD`). MLflow reads a configured admin password only when it first
+  creates the admin, so a changed one is applied through MLflow's API (the old one is kept as
+  `mlflow_admin_password_previous` until the change is made);
+* the host's own work (train, tune, Jupyter kernels, model servers) logs in as the non-admin
+  account `demo`, whose credentials are in a root-only env file that systemd and root shells
+  read (`/etc/mlflow-stack/mlflow-client.env`): a Jupyter user can use MLflow, not manage
+  its accounts.
+The auth database stays in the server's state directory (`/var/lib/mlflow/basic_auth.db`),
+next to the SQLite store and the artifacts, where backups and upgrades look.
+"""
+
+from __future__ import annotations
+
+import json
+
+from mlflow_stack import hostside, layout, public
+from mlflow_stack.engine import facts as F
+from mlflow_stack.engine.context import RoleContext
+from mlflow_stack.engine.steps import Directory, File, Run, Step, StepError, q
+from mlflow_stack.engine.templating import render
+from mlflow_stack.layout import (
+    MLFLOW_ADMIN,
+    MLFLOW_CLIENT_ENV,
+    MLFLOW_UNIT,
+    MLFLOW_USER,
+    MLFLOW_WORKLOAD_USER,
+    secret_path,
+)
+
+ADMIN_SECRET = "mlflow_admin_password"
+ADMIN_PREVIOUS = "mlflow_admin_password_previous"
+ADMIN_ENV = "MLFLOW_ADMIN_PASSWORD"
+WORKLOAD_SECRET = "mlflow_workload_password"
+FLASK_SECRET = "mlflow_flask_secret_key"
+ACCOUNTS_SCRIPT = f"{layout.HOSTSIDE_DIR}/mlflow_accounts.py"
+MIN_PASSWORD = 12  # MLflow refuses shorter ones
+
+
+def cors_origins(ctx: RoleContext) -> list[str]:
+    """Origins whose browser requests MLflow accepts: the public site (and extra names)."""
+    site = public.site(ctx.vars, ctx.address)
+    extra = [f"https://{n}" for n in ctx.vars.mlflow.allowed_hosts]
+    return list(dict.fromkeys([site.origin, *extra]))
+
+
+def allowed_hosts(ctx: RoleContext) -> list[str]:
+    """Host headers MLflow answers: the public site's, extra names, and loopback (the host's
+    own clients and the proxy's health checks)."""
+    mv = ctx.vars.mlflow
+    site = public.site(ctx.vars, ctx.address)
+    local = [h for n in ("localhost", "127.0.0.1") for h in (n, f"{n}:{mv.port}")]
+    return list(dict.fromkeys([*site.host_headers, *mv.allowed_hosts, *local]))
+
+
+def login_check(user: str, secret: str, port: int) -> str:
+    """Shell printing the HTTP status of `users/current` as `user` with the password in the
+    secret file (given to curl on stdin as a config line, never on a command line)."""
+    return (
+        f"pw=$(sed 's/[\\\\\"]/\\\\&/g' {secret_path(secret)} 2>/dev/null); "
+        f'printf \'user = "%s:%s"\\n\' {q(user)} "$pw" | '
+        f"curl -s -o /dev/null -m 5 -w '%{{http_code}}' -K - "
+        f"http://127.0.0.1:{port}/api/2.0/mlflow/users/current"
+    )
+
+
+def accounts_fact(port: int) -> F.Shell:
+    """`admin=<status> workload=<status>` of logging in with the stored passwords (200 each
+    when all is as wanted). Live: read again after MLflow's restart, once it answers."""
+    health = f"http://127.0.0.1:{port}/health"
+    return F.LiveShell(
+        "mlflow accounts",
+        f"if systemctl -q is-active {MLFLOW_UNIT}; then i=0; "
+        f"until curl -sf -o /dev/null -m 2 {health} || [ $i -ge 300 ]; do "
+        "i=$((i + 1)); sleep 0.5; done; fi; "
+        f'echo "admin=$({login_check(MLFLOW_ADMIN, ADMIN_SECRET, port)}) '
+        f'workload=$({login_check(MLFLOW_WORKLOAD_USER, WORKLOAD_SECRET, port)})"',
+    )
+
+
+def accounts_ok(result: F.ShellResult) -> bool:
+    return result.output.split() == ["admin=200", "workload=200"]
+
+
+def config_steps(ctx: RoleContext) -> tuple[list[Step], dict[str, str]]:
+    """Secrets, the auth app's config and the env files; (steps, values for mlflow.env)."""
+    admin = ctx.secret(ADMIN_SECRET, env=ADMIN_ENV)
+    if len(admin.reveal()) < MIN_PASSWORD:
+        raise StepError(f"{ADMIN_ENV}: MLflow needs at least {MIN_PASSWORD} characters")
+    stored = ctx.host_secrets.get(ADMIN_SECRET, "").strip()
+    workload = ctx.secret(WORKLOAD_SECRET)
+    group = MLFLOW_USER
+    steps: list[Step] = []
+    if stored and stored != admin.reveal():  # a new admin password: keep the old one until
+        steps.append(  # MLflow has it (the accounts step changes it through the API)
+            File(
+                secret_path(ADMIN_PREVIOUS),
+                stored + "\n",
+                mode=0o600,
+                secret=True,
+                label=f"secret {ADMIN_PREVIOUS}",
+            )
+        )
+    steps += ctx.secret_steps(
+        ADMIN_SECRET, WORKLOAD_SECRET, FLASK_SECRET, env={ADMIN_SECRET: ADMIN_ENV}
+    )
+    ini = render(
+        "mlflow/basic_auth.ini.j2",
+        database=layout.MLFLOW_AUTH_DB,
+        admin_user=MLFLOW_ADMIN,
+        default_permission=ctx.vars.public.default_permission,
+    )
+    steps += [
+        File(layout.MLFLOW_AUTH_CONFIG, ini, "root", group, 0o640, notify=(MLFLOW_UNIT,)),
+        # read by MLflow only when it creates the admin: no restart when it changes
+        File(
+            layout.MLFLOW_ADMIN_ENV,
+            f"# Managed by mlflow-stack. Used only when MLflow first creates its admin.\n"
+            f"MLFLOW_AUTH_ADMIN_PASSWORD={admin.reveal()}\n",
+            "root",
+            group,
+            0o640,
+            secret=True,
+        ),
+        File(
+            MLFLOW_CLIENT_ENV,
+            render("mlflow/client.env.j2", user=MLFLOW_WORKLOAD_USER, password=workload.reveal()),
+            "root",
+            "root",
+            0o600,
+            secret=True,
+            notify=(layout.JUPYTER_UNIT,),
+        ),
+    ]
+    return steps, {"flask_secret_key": ctx.secret(FLASK_SECRET).reveal()}
+
+
+def account_steps(ctx: RoleContext) -> list[Step]:
+    """After MLflow (re)started with its auth app: the admin's password and the workload
+    account as the secret store says, through MLflow's API (only when a login fails)."""
+    port = ctx.vars.mlflow.port
+    fact = accounts_fact(port)
+    admin = ctx.secret(ADMIN_SECRET, env=ADMIN_ENV).reveal()
+    older = [ctx.host_secrets.get(n, "").strip() for n in (ADMIN_PREVIOUS, ADMIN_SECRET)]
+    passwords = list(dict.fromkeys(p for p in [admin, *older] if p))
+    spec = {
+        "url": f"http://127.0.0.1:{port}",
+        "admin": MLFLOW_ADMIN,
+        "passwords": passwords,
+        "workload": MLFLOW_WORKLOAD_USER,
+        "workload_password": ctx.secret(WORKLOAD_SECRET).reveal(),
+    }
+    accounts = Run(
+        "MLflow accounts (admin password, workload account)",
+        f"python3 {ACCOUNTS_SCRIPT}",
+        when=lambda c: not accounts_ok(c[fact]),
+        needs=(fact,),
+        stdin=json.dumps(spec),
+        timeout=400,
+        id="mlflow_server:accounts",
+    )
+    accounts.flush_before = True  # MLflow restarted with its auth app first
+    return [
+        Directory(layout.HOSTSIDE_DIR, "root", "root", 0o755),
+        File(ACCOUNTS_SCRIPT, hostside.read("mlflow_accounts.py"), "root", "root", 0o644),
+        accounts,
+    ]
+
+
+def off_steps() -> list[Step]:
+    """Not public: no credentials for the host's work (MLflow has no accounts then)."""
+    fact = F.PathState(MLFLOW_CLIENT_ENV)
+    return [
+        Run(
+            f"no {MLFLOW_CLIENT_ENV} (MLflow without accounts)",
+            f"rm -f {MLFLOW_CLIENT_ENV}",
+            when=lambda c: c[fact] is not None,
+            needs=(fact,),
+            notify=(layout.JUPYTER_UNIT,),
+        )
+    ]
