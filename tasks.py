@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from invoke import Collection, task
 
-from mlflow_stack import cli, inputs
+from mlflow_stack import cli, inputs, users_tasks
 
 HOST_HELP = "host (default: the 'server' group)"
 INVENTORY_HELP = "inventory file (default: inventory.yaml, or $MLFLOW_STACK_INVENTORY)"
@@ -141,11 +141,14 @@ def status(c, host=None, inventory=None):
 
     with cli.on_host(host, inventory) as (resolved, h):
         rows = statuses.gather(h, Layout.of(resolved.vars))
-    print(statuses.render_status(h.name, rows))
-    if not all(r.ok for r in rows):
-        raise cli.fail(
-            f"{h.name}: " + ", ".join(f"{r.unit} {r.state}/{r.health}" for r in rows if not r.ok)
-        )
+        print(statuses.render_status(h.name, rows), flush=True)
+        outside = statuses.outside_in(h, resolved)  # public mode: the site from outside
+    failed = [f"{r.unit} {r.state}/{r.health}" for r in rows if not r.ok]
+    if outside is not None:
+        print(outside[0])
+        failed += [f"{c.name}: {c.detail}" for c in outside[1]]
+    if failed:
+        raise cli.fail(f"{h.name}: " + ", ".join(failed))
 
 
 @task(
@@ -285,6 +288,7 @@ def demo(c, fresh=False, keep=True, trials="300", host="sandbox", port=54321, in
 
 
 ns = Collection(demo, provision, train, tune, serve, predict, check_mysql, status, urls, tunnel)
+ns.add_collection(users_tasks.ns)  # MLflow accounts: users.add, .list, .passwd, .grant, .remove
 try:
     from mlflow_stack import sandbox_tasks
 except ImportError:  # the sandbox module is optional on machines that only provision

@@ -1,7 +1,7 @@
 """MLflow's accounts in public mode (not a role: the `mlflow_server` role's public part).
 
 With `mlflow.public`, MLflow runs its basic-auth app behind the proxy:
-* no self sign-up: in MLflow 3.17 only an admin creates users (`invoke users add`);
+* no self sign-up: in MLflow 3.17 only an admin creates users (`invoke users.add`);
 * `default_permission` READ (`public.default_permission`): on a team's demo host everyone
   browses every experiment and model, while writing needs a grant or ownership (a creator
   manages what it creates). NO_PERMISSIONS would make each user see only what was shared.
@@ -19,12 +19,14 @@ next to the SQLite store and the artifacts, where backups and upgrades look.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 from mlflow_stack import hostside, layout, public
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
-from mlflow_stack.engine.steps import Directory, File, Run, Step, StepError, q
+from mlflow_stack.engine.steps import Directory, File, Run, Step, StepError
 from mlflow_stack.engine.templating import render
 from mlflow_stack.layout import (
     MLFLOW_ADMIN,
@@ -60,33 +62,32 @@ def allowed_hosts(ctx: RoleContext) -> list[str]:
     return list(dict.fromkeys([*site.host_headers, *mv.allowed_hosts, *local]))
 
 
-def login_check(user: str, secret: str, port: int) -> str:
-    """Shell printing the HTTP status of `users/current` as `user` with the password in the
-    secret file (given to curl on stdin as a config line, never on a command line)."""
-    return (
-        f"pw=$(sed 's/[\\\\\"]/\\\\&/g' {secret_path(secret)} 2>/dev/null); "
-        f'printf \'user = "%s:%s"\\n\' {q(user)} "$pw" | '
-        f"curl -s -o /dev/null -m 5 -w '%{{http_code}}' -K - "
-        f"http://127.0.0.1:{port}/api/2.0/mlflow/users/current"
-    )
+ACCOUNTS_MARK = "/var/lib/mlflow-stack/mlflow-accounts"  # root's: what the last sync applied
 
 
-def accounts_fact(port: int) -> F.Shell:
-    """`admin=<status> workload=<status>` of logging in with the stored passwords (200 each
-    when all is as wanted). Live: read again after MLflow's restart, once it answers."""
-    health = f"http://127.0.0.1:{port}/health"
+def accounts_digest(admin: str, workload: str) -> str:
+    """What the accounts step applied, as a digest of the passwords (the mark holds this and
+    the auth database's inode: a new database, e.g. restored or deleted, is synced again)."""
+    return hashlib.sha256(f"mlflow-stack accounts v1\0{admin}\0{workload}".encode()).hexdigest()
+
+
+def accounts_fact() -> F.Shell:
+    """`<digest> <inode>` of the last sync, then the auth database's inode now. Live: read
+    again after MLflow's restart (its first start in public mode creates the database).
+    Checking logins instead would cost a password hash (≈ 0.1-1.5 s) per account per run."""
     return F.LiveShell(
         "mlflow accounts",
-        f"if systemctl -q is-active {MLFLOW_UNIT}; then i=0; "
-        f"until curl -sf -o /dev/null -m 2 {health} || [ $i -ge 300 ]; do "
-        "i=$((i + 1)); sleep 0.5; done; fi; "
-        f'echo "admin=$({login_check(MLFLOW_ADMIN, ADMIN_SECRET, port)}) '
-        f'workload=$({login_check(MLFLOW_WORKLOAD_USER, WORKLOAD_SECRET, port)})"',
+        f"cat {ACCOUNTS_MARK} 2>/dev/null || echo none; "
+        f"stat -c %i {layout.MLFLOW_AUTH_DB} 2>/dev/null || echo none",
     )
 
 
-def accounts_ok(result: F.ShellResult) -> bool:
-    return result.output.split() == ["admin=200", "workload=200"]
+def accounts_synced(result: F.ShellResult, digest: str) -> bool:
+    lines = result.output.split("\n")
+    if len(lines) < 2:
+        return False
+    inode = lines[1].strip()
+    return inode != "none" and lines[0].strip() == f"{digest} {inode}"
 
 
 def config_steps(ctx: RoleContext) -> tuple[list[Step], dict[str, str]]:
@@ -144,23 +145,27 @@ def config_steps(ctx: RoleContext) -> tuple[list[Step], dict[str, str]]:
 
 def account_steps(ctx: RoleContext) -> list[Step]:
     """After MLflow (re)started with its auth app: the admin's password and the workload
-    account as the secret store says, through MLflow's API (only when a login fails)."""
+    account as the secret store says, through MLflow's API (when they changed since the last
+    sync, or the auth database is new)."""
     port = ctx.vars.mlflow.port
-    fact = accounts_fact(port)
+    fact = accounts_fact()
     admin = ctx.secret(ADMIN_SECRET, env=ADMIN_ENV).reveal()
+    workload = ctx.secret(WORKLOAD_SECRET).reveal()
     older = [ctx.host_secrets.get(n, "").strip() for n in (ADMIN_PREVIOUS, ADMIN_SECRET)]
     passwords = list(dict.fromkeys(p for p in [admin, *older] if p))
+    digest = accounts_digest(admin, workload)
     spec = {
         "url": f"http://127.0.0.1:{port}",
         "admin": MLFLOW_ADMIN,
         "passwords": passwords,
         "workload": MLFLOW_WORKLOAD_USER,
-        "workload_password": ctx.secret(WORKLOAD_SECRET).reveal(),
+        "workload_password": workload,
     }
     accounts = Run(
         "MLflow accounts (admin password, workload account)",
-        f"python3 {ACCOUNTS_SCRIPT}",
-        when=lambda c: not accounts_ok(c[fact]),
+        f"python3 {ACCOUNTS_SCRIPT} && mkdir -p {Path(ACCOUNTS_MARK).parent} && "
+        f'echo "{digest} $(stat -c %i {layout.MLFLOW_AUTH_DB})" > {ACCOUNTS_MARK}',
+        when=lambda c: not accounts_synced(c[fact], digest),
         needs=(fact,),
         stdin=json.dumps(spec),
         timeout=400,
@@ -176,13 +181,19 @@ def account_steps(ctx: RoleContext) -> list[Step]:
 
 def off_steps() -> list[Step]:
     """Not public: no credentials for the host's work (MLflow has no accounts then)."""
-    fact = F.PathState(MLFLOW_CLIENT_ENV)
+    fact, mark = F.PathState(MLFLOW_CLIENT_ENV), F.PathState(ACCOUNTS_MARK)
     return [
+        Run(
+            "no MLflow accounts mark",
+            f"rm -f {ACCOUNTS_MARK}",
+            when=lambda c: c[mark] is not None,
+            needs=(mark,),
+        ),
         Run(
             f"no {MLFLOW_CLIENT_ENV} (MLflow without accounts)",
             f"rm -f {MLFLOW_CLIENT_ENV}",
             when=lambda c: c[fact] is not None,
             needs=(fact,),
             notify=(layout.JUPYTER_UNIT,),
-        )
+        ),
     ]

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mlflow_stack import layout
+from mlflow_stack import layout, public
 from mlflow_stack.actions import serve as serving
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.host import Host
@@ -106,55 +106,55 @@ def render_status(host: str, rows: list[ServiceStatus]) -> str:
     return "\n".join(lines)
 
 
-IMDS_PUBLIC_IP = (
-    "t=$(curl -s -m 2 -X PUT http://169.254.169.254/latest/api/token "
-    "-H 'X-aws-ec2-metadata-token-ttl-seconds: 60') && "
-    'curl -s -m 2 -H "X-aws-ec2-metadata-token: $t" '
-    "http://169.254.169.254/latest/meta-data/public-ipv4"
-)
-
-
-def public_address(host: Host, fallback: str) -> str:
-    """The EC2 public IPv4 from the instance metadata service (IMDSv2), else `fallback`."""
-    result = host.run(IMDS_PUBLIC_IP, sudo=False)
-    text = result.stdout.strip()
-    parts = text.split(".")
-    is_ip = len(parts) == 4 and all(p.isdigit() and int(p) < 256 for p in parts)
-    return text if result.ok and is_ip else fallback
-
-
-def urls(host_vars: HostVars, address: str, token: str | None, reveal: bool) -> list[str]:
-    """Lines telling where each UI is and how to log in."""
+def urls(host_vars: HostVars, token: str | None, reveal: bool) -> list[str]:
+    """Lines telling where each local-only UI is (through `invoke tunnel`) and how to log in."""
     mv, jv = host_vars.mlflow, host_vars.jupyter
-    mlflow_host = address if mv.public else "127.0.0.1"
-    jupyter_host = address if jv.public else "127.0.0.1"
-    lines = [f"MLflow   http://{mlflow_host}:{mv.port}/"]
-    if mv.public:
-        lines.append(
-            f"         user {layout.MLFLOW_ADMIN}; password: sudo cat "
-            f"{layout.secret_path('mlflow_admin_password')} (on the host)"
-        )
-    if jv.auth == "token":
-        shown = token if (reveal and token) else "<token>"
-        lines.append(f"Jupyter  http://{jupyter_host}:{jv.port}/lab?token={shown}")
-        if not reveal:
-            lines.append("         (`invoke urls --reveal` prints the token)")
-    else:
-        lines.append(f"Jupyter  http://{jupyter_host}:{jv.port}/lab  (password login)")
-    if not (mv.public and jv.public):
+    lines = []
+    if not mv.public:
+        lines.append(f"MLflow   http://127.0.0.1:{mv.port}/")
+    if not jv.public:
+        if jv.auth == "token":
+            shown = token if (reveal and token) else "<token>"
+            lines.append(f"Jupyter  http://127.0.0.1:{jv.port}/lab?token={shown}")
+            if not reveal:
+                lines.append("         (`invoke urls --reveal` prints the token)")
+        else:
+            lines.append(f"Jupyter  http://127.0.0.1:{jv.port}/lab  (password login)")
+    if lines:
         lines.append("Local-only services: run `invoke tunnel` and open the 127.0.0.1 URLs.")
     return lines
 
 
 def login_lines(host: Host, resolved: ResolvedHost, reveal: bool) -> list[str]:
-    """`invoke urls`: where each UI is (the public address when opened) and how to log in."""
+    """`invoke urls`: where each UI is (the public site's HTTPS URLs when public, with what to
+    trust) and how to log in."""
     from mlflow_stack.actions.remote import read_secret
 
     v = resolved.vars
-    address = resolved.target.address
-    if v.mlflow.public or v.jupyter.public:
-        address = public_address(host, address)
     token = None
     if reveal and v.jupyter.auth == "token":
         token = read_secret(host, "jupyter_token").reveal()
-    return urls(v, address, token, reveal)
+    lines = []
+    # --- public mode: the HTTPS site and what to trust (actions/public.py) ---
+    if public.is_public(v):
+        from mlflow_stack.actions import public as site
+
+        lines += site.url_lines(host, v, resolved.target.address, token, reveal)
+    # ---
+    return lines + urls(v, token, reveal)
+
+
+# --- public mode: `invoke status` from the outside in ------------------------------------
+
+
+def outside_in(host: Host, resolved: ResolvedHost) -> tuple[str, list] | None:
+    """The outside-in checks of a public host: (rendered text, failed checks); None when
+    nothing is public."""
+    if not public.is_public(resolved.vars):
+        return None
+    from mlflow_stack.actions import public as site
+
+    client, checks = site.site_checks(
+        host, resolved.vars, resolved.target.address, resolved.target.port
+    )
+    return site.render_checks(client, checks), [c for c in checks if not c.ok]

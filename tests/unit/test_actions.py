@@ -10,7 +10,6 @@ from mlflow_stack import inputs
 from mlflow_stack.actions import check_mysql, predict, serve, status, tune, tunnel
 from mlflow_stack.actions.remote import ActionError, demo_command, last_json_line
 from mlflow_stack.engine import facts as F
-from mlflow_stack.engine.host import RunResult
 from mlflow_stack.layout import Layout
 from mlflow_stack.secrets import Secret, mask
 from mlflow_stack.vars import defaults, validate
@@ -283,46 +282,16 @@ def test_status_health_and_versions():
     assert status._version(ok("3.17.2\n200")) == "3.17.2"
 
 
-def test_urls_without_and_with_public_services():
-    lines = status.urls(defaults(), "203.0.113.10", None, reveal=False)
+def test_urls_of_local_only_services():
+    lines = status.urls(defaults(), None, reveal=False)
     assert lines[0] == "MLflow   http://127.0.0.1:5000/"
     assert "token=<token>" in lines[1] and any("invoke tunnel" in line for line in lines)
+    assert any("token=tok" in line for line in status.urls(defaults(), "tok", reveal=True))
+    # public services are on the HTTPS site (public.url_lines), not on loopback
     public = validate({"mlflow": {"public": True}, "jupyter": {"public": True}})
-    lines = status.urls(public, "203.0.113.10", "tok", reveal=True)
-    assert lines[0] == "MLflow   http://203.0.113.10:5000/"
-    assert any("token=tok" in line for line in lines)
-
-
-class AnsweringHost:
-    """A host whose every command prints `stdout` with exit code `rc` (and records it)."""
-
-    name = "h"
-
-    def __init__(self, rc: int, stdout: str) -> None:
-        self.answer = RunResult(rc, stdout, "", 0.0)
-        self.scripts: list[str] = []
-
-    def run(self, script: str, **kwargs) -> RunResult:
-        self.scripts.append(script)
-        return self.answer
-
-
-@pytest.mark.parametrize(
-    ("rc", "stdout", "expected"),
-    [
-        (0, "203.0.113.10", "203.0.113.10"),  # EC2 with a public IPv4
-        (0, "203.0.113.10\n", "203.0.113.10"),
-        (0, '<?xml version="1.0"?><Error>Not Found</Error>', "10.0.0.5"),  # no public IP
-        (22, "", "10.0.0.5"),  # curl failed: no metadata service (not on EC2)
-        (0, "999.1.2.3", "10.0.0.5"),
-        (0, "", "10.0.0.5"),
-    ],
-)
-def test_public_address_from_the_metadata_service(rc, stdout, expected):
-    host = AnsweringHost(rc, stdout)
-    assert status.public_address(host, "10.0.0.5") == expected
-    (script,) = host.scripts  # IMDSv2: a session token first, then the address with it
-    assert script.index("X-aws-ec2-metadata-token-ttl-seconds") < script.index("public-ipv4")
+    assert status.urls(public, "tok", reveal=True) == []
+    half = validate({"mlflow": {"public": True}})
+    assert next(line.split()[0] for line in status.urls(half, None, False)) == "Jupyter"
 
 
 def test_tunnel_port_pairs():
