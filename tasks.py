@@ -62,12 +62,14 @@ def provision(c, host=None, roles=None, check=False, diff=False, json=False, inv
         "port": "port on the host's 127.0.0.1 (default: 54321)",
         "workers": "uvicorn workers forked after one model load (default 0: one per CPU)",
         "stop": "stop and remove the instance NAME instead",
+        "public": "also serve it at https://<site>/models/NAME/ behind the proxy, with a bearer "
+        "token (the host must be public)",
         "host": HOST_HELP,
         "inventory": INVENTORY_HELP,
     }
 )
-def serve(c, run=None, model=None, name="wine", port=54321, workers=0, stop=False, host=None,
-          inventory=None):  # fmt: skip
+def serve(c, run=None, model=None, name="wine", port=54321, workers=0, stop=False,
+          public=False, host=None, inventory=None):  # fmt: skip
     """Serve a model as the systemd unit mlflow-model@NAME and print a ready curl."""
     from mlflow_stack.actions import serve as serving
 
@@ -81,6 +83,7 @@ def serve(c, run=None, model=None, name="wine", port=54321, workers=0, stop=Fals
             run or model or "",
             inputs.port(port),
             inputs.whole_number(workers, "--workers", 0, 16),
+            public,
         )
         req.validate()
     with cli.on_host(host, inventory) as (resolved, h):
@@ -89,11 +92,19 @@ def serve(c, run=None, model=None, name="wine", port=54321, workers=0, stop=Fals
             print(f"{'stopped' if done else 'nothing to stop:'} mlflow-model@{name} on {h.name}")
             return
         result = serving.serve(h, resolved.vars, req)
+        if public:  # the public URL, and the pin its curl verifies against
+            from mlflow_stack.actions import public as site
+
+            client, _ = site.outside(h, resolved.vars, resolved.target.address)
     state = "started/updated" if result.changed else "already serving (no change)"
     print(f"mlflow-model@{name} on {h.name}: {state} in {result.seconds:.1f}s")
     print(f"model: {result.uri}" + (f" (version {result.version})" if result.version else ""))
     print(f"url:   {result.url}  (on the host; `invoke tunnel` forwards it)")
     print(serving.curl_example(req.port))
+    if public:
+        url = f"{client.site.url}models/{name}/invocations"
+        print(f"public: {url}  (bearer token: invoke urls --reveal)")
+        print(serving.public_curl_example(url, client.cafile))
 
 
 @task(
@@ -106,14 +117,15 @@ def serve(c, run=None, model=None, name="wine", port=54321, workers=0, stop=Fals
     }
 )
 def predict(c, name="wine", port=None, data=None, host=None, inventory=None):
-    """Score the sample wine (or --data) against a served model and print the prediction."""
+    """Score the sample wine (or --data) against a served model and print the prediction
+    (a public model through its HTTPS URL, TLS verified, as an outside client would)."""
     from mlflow_stack.actions import predict as scoring
 
     with cli.reporting(code=2):
         payload = scoring.load_payload(data)  # bad input fails before anything connects
         wanted_port = inputs.port(port) if port is not None else None
-    with cli.on_host(host, inventory) as (_, h):
-        predictions = scoring.predict_served(h, name, wanted_port, payload)
+    with cli.on_host(host, inventory) as (resolved, h):
+        predictions = scoring.predict_served(h, name, wanted_port, payload, resolved)
     for value in predictions:
         print(f"{value:.4f}")
 

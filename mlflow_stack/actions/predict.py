@@ -102,6 +102,11 @@ def predict(host: Host, port: int, payload: dict) -> list[float]:
         raise ActionError(
             f"no model server answers on port {port} of {host.name}; start one with invoke serve"
         )
+    return predictions_of(code.strip(), body)
+
+
+def predictions_of(code: str, body: str) -> list[float]:
+    """The predictions of a scoring server's answer; a refusal as a one-line error."""
     if not code.startswith("2"):
         raise ActionError(
             f"the model server refused the request (HTTP {code.strip()}): {server_error(body)}"
@@ -112,8 +117,34 @@ def predict(host: Host, port: int, payload: dict) -> list[float]:
     return predictions
 
 
-def predict_served(host: Host, name: str, port: int | None, payload: dict) -> list[float]:
-    """Score `payload` against the served instance `name` (or whatever listens on `port`)."""
+def predict_public(client, name: str, token, payload: dict) -> list[float]:
+    """Score through the public site, as an outside client: HTTPS verified against the pin,
+    the model's bearer token."""
+    from mlflow_stack import public
+
+    path = f"{public.MODELS_PREFIX}{name}/invocations"
+    answer = client.request("POST", path, bearer=token, body=payload)
+    if answer.status == 401:
+        raise ActionError(f"the proxy refused model {name}'s token (HTTP 401)")
+    return predictions_of(str(answer.status), answer.text)
+
+
+def predict_served(
+    host: Host, name: str, port: int | None, payload: dict, resolved=None
+) -> list[float]:
+    """Score `payload` against the served instance `name` (or whatever listens on `port`):
+    through the public site when the model is public there, else on the host over SSH."""
+    if port is None and resolved is not None:
+        from mlflow_stack import public
+
+        if public.is_public(resolved.vars):
+            from mlflow_stack.actions import public as site
+
+            models = site.models_fact()
+            client, values = site.outside(host, resolved.vars, resolved.target.address, [models])
+            token = site.parse_models(values[models.key]).get(name)
+            if token is not None:
+                return predict_public(client, name, token, payload)
     if port is None:
         from mlflow_stack.actions.serve import served
 

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mlflow_stack import hostside, layout
+from mlflow_stack import hostside, layout, public
 from mlflow_stack.actions.remote import MLFLOW_LOGIN, ActionError, require_provisioned
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.host import Host
@@ -18,11 +18,12 @@ from mlflow_stack.engine.probing import probe
 from mlflow_stack.engine.report import Reporter
 from mlflow_stack.engine.role import Role
 from mlflow_stack.engine.runner import HostJob, Options, converge_host
-from mlflow_stack.engine.steps import Directory, File, Service, Step, WaitHttp
+from mlflow_stack.engine.steps import Directory, File, Run, Service, Step, WaitHttp
 from mlflow_stack.engine.templating import render
 from mlflow_stack.layout import MODELS_CONF_DIR, Layout, model_env_file, model_unit
 
 if TYPE_CHECKING:
+    from mlflow_stack.engine.context import RoleContext
     from mlflow_stack.host_vars import HostVars
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,40}$")
@@ -57,6 +58,7 @@ class ServeRequest:
     model_ref: str
     port: int
     workers: int
+    public: bool = False  # also at https://<site>/models/<name>/, with a bearer token
 
     def validate(self) -> None:
         if not NAME.match(self.name):
@@ -94,7 +96,9 @@ def check_port(host: Host, name: str, port: int) -> None:
         )
 
 
-def serve_steps(req: ServeRequest, uri: str, place: Layout) -> list[Step]:
+def serve_steps(
+    req: ServeRequest, uri: str, place: Layout, ctx: RoleContext | None = None
+) -> list[Step]:
     unit = model_unit(req.name)
     env_text = render(
         "serving/model.env.j2",
@@ -134,7 +138,53 @@ def serve_steps(req: ServeRequest, uri: str, place: Layout) -> list[Step]:
             timeout=120,
             after=(unit,),
         ),
+        *public_route_steps(req, ctx),
     ]
+
+
+# --- `serve --public`: the model at https://<site>/models/<name>/ behind the proxy --------
+
+
+def public_route_steps(req: ServeRequest, ctx: RoleContext | None) -> list[Step]:
+    """The proxy's route to the model (its bearer token from the secret store, generated the
+    first time), reloaded into the proxy; without --public, no route (removed if there was)."""
+    route = layout.proxy_model_route(req.name)
+    if not req.public or ctx is None:
+        fact = F.PathState(route)
+        return [
+            Run(
+                f"no public route to model {req.name}",
+                f"rm -f {route} && {RELOAD_PROXY}",
+                when=lambda c: c[fact] is not None,
+                needs=(fact,),
+            )
+        ]
+    secret = layout.model_token_secret(req.name)
+    token = ctx.secret(secret)
+    text = render(
+        "proxy/model-route.caddy.j2",
+        name=req.name,
+        prefix=public.MODELS_PREFIX,
+        token=token.reveal(),
+        port=req.port,
+    )
+    changed = f"file:{route}"
+    return [
+        *ctx.secret_steps(secret),
+        File(route, text, "root", layout.PROXY_USER, 0o640, secret=True),
+        Run(
+            "reload the proxy's routes",
+            RELOAD_PROXY,
+            when=lambda c: changed in c.changed,
+        ),
+    ]
+
+
+# A reload, not a restart (certificates and open connections stay); refused config: the old
+# one keeps serving and this fails.
+RELOAD_PROXY = (
+    f"{{ ! systemctl -q is-active {layout.PROXY_UNIT} || systemctl reload {layout.PROXY_UNIT}; }}"
+)
 
 
 @dataclass
@@ -159,7 +209,12 @@ def serve(host: Host, host_vars: HostVars, req: ServeRequest) -> ServeResult:
     require_provisioned(host, place)
     model = resolve_model(host, place, req.model_ref)
     check_port(host, req.name, req.port)
-    role = Role("serve", lambda ctx: serve_steps(req, model["uri"], place))
+    if req.public and not public.is_public(host_vars):
+        raise ActionError(
+            f"--public needs the HTTPS proxy on {host.name}: set mlflow: {{public: true}} (or "
+            "jupyter: {public: true}) in the inventory and run invoke provision"
+        )
+    role = Role("serve", lambda ctx: serve_steps(req, model["uri"], place, ctx))
     recap = converge_host(HostJob(host, [role], host_vars), Options(), Reporter(io.StringIO()))
     failure = recap.failure()
     if failure:
@@ -182,7 +237,9 @@ def stop(host: Host, name: str) -> bool:
         raise ActionError(f"--name {name!r}: use lower-case letters, digits, - and _")
     unit = model_unit(name)
     env = model_env_file(name)
+    route = layout.proxy_model_route(name)
     script = (
+        f"if [ -f {route} ]; then rm -f {route} && {RELOAD_PROXY}; fi; "
         f"if [ -f {env} ] || systemctl -q is-active {unit}; then "
         f"systemctl disable --now {unit} 2>/dev/null; rm -f {env}; echo stopped; "
         "fi"
@@ -197,4 +254,16 @@ def curl_example(port: int) -> str:
     return (
         f"curl -s http://127.0.0.1:{port}/invocations -H 'Content-Type: application/json' "
         f"-d '{payload}'"
+    )
+
+
+def public_curl_example(url: str, cafile: str | None) -> str:
+    """The curl for a public model: TLS verified (the pinned CA), the token from $TOKEN."""
+    from mlflow_stack.actions.predict import SAMPLE_WINE, dataframe_split
+
+    payload = json.dumps(dataframe_split([SAMPLE_WINE]))
+    cacert = f"--cacert {cafile} " if cafile else ""
+    return (
+        f'curl -s {cacert}{url} -H "Authorization: Bearer $TOKEN" '
+        f"-H 'Content-Type: application/json' -d '{payload}'"
     )
