@@ -70,6 +70,8 @@ def site_address(site: public.Site) -> str:
 
 def caddyfile(site: public.Site, host_vars) -> str:
     hv = host_vars
+    # tests only (vars `test:`): short-lived certificates, checked often, to see renewals
+    test = hv.test if isinstance(hv.test, dict) else {}
     return render(
         "proxy/Caddyfile.j2",
         admin_socket=layout.PROXY_ADMIN_SOCKET,
@@ -89,6 +91,8 @@ def caddyfile(site: public.Site, host_vars) -> str:
         mlflow=hv.mlflow.public,
         mlflow_port=hv.mlflow.port,
         site_address=site_address(site),
+        leaf_lifetime=test.get("proxy_leaf_lifetime", ""),
+        renew_interval=test.get("proxy_renew_interval", ""),
     )
 
 
