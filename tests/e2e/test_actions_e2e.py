@@ -287,7 +287,11 @@ def test_killed_services_come_back(stack, trained, unit):
 
 
 def test_public_mlflow_needs_credentials_and_keeps_its_secrets(stack, tmp_path):
+    """Public MLflow is behind the HTTPS proxy (tests/e2e/test_public_https_e2e.py has the
+    rest): 401 without credentials, 200 with, TLS verified with the pinned CA; the secrets
+    stay out of output, argv and the journal."""
     import base64
+    import ssl
     import urllib.error
 
     info = stack.info
@@ -297,24 +301,37 @@ def test_public_mlflow_needs_credentials_and_keeps_its_secrets(stack, tmp_path):
     try:
         code, _, proc = provision_json(public)
         assert code == 0, proc.stderr
-        assert "0.0.0.0:5000" in sh(h, "ss -Hltn")
-        url = f"http://{info.address}:5000{search}"  # from outside, on its network address
+        listening = sh(h, "ss -Hltn")
+        assert "127.0.0.1:5000" in listening and "0.0.0.0:5000" not in listening
+        urls = ok(invoke("urls", "--inventory", str(public)))
+        assert f"MLflow   https://{info.address}/" in urls and "user admin" in urls
+        pin = re.search(r"pinned at (\S+)", urls).group(1)
+        context = ssl.create_default_context(cafile=pin)
+        url = f"https://{info.address}{search}"  # from outside, on its network address
         with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(url, timeout=10)
+            urllib.request.urlopen(url, timeout=10, context=context)
         assert refused.value.code == 401
         password = sh(h, "cat /etc/mlflow-stack/secrets/mlflow_admin_password").strip()
         flask_key = sh(h, "cat /etc/mlflow-stack/secrets/mlflow_flask_secret_key").strip()
+        workload = sh(h, "cat /etc/mlflow-stack/secrets/mlflow_workload_password").strip()
         auth = base64.b64encode(f"admin:{password}".encode()).decode()
         request = urllib.request.Request(url, headers={"Authorization": f"Basic {auth}"})
-        assert urllib.request.urlopen(request, timeout=10).status == 200
-        urls = ok(invoke("urls", "--inventory", str(public)))
-        assert f"MLflow   http://{info.address}:5000/" in urls and "user admin" in urls
-        for secret in (password, flask_key):
+        assert urllib.request.urlopen(request, timeout=10, context=context).status == 200
+        for secret in (password, flask_key, workload):
             assert secret not in proc.stdout + proc.stderr + urls
             assert secret not in sh(h, "ps -eo args")
             assert secret not in sh(h, "journalctl --no-pager -q")
-        modes = sh(h, "stat -c '%a %U:%G' /etc/mlflow/basic_auth.ini /etc/mlflow/mlflow.env")
-        assert modes.split("\n")[:2] == ["640 root:mlflow", "640 root:mlflow"]
+        modes = sh(
+            h,
+            "stat -c '%a %U:%G' /etc/mlflow/basic_auth.ini /etc/mlflow/mlflow.env "
+            "/etc/mlflow/admin.env /etc/mlflow-stack/mlflow-client.env",
+        )
+        assert modes.split("\n")[:4] == [
+            "640 root:mlflow",
+            "640 root:mlflow",
+            "640 root:mlflow",
+            "600 root:root",
+        ]
     finally:
         code, _, proc = provision_json(stack.inv)  # back to loopback only
         h.close()
