@@ -59,15 +59,18 @@ def pin_path(host_name: str, site: public.Site) -> Path:
     return cache_dir("pins") / f"{safe}.pem"
 
 
-def write_pin(path: Path, pem: str) -> None:
-    """The pin file (0644 in a 0700 directory), replaced atomically when it changed."""
+def write_pin(path: Path, pem: str) -> bool:
+    """The pin file (0644 in a 0700 directory), replaced atomically when it changed; whether
+    it replaced a different one (the host's CA changed: browsers must import it again)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.exists() and path.read_text() == pem:
-        return
+    old = path.read_text() if path.exists() else None
+    if old == pem:
+        return False
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(pem)
     tmp.chmod(0o644)
     os.replace(tmp, path)
+    return old is not None
 
 
 def fingerprint(pem: str) -> str:
@@ -108,6 +111,7 @@ class Outside:
     address: str
     cafile: str | None
     timeout: float = 15.0
+    repinned: bool = False  # the host's CA differs from the one pinned here before
     _context: ssl.SSLContext | None = field(default=None, repr=False)
 
     def context(self) -> ssl.SSLContext:
@@ -149,7 +153,16 @@ class Outside:
         conn = http.client.HTTPSConnection(
             self.site.name, self.site.https_port, timeout=self.timeout, context=self.context()
         )
-        conn.sock = self.tls_socket()
+        trusted = f"the pin {self.cafile}" if self.cafile else "the system's roots"
+        try:
+            conn.sock = self.tls_socket()
+        except ssl.SSLCertVerificationError as exc:
+            raise ActionError(
+                f"{self.site.url}: the certificate does not verify against {trusted} "
+                f"({exc.verify_message}); invoke status says more"
+            ) from None
+        except (ssl.SSLError, OSError) as exc:
+            raise ActionError(f"{self.site.url}: no TLS connection ({exc})") from None
         headers = {"Host": host_header or self.site.authority, "Accept": "application/json"}
         if auth is not None:
             token = base64.b64encode(f"{auth[0]}:{auth[1].reveal()}".encode()).decode()
@@ -166,6 +179,8 @@ class Outside:
             conn.request(method, path, body=data, headers=headers)
             answer = conn.getresponse()
             return Answer(answer.status, dict(answer.getheaders()), answer.read())
+        except (OSError, http.client.HTTPException) as exc:
+            raise ActionError(f"{method} {self.site.url}{path.lstrip('/')}: {exc}") from None
         finally:
             conn.close()
 
@@ -180,6 +195,8 @@ class Outside:
             conn.request("GET", path, headers={"Host": http_host})
             answer = conn.getresponse()
             return Answer(answer.status, dict(answer.getheaders()), answer.read())
+        except (OSError, http.client.HTTPException) as exc:
+            raise ActionError(f"http://{http_host}{path}: {exc}") from None
         finally:
             conn.close()
 
@@ -192,7 +209,7 @@ def outside(
     site = public.site(host_vars, address)
     fact = pin_fact(site)
     values = probe(host, [*([fact] if fact else []), *extra])
-    cafile = None
+    cafile, repinned = None, False
     if fact is not None:
         result: F.ShellResult = values[fact.key]
         if not result.ok or "BEGIN CERTIFICATE" not in result.output:
@@ -201,9 +218,9 @@ def outside(
                 f"run: invoke provision --host {host.name}"
             )
         path = pin_path(host.name, site)
-        write_pin(path, result.output)
+        repinned = write_pin(path, result.output)
         cafile = str(path)
-    return Outside(site, address, cafile), values
+    return Outside(site, address, cafile, repinned=repinned), values
 
 
 def trust_lines(client: Outside) -> list[str]:
@@ -218,8 +235,14 @@ def trust_lines(client: Outside) -> list[str]:
         if site.tls == "internal"
         else "the private ACME CA's roots"
     )
+    changed = (
+        ["         (it changed since it was last pinned here: import it again in browsers)"]
+        if client.repinned
+        else []
+    )
     return [
         f"TLS      certificate from {what}, pinned at {client.cafile}",
+        *changed,
         f"         SHA-256 {fingerprint(pem)}",
         f"         curl --cacert {client.cafile} {site.url}health",
         "         to trust it in a browser, import that file as a certificate authority:",

@@ -17,6 +17,7 @@ from mlflow_stack.actions.serve import ServeRequest, serve_steps
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
 from mlflow_stack.engine.steps import PlanContext, Run, Service, StepError
+from mlflow_stack.secrets import Secret
 from mlflow_stack.vars import validate
 from roles import jupyter, mlflow_auth, proxy
 from tests.unit.test_facts import DEBIAN_12
@@ -364,3 +365,74 @@ def test_passwords_come_on_stdin_or_are_generated():
 def test_user_names_are_checked(name):
     with pytest.raises(ActionError):
         users.check_username(name, "add")
+
+
+def test_a_changed_host_ca_is_noticed_when_pinned_again(tmp_path):
+    pin = tmp_path / "pins" / "h.pem"
+    assert site.write_pin(pin, "A") is False  # first pin
+    assert site.write_pin(pin, "A") is False and pin.read_text() == "A"
+    assert site.write_pin(pin, "B") is True and pin.read_text() == "B"
+    assert oct(pin.stat().st_mode & 0o777) == "0o644"
+    assert oct(pin.parent.stat().st_mode & 0o777) == "0o700"
+
+
+def make_ca(directory, name: str) -> tuple[str, str]:
+    import subprocess
+
+    key, cert = directory / f"{name}.key", directory / f"{name}.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-days", "2", "-subj", f"/CN={name}", "-keyout", key, "-out", cert,
+         "-addext", "basicConstraints=critical,CA:TRUE"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return str(key), str(cert)
+
+
+def serve_https_once(directory) -> tuple[int, str]:
+    """A one-request HTTPS server on 127.0.0.1 (a leaf for IP 127.0.0.1 from its own CA);
+    (port, that CA's file)."""
+    import socket
+    import ssl
+    import subprocess
+    import threading
+
+    ca_key, ca = make_ca(directory, "server-ca")
+    key, csr, cert = (directory / n for n in ("leaf.key", "leaf.csr", "leaf.pem"))
+    subprocess.run(
+        ["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-subj", "/CN=leaf", "-keyout", key, "-out", csr], check=True, capture_output=True,
+    )  # fmt: skip
+    (directory / "ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    subprocess.run(
+        ["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-days", "1", "-extfile", directory / "ext", "-out", cert],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert), str(key))
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer():
+        for _ in range(2):
+            conn, _ = listener.accept()
+            try:
+                with context.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(65536)
+                    tls.sendall(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
+            except (ssl.SSLError, OSError):
+                pass
+
+    threading.Thread(target=answer, daemon=True).start()
+    return listener.getsockname()[1], ca
+
+
+def test_requests_verify_tls_against_the_pin_before_sending_anything(tmp_path):
+    port, server_ca = serve_https_once(tmp_path)
+    _, other_ca = make_ca(tmp_path, "other-ca")
+    where = public.Site("127.0.0.1", "internal", https_port=port)
+    stranger = site.Outside(where, "127.0.0.1", other_ca)
+    with pytest.raises(ActionError, match="does not verify against the pin"):
+        stranger.request("GET", "/x", auth=("admin", Secret("not-sent-at-all")))
+    pinned = site.Outside(where, "127.0.0.1", server_ca)
+    assert pinned.request("GET", "/x").status == 401
