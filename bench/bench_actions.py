@@ -3,6 +3,12 @@ start until /ping, and serving throughput (one-row requests, concurrency 8) of o
 plain `mlflow models serve -m …` with its defaults, in the same run.
 
     .venv/bin/python bench/bench_actions.py [--runs 3] [--requests 2000] [--keep]
+
+With --proxy: the host public (MLflow behind the HTTPS proxy), the model served with
+`invoke serve --public`, and the same load through the proxy (HTTPS, keep-alive, TLS verified
+against the host's CA, bearer token) and directly on the model's port, alternating.
+
+    .venv/bin/python bench/bench_actions.py --proxy [--runs 5] [--requests 3000]
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import time
 from pathlib import Path
 
 from loadgen import load
-from stack import NAME, PORTS, SLOT, SSH_PORT, invoke, median_range, provision
+from stack import NAME, PORTS, PROXY_PORTS, SLOT, SSH_PORT, invoke, median_range, provision
 from stack import inventory as make_inventory
 
 from mlflow_stack import sandbox
@@ -84,6 +90,71 @@ def median(values) -> float:
     return statistics.median(list(values))
 
 
+def summary(label: str, rs: list[dict]) -> str:
+    rps = [r["rps"] for r in rs]
+    return (
+        f"serving {label:<34} {median(rps):7.1f} req/s ({min(rps):.0f}-{max(rps):.0f})  "
+        f"p50 {median(r['p50_ms'] for r in rs):6.1f} ms  "
+        f"p99 {median(r['p99_ms'] for r in rs):6.1f} ms  "
+        f"loadgen CPU {median(r['loadgen_cpu_ms'] for r in rs):4.2f} ms/req  "
+        f"errors {sum(r['errors'] for r in rs)}"
+    )
+
+
+def proxy_bench(info, inv: str, args) -> None:
+    """The same load directly on the model's port and through the HTTPS proxy, alternating."""
+    import ssl
+
+    _, run_id = train_runs(inv, 1)
+    must(invoke("serve", "--stop", "--name", "bench", "--inventory", inv))
+    must(
+        invoke("serve", "--run", run_id, "--name", "bench", "--port", str(OUR_PORT), "--public",
+               *(["--workers", str(args.workers)] if args.workers else []), "--inventory", inv)
+    )  # fmt: skip
+    token = sandbox.run(info, "sudo cat /etc/mlflow-stack/secrets/model_bench_token").stdout
+    pin = sandbox.run(info, "sudo cat /etc/mlflow-proxy/ca/root.crt").stdout
+    tls = ssl.create_default_context(cadata=pin)  # the host's CA: TLS verified, as a client
+    body = dataframe_split([SAMPLE_WINE])
+    results: dict[str, list[dict]] = {"direct": [], "proxy": []}
+    model, proxy = "mlflow-model@bench", "mlflow-proxy"
+
+    def measured(run) -> dict:
+        """`run()`'s figures, with the model server's and the proxy's CPU per request."""
+        before = unit_cpu(info, model), unit_cpu(info, proxy)
+        r = run()
+        r["server_cpu_ms"] = (unit_cpu(info, model) - before[0]) / args.requests * 1e3
+        r["proxy_cpu_ms"] = (unit_cpu(info, proxy) - before[1]) / args.requests * 1e3
+        return r
+
+    for _ in range(args.runs):
+        results["direct"].append(measured(lambda: load(OUR_PORT, body, args.requests)))
+        results["proxy"].append(
+            measured(
+                lambda: load(
+                    PROXY_PORTS["https"],
+                    body,
+                    args.requests,
+                    path="/models/bench/invocations",
+                    tls=tls,
+                    headers={"Authorization": f"Bearer {token.strip()}"},
+                )
+            )
+        )
+    for label, key in (("direct (http, model port)", "direct"),
+                       ("through the proxy (https, bearer)", "proxy")):  # fmt: skip
+        rs = results[key]
+        print(
+            summary(label, rs) + f"  model CPU {median(r['server_cpu_ms'] for r in rs):.2f} "
+            f"ms/req  proxy CPU {median(r['proxy_cpu_ms'] for r in rs):.2f} ms/req"
+        )
+    ratios = [p["rps"] / d["rps"] for d, p in zip(results["direct"], results["proxy"], strict=True)]
+    print(
+        f"throughput ratio proxy/direct: {median(ratios):.2f}x "
+        f"(per round {', '.join(f'{x:.2f}' for x in ratios)})  "
+        "(goal >= 0.8x with p99 <= 50 ms through the proxy)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -91,13 +162,17 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--workers", type=int, help="`invoke serve --workers` (default: its own)")
     parser.add_argument("--serve-only", action="store_true", help="train once, untimed")
+    parser.add_argument("--proxy", action="store_true", help="direct vs through the HTTPS proxy")
     args = parser.parse_args()
     name = NAME
     info = sandbox.load(name) or sandbox.up(name, SSH_PORT, network="host")
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            inv = str(make_inventory(Path(tmp), name))
+            inv = str(make_inventory(Path(tmp), name, public=args.proxy))
             provision(Path(inv))
+            if args.proxy:
+                proxy_bench(info, inv, args)
+                return
             walls, run_id = train_runs(inv, 1 if args.serve_only else args.runs)
             if not args.serve_only:
                 print(f"invoke train, end to end: {median_range(walls)}  (goal <= 5 s)")

@@ -18,17 +18,28 @@ sys.path.insert(0, str(REPO))
 SLOT = int(os.environ.get("BENCH_SLOT", "0"))
 PORTS = {"mlflow": 25000 + 10 * SLOT, "jupyter": 28888 + 10 * SLOT, "mysql": 23306 + 10 * SLOT}
 SSH_PORT = 2290 + SLOT
+# the HTTPS proxy of a public bench host (the host's network is this machine's: not 443/80)
+PROXY_PORTS = {"https": 25443 + 10 * SLOT, "http": 25080 + 10 * SLOT}
 NAME = "bench" if SLOT == 0 else f"bench{SLOT}"
 
 
-def inventory(directory: Path, sandbox_name: str) -> Path:
+def inventory(directory: Path, sandbox_name: str, public: bool = False) -> Path:
+    """The bench host; `public`: MLflow behind the HTTPS proxy, on PROXY_PORTS."""
+    mlflow = (
+        f"{{port: {PORTS['mlflow']}, public: true}}" if public else f"{{port: {PORTS['mlflow']}}}"
+    )
     text = (
         f"groups:\n  server:\n    hosts: [bench]\nhosts:\n  bench:\n    sandbox: {sandbox_name}\n"
         "    vars:\n"
-        f"      mlflow: {{port: {PORTS['mlflow']}}}\n"
+        f"      mlflow: {mlflow}\n"
         f"      jupyter: {{port: {PORTS['jupyter']}}}\n"
         f"      mysql: {{port: {PORTS['mysql']}}}\n"
     )
+    if public:
+        text += (
+            f"      public: {{https_port: {PROXY_PORTS['https']}, "
+            f"http_port: {PROXY_PORTS['http']}}}\n"
+        )
     path = directory / "inventory.yaml"
     path.write_text(text)
     return path
