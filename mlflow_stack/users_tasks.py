@@ -95,10 +95,12 @@ def grant(c, username, experiment=None, model=None, permission="EDIT", host=None
     from mlflow_stack.actions import users as accounts
 
     name = _user(username, "grant")
+    with cli.reporting(code=2):
+        permission = accounts.check_grant(experiment, model, permission)
     with cli.on_host(host, inventory) as (resolved, h):
         admin = accounts.connect(h, resolved)
         what = accounts.grant(admin, name, experiment, model, permission)
-    _done(admin, f"granted {name} {permission.upper()} on {what}")
+    _done(admin, f"granted {name} {permission} on {what}")
 
 
 @task(

@@ -204,15 +204,21 @@ def experiment_id(admin: Admin, experiment: str) -> str:
     return answer.json()["experiment"]["experiment_id"]
 
 
-def grant(
-    admin: Admin, name: str, experiment: str | None, model: str | None, permission: str
-) -> str:
-    """Grant `permission` on an experiment (name or id) or a registered model; what it was."""
+def check_grant(experiment: str | None, model: str | None, permission: str) -> str:
+    """The permission, upper-cased, once the flags make one grant; else ActionError."""
     permission = permission.upper()
     if permission not in PERMISSIONS:
         raise ActionError(f"--permission {permission}: one of {', '.join(PERMISSIONS)}")
     if bool(experiment) == bool(model):
         raise ActionError("give exactly one of --experiment NAME|ID or --model NAME")
+    return permission
+
+
+def grant(
+    admin: Admin, name: str, experiment: str | None, model: str | None, permission: str
+) -> str:
+    """Grant `permission` on an experiment (name or id) or a registered model; what it was."""
+    permission = check_grant(experiment, model, permission)
     if experiment:
         kind, resource = "experiment", experiment_id(admin, experiment)
     else:

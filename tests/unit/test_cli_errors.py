@@ -22,7 +22,9 @@ def run(tmp_path: Path, inventory_text: str | None, *args: str):
         inv = tmp_path / "inventory.yaml"
         inv.write_text(inventory_text)
         cmd += ["--inventory", str(inv)]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+    )
 
 
 CASES = [
@@ -79,6 +81,20 @@ CASES = [
         GOOD,
         ["serve", "--run", "x", "--port", "80"],
         "--port 80: must be 1024 to 65535",
+    ),
+    ("user name with a space", GOOD, ["users.add", "a b"], "user name 'a b': letters, digits"),
+    ("no password on stdin", GOOD, ["users.add", "alice"], "no password on stdin"),
+    (
+        "unknown permission",
+        GOOD,
+        ["users.grant", "alice", "--experiment", "wine", "--permission", "OWN"],
+        "--permission OWN: one of READ, USE, EDIT, MANAGE, NO_PERMISSIONS",
+    ),
+    (
+        "grant on two things",
+        GOOD,
+        ["users.grant", "alice", "--experiment", "wine", "--model", "m"],
+        "give exactly one of --experiment NAME|ID or --model NAME",
     ),
 ]
 
