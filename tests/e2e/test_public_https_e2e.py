@@ -152,8 +152,18 @@ def test_only_the_proxy_and_ssh_face_the_network(stack, ip_site):
         constraint = sh(
             h, "openssl x509 -in /etc/mlflow-proxy/ca/root.crt -noout -ext nameConstraints"
         )
+        # the demo account (a Jupyter user's) cannot reconfigure the proxy or read the logins
+        as_demo = (
+            "runuser -u demo -- curl -s -o /dev/null -w '%{http_code}' "
+            '--unix-socket /run/mlflow-proxy/admin.sock http://admin/config/; echo " $?"; '
+            "curl -s -o /dev/null -m 3 http://127.0.0.1:2019/config/; echo $?; "
+            "runuser -u demo -- cat /etc/mlflow-stack/mlflow-client.env /etc/mlflow/admin.env "
+            "/etc/mlflow-proxy/ca/root.key >/dev/null 2>&1; echo $?"
+        )
+        refused = sh(h, as_demo).split()
     finally:
         h.close()
+    assert refused == ["000", "7", "7", "1"], refused  # no socket access, no :2019, no files
     exposed = set()
     for line in filter(None, listening):
         address, _, port = line.split()[3].rpartition(":")
