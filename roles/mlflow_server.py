@@ -129,12 +129,23 @@ def needs_migration(version: str) -> bool:
 
 
 def allowed_hosts(ctx: RoleContext) -> list[str]:
+    """The Host headers MLflow answers (else 403). Unset, MLflow allows loopback and the
+    private ranges (its tuning workers too); opened to the network, the host's names, and
+    loopback on any port (`invoke tunnel`'s local ports)."""
     mv = ctx.vars.mlflow
     if not mv.public:
         return list(mv.allowed_hosts)
     names = mv.allowed_hosts or [n for n in (ctx.address, ctx.host) if n]
-    names = [*names, "localhost", "127.0.0.1"]
-    return list(dict.fromkeys(h for n in names for h in (n, f"{n}:{mv.port}")))
+    named = [h for n in names for h in (n, f"{n}:{mv.port}")]
+    return list(dict.fromkeys([*named, "localhost", "localhost:*", "127.0.0.1", "127.0.0.1:*"]))
+
+
+def listen_on(ctx: RoleContext) -> list[str]:
+    """Loopback; every address when public; and the private address its tuning workers
+    reach it at (they record their trial runs through its REST API)."""
+    if ctx.vars.mlflow.public:
+        return ["0.0.0.0"]
+    return ["127.0.0.1", *([ctx.private_address] if ctx.workers else [])]
 
 
 def recorder_steps(env_prefix: str) -> list[Step]:
@@ -214,9 +225,10 @@ def build(ctx: RoleContext) -> list[Step]:
         launcher=layout.MLFLOW_LAUNCHER,
         env_file=MLFLOW_ENV_FILE,
         env_prefix=env_prefix,
-        bind="0.0.0.0" if mv.public else "127.0.0.1",
+        binds=listen_on(ctx),
+        workers=ctx.workers,
         port=mv.port,
-        workers=mv.workers,
+        uvicorn_workers=mv.workers,
         artifacts=MLFLOW_ARTIFACTS,
         allowed_hosts=allowed_hosts(ctx),
         public=mv.public,
