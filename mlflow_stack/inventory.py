@@ -38,6 +38,9 @@ class _Strict(BaseModel):
 
 class HostEntry(_Strict):
     address: str | None = None
+    # the address the other hosts reach it at, when not `address` (e.g. an EC2 host reached
+    # over SSH on its public IP talks to its workers on the VPC's private one)
+    private_address: str | None = None
     port: int | None = Field(default=None, ge=1, le=65535)
     user: str | None = None
     key: Path | None = None
@@ -192,6 +195,14 @@ class Inventory:
         except ValidationError as exc:
             raise InventoryError(validation_message(self.path, self.text, exc, prefix)) from None
 
+    def workers_of(self, name: str) -> tuple[str, ...]:
+        """For a host of the `server` group, the addresses its tuning workers reach it from
+        (the `workers` group's hosts, but itself); () for any other host."""
+        if "server" not in self.groups_of(name) or "workers" not in self.model.groups:
+            return ()
+        members = [w for w in self.model.groups["workers"].hosts if w != name]
+        return tuple(dict.fromkeys(_peer_address(self, w) for w in members))
+
     def roles_for(self, name: str, entry: HostEntry | None) -> tuple[str, ...]:
         if entry is not None and entry.roles is not None:
             return tuple(entry.roles)
@@ -201,6 +212,14 @@ class Inventory:
         if "workers" in groups and "server" not in groups:
             return WORKER_ROLES
         return ROLES
+
+
+def _peer_address(inv: Inventory, name: str) -> str:
+    """How the other hosts reach inventory host `name` (its private address, else its own)."""
+    entry = inv.model.hosts[name]
+    if entry.private_address:
+        return entry.private_address
+    return _entry_target(inv, name, entry).address
 
 
 def default_host_spec(inv: Inventory) -> str:
@@ -292,13 +311,16 @@ def _resolve_one(part: str, inv: Inventory, ssh_config: Path) -> list[ResolvedHo
         return [h for member in m.groups[part].hosts for h in _resolve_one(member, inv, ssh_config)]
     if part in m.hosts:
         entry = m.hosts[part]
+        target = _entry_target(inv, part, entry)
         return [
             ResolvedHost(
                 part,
-                _entry_target(inv, part, entry),
+                target,
                 inv.roles_for(part, entry),
                 inv.vars_for(part),
                 inv.groups_of(part),
+                entry.private_address or "",
+                inv.workers_of(part),
             )
         ]
     adhoc_roles = inv.roles_for(part, None)

@@ -74,6 +74,8 @@ def _host(item: dict[str, Any], sections: list[str]) -> ResolvedHost:
         tuple(item["roles"]),
         HostVars(item["vars"], tuple(sections)),
         tuple(item["groups"]),
+        str(item.get("private_address", "")),
+        tuple(item.get("workers", ())),
     )
 
 
@@ -95,6 +97,13 @@ def store(
     with contextlib.suppress(OSError):
         if path.read_bytes() != text or not cacheable(effective, inv):
             return
+    workers = inv.model.groups.get("workers")
+    if (
+        any(h.workers for h in hosts)
+        and workers
+        and any(inv.model.hosts[w].sandbox for w in workers.hosts)
+    ):
+        return  # a worker sandbox's address is read live, like the host's own
     items = []
     for h in hosts:
         entry = inv.model.hosts[h.name]
@@ -111,6 +120,8 @@ def store(
                 "name": h.name,
                 "roles": list(h.roles),
                 "groups": list(h.groups),
+                "private_address": h.private_address,
+                "workers": list(h.workers),
                 "vars": dump,
                 **reach,
             }

@@ -80,6 +80,11 @@ RECORDER_UNIT = "mlflow-recorder.service"
 DATABASES = ("mlflow", "optuna")  # MLflow's tracking store, Optuna's shared studies
 DB_USER = "mlflow"  # the tracking server's account: database `mlflow` only
 TUNING_DB_USER = "optuna"  # the tuning processes' account: database `optuna` only
+# TLS for the tuning workers' connections from other hosts: a CA and a server certificate
+# made on the server; the workers get the CA (and check the server's address against it).
+DB_TLS_DIR = "/etc/mysql/mlflow-stack-tls"
+DB_CA = f"{DB_TLS_DIR}/ca.pem"
+DB_CA_ON_WORKERS = "/etc/mlflow-stack/db-ca.pem"
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,14 @@ def provision(
     ]
     try:
         jobs = [
-            HostJob(link, catalog(roles or h.roles), h.vars, prefetch)
+            HostJob(
+                link,
+                catalog(roles or h.roles),
+                h.vars,
+                prefetch,
+                private_address=h.peer_address,
+                workers=h.workers,
+            )
             for link, h, prefetch in zip(links, hosts, prefetches, strict=True)
         ]
         return converge(jobs, options or Options(), reporter)

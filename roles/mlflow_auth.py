@@ -54,11 +54,11 @@ def cors_origins(ctx: RoleContext) -> list[str]:
 
 
 def allowed_hosts(ctx: RoleContext) -> list[str]:
-    """Host headers MLflow answers: the public site's, extra names, and loopback (the host's
-    own clients and the proxy's health checks)."""
+    """Host headers MLflow answers: the public site's, extra names, and loopback on any port
+    (the host's own clients, and `invoke tunnel`'s local ports)."""
     mv = ctx.vars.mlflow
     site = public.site(ctx.vars, ctx.address)
-    local = [h for n in ("localhost", "127.0.0.1") for h in (n, f"{n}:{mv.port}")]
+    local = ["localhost", "localhost:*", "127.0.0.1", "127.0.0.1:*"]
     return list(dict.fromkeys([*site.host_headers, *mv.allowed_hosts, *local]))
 
 

@@ -129,10 +129,20 @@ def needs_migration(version: str) -> bool:
 
 
 def allowed_hosts(ctx: RoleContext) -> list[str]:
+    """The Host headers MLflow answers (else 403). Unset, MLflow allows loopback and the
+    private ranges (its tuning workers too); opened to the network, the host's names, and
+    loopback on any port (`invoke tunnel`'s local ports)."""
     mv = ctx.vars.mlflow
     if not mv.public:
         return list(mv.allowed_hosts)
     return mlflow_auth.allowed_hosts(ctx)  # public: the proxy's site name(s) and loopback
+
+
+def listen_on(ctx: RoleContext) -> list[str]:
+    """Loopback (public or not: the proxy is what the network reaches), and the private
+    address its tuning workers reach it at (they record their trial runs through its REST
+    API)."""
+    return ["127.0.0.1", *([ctx.private_address] if ctx.workers else [])]
 
 
 def recorder_steps(env_prefix: str) -> list[Step]:
@@ -193,9 +203,10 @@ def build(ctx: RoleContext) -> list[Step]:
         launcher=layout.MLFLOW_LAUNCHER,
         env_file=MLFLOW_ENV_FILE,
         env_prefix=env_prefix,
-        bind="127.0.0.1",  # public or not: the proxy is what the network reaches
+        binds=listen_on(ctx),
+        workers=ctx.workers,
         port=mv.port,
-        workers=mv.workers,
+        uvicorn_workers=mv.workers,
         artifacts=MLFLOW_ARTIFACTS,
         allowed_hosts=allowed_hosts(ctx),
         cors_origins=mlflow_auth.cors_origins(ctx) if mv.public else [],

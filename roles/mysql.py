@@ -20,9 +20,12 @@ from mlflow_stack.engine.steps import (
     File,
     MaskedUnit,
     PlanContext,
+    Run,
     Schedule,
     Service,
     Step,
+    q,
+    root_only,
 )
 from mlflow_stack.engine.templating import render
 from mlflow_stack.layout import DATABASES, DB_USER, TUNING_DB_USER, DbServer
@@ -57,7 +60,7 @@ def account(user: str, host: str) -> str:
 # --- state of the database server ------------------------------------------------------
 
 STATE_QUERY = (
-    "SELECT 'user', User, Host, IFNULL(authentication_string, '') FROM mysql.user; "
+    "SELECT 'user', User, Host, IFNULL(authentication_string, ''), ssl_type FROM mysql.user; "
     "SELECT 'db', schema_name, default_character_set_name, default_collation_name "
     "FROM information_schema.schemata; "
     "SELECT 'dbpriv', grantee, table_schema, privilege_type "
@@ -72,6 +75,7 @@ class DbState:
     """Users, databases and privileges as the server reports them."""
 
     users: dict[tuple[str, str], str] = field(default_factory=dict)  # (user, host) → auth
+    tls: set[tuple[str, str]] = field(default_factory=set)  # accounts that must use TLS
     databases: dict[str, tuple[str, str]] = field(default_factory=dict)  # name → (cs, coll)
     db_privileges: dict[tuple[str, str], set[str]] = field(default_factory=dict)
     global_privileges: dict[str, set[str]] = field(default_factory=dict)  # grantee → privs
@@ -87,8 +91,10 @@ def parse_state(output: str) -> DbState:
     for line in output.splitlines():
         row = line.split("\t")
         kind = row[0]
-        if kind == "user" and len(row) == 4:
+        if kind == "user" and len(row) in (4, 5):
             state.users[(row[1], row[2])] = row[3]
+            if len(row) == 5 and row[4] not in ("", "NONE"):
+                state.tls.add((row[1], row[2]))
         elif kind == "db" and len(row) == 4:
             state.databases[row[1]] = (row[2], row[3])
         elif kind == "dbpriv" and len(row) == 4:
@@ -113,6 +119,7 @@ class Account:
     password: str
     hosts: tuple[str, ...]
     databases: tuple[str, ...]
+    tls_hosts: tuple[str, ...] = ()  # of `hosts`, those whose connections must use TLS
 
 
 @dataclass(frozen=True)
@@ -167,10 +174,16 @@ def _account_sql(state: DbState, acct: Account, server: DbServer) -> list[tuple[
     for host in acct.hosts:
         who = account(acct.user, host)
         name = f"{acct.user}@{host}"
+        tls = host in acct.tls_hosts
+        require = "REQUIRE SSL" if tls else "REQUIRE NONE"
         if (acct.user, host) not in state.users:
-            out.append((f"create user {name}", f"CREATE USER {who} {identified};"))
-        elif state.users[(acct.user, host)] != digest:
-            out.append((f"set password of {name}", f"ALTER USER {who} {identified};"))
+            out.append((f"create user {name}", f"CREATE USER {who} {identified} {require};"))
+        else:
+            if state.users[(acct.user, host)] != digest:
+                out.append((f"set password of {name}", f"ALTER USER {who} {identified};"))
+            if tls != ((acct.user, host) in state.tls):
+                what = "require TLS of" if tls else "no TLS for"
+                out.append((f"{what} {name}", f"ALTER USER {who} {require};"))
         if not _privileges_ok(state, grantee(acct.user, host), acct.databases):
             out.append(
                 (
@@ -209,26 +222,64 @@ class SecureDatabase(Step):
         return Change(summary, [Cmd("mysql --batch", stdin=sql)], secret=True)
 
 
+def tls_certificate_step(address: str, service: str) -> Run:
+    """A CA and a server certificate for `address`, made on the host (the CA's key never
+    leaves it); made again when the address changed. The tuning workers pin the CA."""
+    d = layout.DB_TLS_DIR
+    fact = F.Shell(
+        "database certificate", f"openssl x509 -in {d}/server-cert.pem -noout -ext subjectAltName"
+    )
+    subject = "/CN=mlflow-stack database"
+    script = (
+        f"{root_only(d)}; set -e; install -d -m 0750 -o root -g mysql {d}; cd {d}; "
+        "[ -s ca.key ] && [ -s ca.pem ] || { "
+        "openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -keyout ca.key -out ca.pem "
+        f"-subj {q(subject + ' CA')} 2>/dev/null; }}; "
+        "openssl req -newkey rsa:2048 -nodes -keyout server-key.pem -out server.csr "
+        f"-subj {q(subject)} 2>/dev/null; "
+        f"printf 'subjectAltName=IP:%s\n' {q(address)} > san.cnf; "
+        "openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 "
+        "-extfile san.cnf -out server-cert.pem 2>/dev/null; rm -f server.csr san.cnf; "
+        "chmod 0600 ca.key; chmod 0644 ca.pem server-cert.pem; "
+        "chown root:mysql server-key.pem; chmod 0640 server-key.pem"
+    )
+    return Run(
+        "database TLS certificate",
+        script,
+        when=lambda c: f"IP Address:{address}" not in c[fact].output,
+        needs=(fact,),
+        notify=(service,),
+    )
+
+
 def build(ctx: RoleContext) -> list[Step]:
     mv = ctx.vars.mysql
     server = layout.db_server(ctx.os)
     password = ctx.secret("db_password", env=PASSWORD_ENV)
     tuning = ctx.secret("db_tuning_password", env=TUNING_PASSWORD_ENV)
     local = ("localhost", "127.0.0.1")
+    remote = tuple(dict.fromkeys((*ctx.workers, *mv.allow_from)))  # over TLS only
     accounts = (
         Account(DB_USER, password.reveal(), local, ("mlflow",)),
-        # tuning processes (the demo account's, workers on other hosts): Optuna's studies only
-        Account(
-            TUNING_DB_USER,
-            tuning.reveal(),
-            tuple(dict.fromkeys((*local, *mv.allow_from))),
-            ("optuna",),
-        ),
+        # tuning processes (the demo account's here, each worker's from its address): Optuna's
+        # studies only
+        Account(TUNING_DB_USER, tuning.reveal(), (*local, *remote), ("optuna",), remote),
     )
-    conf = render("mysql/60-mlflow-stack.cnf.j2", bind_address=mv.bind_address, port=mv.port)
+    # Reached from the workers: on its private address too (never all), with TLS.
+    bind = mv.bind_address
+    if ctx.workers and bind == "127.0.0.1":
+        bind = f"127.0.0.1,{ctx.private_address}"
+    conf = render(
+        "mysql/60-mlflow-stack.cnf.j2",
+        bind_address=bind,
+        port=mv.port,
+        tls_dir=layout.DB_TLS_DIR if remote else "",
+    )
+    tls = [tls_certificate_step(ctx.private_address, server.service)] if remote else []
     return [
         Apt((server.package,), schedule=Schedule.EARLY),  # installs while anaconda runs
         *(MaskedUnit(unit, notify=(server.service,)) for unit in server.sockets),
+        *tls,
         File(server.conf_file, conf, notify=(server.service,)),
         Service(server.service),
         *ctx.secret_steps(

@@ -47,17 +47,37 @@ def split_trials(total: int, slots: int) -> list[int]:
 
 
 def storage_url(password: Secret, db_host: str, port: int) -> Secret:
-    """The shared study's storage, as the tuning account (database `optuna` only)."""
+    """The shared study's storage, as the tuning account (database `optuna` only); from
+    another host over TLS, the server's certificate checked against its pinned CA."""
     user = layout.TUNING_DB_USER
+    tls = "" if db_host == "127.0.0.1" else f"?ssl_ca={layout.DB_CA_ON_WORKERS}"
     return Secret(
-        f"mysql+pymysql://{user}:{quote(password.reveal(), safe='')}@{db_host}:{port}/optuna"
+        f"mysql+pymysql://{user}:{quote(password.reveal(), safe='')}@{db_host}:{port}/optuna{tls}"
     )
 
 
 def reach(server: ResolvedHost, worker: ResolvedHost) -> str:
-    """How a worker reaches the server's services: loopback when they share a machine."""
+    """How a worker reaches the server's services: loopback when they share a machine, else
+    the server's private address."""
     same = worker.target.address == server.target.address
-    return "127.0.0.1" if same else server.target.address
+    return "127.0.0.1" if same else server.peer_address
+
+
+def pin_database_ca(server: Host, workers: list[Host]) -> None:
+    """Give the workers the CA of the server's database certificate (read from the server
+    over SSH, written as root where only root writes): their connections check it."""
+    from mlflow_stack.engine.steps import install_file_script
+
+    ca = server.run(f"cat {layout.DB_CA}")
+    if not ca.ok or "BEGIN CERTIFICATE" not in ca.stdout:
+        raise ActionError(
+            f"{server.name}: no database CA for workers ({layout.DB_CA}); the server has no "
+            f"workers in the inventory: add them to the `workers` group and provision it"
+        )
+    for worker in workers:
+        script = install_file_script(layout.DB_CA_ON_WORKERS, "root", "root", 0o644)
+        worker.check(f"mkdir -p {layout.DB_CA_ON_WORKERS.rsplit('/', 1)[0]} && {script}",
+                     f"the database CA on {worker.name}", stdin=ca.stdout)  # fmt: skip
 
 
 def process_secrets(
@@ -150,6 +170,16 @@ def tune(
     outcome = TuneOutcome(study)
     server_host = connections[server.name]
     password = read_secret(server_host, "db_tuning_password") if shared else None
+    elsewhere = [h for h in hosts if reach(server, h) != "127.0.0.1"]
+    # public mode (issue 17): MLflow wants an account, and workers elsewhere would send the
+    # host's workload login over plain HTTP on the private network: not done (yet)
+    if elsewhere and server.vars.mlflow.public:
+        raise ActionError(
+            "tuning workers on other hosts are not supported while MLflow is public (their "
+            "REST recording would send a login over plain HTTP): tune on the server alone"
+        )
+    if elsewhere:
+        pin_database_ca(server_host, [connections[h.name] for h in elsewhere])
     lock = threading.Lock()
 
     def secrets_for(h: ResolvedHost) -> dict[str, Secret]:

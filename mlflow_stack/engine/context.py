@@ -24,6 +24,8 @@ class RoleContext:
     vars: HostVars
     host_secrets: dict[str, str] = field(default_factory=dict)
     address: str = ""  # how the controller reaches the host (for allowed hosts, URLs)
+    private_address: str = ""  # how the inventory's other hosts reach it
+    workers: tuple[str, ...] = ()  # a server's tuning workers (their private addresses)
     _secrets: dict[str, secrets.Secret] = field(default_factory=dict, repr=False)
 
     def secret(self, name: str, env: str | None = None) -> secrets.Secret:

@@ -73,7 +73,7 @@ def test_fresh_server_gets_secured_and_provisioned():
     assert "DROP DATABASE test;" in sql and "DELETE FROM mysql.db WHERE Db='test'" in sql
     assert "CREATE DATABASE `mlflow` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin;" in sql
     assert "CREATE DATABASE `optuna` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin;" in sql
-    assert "CREATE USER 'mlflow'@'localhost' IDENTIFIED BY 's3cret';" in sql
+    assert "CREATE USER 'mlflow'@'localhost' IDENTIFIED BY 's3cret' REQUIRE NONE;" in sql
     assert "GRANT ALL PRIVILEGES ON `mlflow`.* TO 'mlflow'@'127.0.0.1';" in sql
     assert "*.*" not in sql and "WITH GRANT OPTION" not in sql
     assert statements[-1] == ("flush privileges", "FLUSH PRIVILEGES;")
@@ -305,7 +305,7 @@ def test_public_mlflow_turns_on_auth_behind_the_proxy():
     unit = find(steps, "file /etc/systemd/system/mlflow-server.service").content
     # behind the proxy: loopback only, the site's Host headers and origin, basic auth
     assert "--host 127.0.0.1 " in unit and "--app-name basic-auth" in unit
-    assert "--allowed-hosts 203.0.113.10,203.0.113.10:443,localhost,localhost:5000," in unit
+    assert "--allowed-hosts 203.0.113.10,203.0.113.10:443,localhost,localhost:*,127.0.0.1," in unit
     assert "--cors-allowed-origins https://203.0.113.10" in unit
     assert "IPAddressAllow=localhost" in unit
     assert "EnvironmentFile=-/etc/mlflow/admin.env" in unit
@@ -568,3 +568,54 @@ def test_no_root_step_writes_or_runs_code_where_a_service_account_can_write():
                 script = step.script if isinstance(step.script, str) else ""
                 for area in areas:
                     assert f"PYTHONPYCACHEPREFIX={area}" not in script, f"{name}: {step.label}"
+
+
+def test_a_server_with_workers_opens_its_private_address_to_them_alone_with_tls():
+    ctx = context()
+    ctx.private_address, ctx.workers = "10.77.0.3", ("10.77.0.4", "10.77.0.5")
+    steps = mysql.build(ctx)
+    conf = find(steps, f"file {layout.MARIADB.conf_file}").content
+    assert "bind-address = 127.0.0.1,10.77.0.3\n" in conf  # never 0.0.0.0
+    assert f"ssl_ca = {layout.DB_CA}\n" in conf
+    tls = find(steps, "database TLS certificate")
+    fact = tls.needs[0]
+    made = tls.plan(PlanContext({fact.key: F.ShellResult(1, "")}))
+    assert (
+        "subjectAltName=IP:%s" in made.commands[0].script and "10.77.0.3" in made.commands[0].script
+    )
+    current = F.ShellResult(0, "X509v3 Subject Alternative Name:\n    IP Address:10.77.0.3\n")
+    assert tls.plan(PlanContext({fact.key: current})) is None
+    (db,) = [s for s in steps if isinstance(s, mysql.SecureDatabase)]
+    sql = "\n".join(stmt for _, stmt in mysql.plan_sql(mysql.DbState(), db.wanted))
+    for worker in ctx.workers:
+        assert f"CREATE USER 'optuna'@'{worker}' IDENTIFIED BY " in sql
+        assert f"@'{worker}' IDENTIFIED BY '{db.wanted.accounts[1].password}' REQUIRE SSL;" in sql
+        assert f"`optuna`.* TO 'optuna'@'{worker}'" in sql and f"'mlflow'@'{worker}'" not in sql
+    unit = find(mlflow_server.build(ctx), "file /etc/systemd/system/mlflow-server.service").content
+    assert "--host 127.0.0.1 --host 10.77.0.3 --port 5000" in unit
+    assert "--allowed-hosts" not in unit  # MLflow's default: loopback and private ranges
+    assert "IPAddressAllow=localhost 10.77.0.4 10.77.0.5\n" in unit
+
+
+def test_a_server_without_workers_stays_on_loopback():
+    steps = mysql.build(context())
+    assert "bind-address = 127.0.0.1\n" in find(steps, f"file {layout.MARIADB.conf_file}").content
+    assert not [s for s in steps if s.label == "database TLS certificate"]
+    unit = find(mlflow_server.build(context()), "file /etc/systemd/system/mlflow-server.service")
+    assert "--host 127.0.0.1 --port" in unit.content
+
+
+def test_requiring_tls_of_an_existing_account_is_planned():
+    w = mysql.Wanted(
+        (mysql.Account("optuna", "p" * 16, ("10.0.0.9",), ("optuna",), ("10.0.0.9",)),),
+        layout.MARIADB,
+    )
+    digest = mysql.native_password_hash("p" * 16)
+    rows = f"user\toptuna\t10.0.0.9\t{digest}\t\n" + "\n".join(
+        f"dbpriv\t'optuna'@'10.0.0.9'\toptuna\t{p}" for p in mysql.REQUIRED_PRIVILEGES
+    )
+    dbs = "db\tmlflow\tutf8mb4\tutf8mb4_bin\ndb\toptuna\tutf8mb4\tutf8mb4_bin\n"
+    whats = [what for what, _ in mysql.plan_sql(mysql.parse_state(dbs + rows), w)]
+    assert whats == ["require TLS of optuna@10.0.0.9", "flush privileges"]
+    rows = rows.replace(f"{digest}\t", f"{digest}\tANY", 1)
+    assert mysql.plan_sql(mysql.parse_state(dbs + rows), w) == []

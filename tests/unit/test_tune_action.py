@@ -4,6 +4,8 @@ process ever gets the tracking database's credential."""
 
 from __future__ import annotations
 
+import re
+
 from mlflow_stack.actions import tune
 from mlflow_stack.actions.remote import demo_command, secret_stdin
 from mlflow_stack.engine.host import Target
@@ -34,10 +36,17 @@ def test_shared_studies_use_the_tuning_account_and_workers_log_through_the_serve
     assert on_server["DEMO_WINE_STORAGE"].reveal() == (
         "mysql+pymysql://optuna:p%40ss%2Fword@127.0.0.1:3307/optuna"
     )
-    assert elsewhere["DEMO_WINE_STORAGE"].reveal().endswith("@10.0.0.1:3307/optuna")
+    assert (
+        elsewhere["DEMO_WINE_STORAGE"]
+        .reveal()
+        .endswith(
+            "@10.0.0.1:3307/optuna?ssl_ca=/etc/mlflow-stack/db-ca.pem"  # over TLS, its CA pinned
+        )
+    )
     assert tune.process_env(SERVER, WORKER) == {}  # the server's REST API
-    for env in (on_server, elsewhere):
-        assert "/mlflow" not in str({k: v.reveal() for k, v in env.items()})  # never MLflow's DB
+    for env in (on_server, elsewhere):  # never MLflow's database nor its account
+        assert all(re.match(r"mysql\+pymysql://optuna:[^@]+@[\d.]+:3307/optuna(\?|$)", v.reveal())
+                   for v in env.values())  # fmt: skip
 
 
 def test_secrets_travel_on_stdin_and_never_on_the_command_line():
