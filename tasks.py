@@ -261,20 +261,30 @@ def tune(c, n_trials="100", study=None, hosts=None, group=None, jobs_per_host="1
         "host": "inventory host to run it on (default: sandbox, started if needed)",
         "port": "port of the served champion (default: 54321)",
         "inventory": INVENTORY_HELP,
+        "cpus": "a new sandbox's CPUs, e.g. 1 (the original t2.micro: --cpus 1 --memory 1G)",
+        "memory": "a new sandbox's memory limit, e.g. 1G",
     }
 )
-def demo(c, fresh=False, keep=True, trials="300", host="sandbox", port=54321, inventory=None):
+def demo(c, fresh=False, keep=True, trials="300", host="sandbox", port=54321, inventory=None,
+         cpus=None, memory=None):  # fmt: skip
     """The whole walkthrough on the local sandbox: provision, train, tune, serve, predict, check."""
     from mlflow_stack import demo as walkthrough
 
     with cli.reporting(code=2):
         n = inputs.whole_number(trials, "--trials", 1, 100_000)
         serve_port = inputs.port(port)
+        cpus = inputs.whole_number(cpus, "--cpus", 1, 256) if cpus is not None else None
     inv = cli.load_inventory(inventory)
     try:
         with cli.reporting():
             walkthrough.run_demo(
-                inv, role_catalog, fresh=fresh, trials=n, host_name=host, serve_port=serve_port
+                inv,
+                role_catalog,
+                fresh=fresh,
+                trials=n,
+                host_name=host,
+                serve_port=serve_port,
+                size={"cpus": cpus, "memory": memory},  # memory: checked by the sandbox
             )
     finally:
         if not keep:

@@ -82,9 +82,15 @@ def stop_sandbox(inventory: Inventory, host_name: str) -> str | None:
     return name
 
 
-def ensure_sandbox(name: str | None, fresh: bool, say: Callable[[str], None]) -> None:
-    """Start the sandbox behind the demo host unless it runs (or stop it first if fresh)."""
+def ensure_sandbox(
+    name: str | None, fresh: bool, say: Callable[[str], None], size: dict | None = None
+) -> None:
+    """Start the sandbox behind the demo host unless it runs (or stop it first if fresh);
+    `size` ({cpus, memory}) confines a new one."""
+    size = {k: v for k, v in (size or {}).items() if v}
     if name is None:
+        if size:
+            raise DemoError("--cpus and --memory size a sandbox: this host is not one")
         return
     from mlflow_stack import sandbox
 
@@ -92,9 +98,12 @@ def ensure_sandbox(name: str | None, fresh: bool, say: Callable[[str], None]) ->
         say(f"stopping sandbox {name} (--fresh)")
         sandbox.down(name)
     if sandbox.load(name) is None:
-        say(f"starting sandbox {name} (Debian 12, systemd, on the sandboxes' private network)")
-        info = sandbox.up(name)
+        limits = ", ".join(f"{k} {v}" for k, v in size.items()) or "no limits"
+        say(f"starting sandbox {name} (Debian 12, systemd, private network, {limits})")
+        info = sandbox.up(name, **size)
         say(f"sandbox {name} is up: ssh {info.host_string}")
+    elif size:
+        raise DemoError(f"sandbox {name} is running with its own size: add --fresh to resize it")
     else:
         say(f"sandbox {name} is running")
 
@@ -108,6 +117,7 @@ def run_demo(
     host_name: str = SANDBOX,
     serve_port: int = SERVE_PORT,
     out: TextIO = sys.stdout,
+    size: dict | None = None,
 ) -> Summary:
     summary = Summary()
 
@@ -124,7 +134,7 @@ def run_demo(
         summary.steps[name] = time.monotonic() - started
         return value
 
-    step("sandbox", lambda: ensure_sandbox(sandbox_of(inventory, host_name), fresh, say))
+    step("sandbox", lambda: ensure_sandbox(sandbox_of(inventory, host_name), fresh, say, size))
     (resolved,) = resolve(host_name, inventory)
     place = Layout.of(resolved.vars)
     host = Host(resolved.target)

@@ -43,15 +43,21 @@ class PythonVars(_Section):
 
 
 class MysqlVars(_Section):
+    server: Literal["auto", "mariadb", "mysql"] = "auto"  # auto: MySQL on Ubuntu, else MariaDB
     bind_address: str = "127.0.0.1"
     port: int = Field(default=3306, ge=1, le=65535)
     allow_from: list[str] = Field(default_factory=list)  # extra client hosts for the mlflow user
 
 
+class SizingVars(_Section):
+    # auto: small below 2 GiB of memory (the 1 vCPU / 1 GiB instance), else standard
+    profile: Literal["auto", "small", "standard"] = "auto"
+
+
 class MlflowVars(_Section):
     backend: Literal["mysql", "sqlite"] = "mysql"
     port: int = Field(default=5000, ge=1, le=65535)
-    workers: int = Field(default=1, ge=1, le=64)
+    workers: int | None = Field(default=None, ge=1, le=64)  # None: by the sizing profile
     public: bool = False
     allowed_hosts: list[str] = Field(default_factory=list)
 
@@ -68,8 +74,9 @@ class DemoVars(_Section):
     data_file: str | None = None  # a local file uploaded
     data_sha256: str = Field(default=WINE_SHA256, pattern=r"^[0-9a-f]{64}$")
     # A process with MLflow and scikit-learn imported, from which `invoke train` forks its
-    # runs; off: every run starts Python cold.
-    warm_runner: bool = True
+    # runs. true: always running; false: every run starts Python cold; unset: by the sizing
+    # profile (small: started by the first run, stopped when idle).
+    warm_runner: bool | None = None
 
     @model_validator(mode="after")
     def _one_data_source(self) -> DemoVars:
@@ -79,6 +86,7 @@ class DemoVars(_Section):
 
 
 class StackVars(_Section):
+    sizing: SizingVars = Field(default_factory=SizingVars)
     python: PythonVars = Field(default_factory=PythonVars)
     mysql: MysqlVars = Field(default_factory=MysqlVars)
     mlflow: MlflowVars = Field(default_factory=MlflowVars)

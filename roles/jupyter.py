@@ -141,6 +141,7 @@ def build(ctx: RoleContext) -> list[Step]:
     unit = render(
         "systemd/jupyter.service.j2",
         user=DEMO_USER,
+        malloc_arenas=ctx.sizing.malloc_arenas,
         state=layout.DEMO_STATE,
         state_name=layout.DEMO_STATE.removeprefix("/var/lib/"),
         workspace=layout.DEMO_WORKSPACE,
@@ -155,7 +156,7 @@ def build(ctx: RoleContext) -> list[Step]:
     )
     overrides = json.dumps(LAB_OVERRIDES, indent=2, sort_keys=True) + "\n"
     return [
-        *demo_account(ctx.vars.demo.warm_runner),
+        *demo_account(ctx.sizing.warm_runner(ctx.vars.demo.warm_runner) == "always"),
         Directory(layout.JUPYTER_CONF_DIR, "root", DEMO_USER, 0o750),
         *ctx.secret_steps(secret_name, env={secret_name: secret_name.upper()}),
         config,

@@ -34,6 +34,7 @@ from mlflow_stack.layout import (
     MLFLOW_UNIT,
     MLFLOW_USER,
 )
+from mlflow_stack.sizing import Sizing
 from roles import mysql
 from roles.accounts import mlflow_account
 
@@ -42,6 +43,7 @@ SCHEMA_HEAD = "dc11669786a5"
 SNAPSHOT = hostside.HERE / "schema-mariadb.sql"  # that head, as MLflow builds it
 LOADING = "mlflow_stack_schema_loading"  # table marking a snapshot load not finished yet
 WARM_ID = "mlflow_server:bytecode"
+RECORDER_IDLE_S, RECORDER_IDLE_S_SMALL = 120, 15
 # What the launcher imports before it serves (anything else still compiles at the first start).
 WARM_IMPORTS = (
     "uvicorn",
@@ -148,9 +150,10 @@ def listen_on(ctx: RoleContext) -> list[str]:
     return ["127.0.0.1", *([ctx.private_address] if ctx.workers else [])]
 
 
-def recorder_steps(env_prefix: str) -> list[Step]:
+def recorder_steps(env_prefix: str, sizing: Sizing) -> list[Step]:
     """The record service tuning writes its trial runs through (as this account, which holds
-    the database's credential), started by its socket when a client connects."""
+    the database's credential), started by its socket when a client connects; it exits when
+    idle (soon on the small profile, where its memory is wanted back)."""
     socket_unit = render("systemd/mlflow-recorder.socket.j2", socket=layout.RECORDER_SOCKET)
     service_unit = render(
         "systemd/mlflow-recorder.service.j2",
@@ -161,6 +164,8 @@ def recorder_steps(env_prefix: str) -> list[Step]:
         code_root=layout.DEMO_ROOT,
         pycache=MLFLOW_PYCACHE,
         allow=layout.DEMO_USER,
+        idle=RECORDER_IDLE_S_SMALL if sizing.small else RECORDER_IDLE_S,
+        malloc_arenas=sizing.malloc_arenas,
     )
     units = (layout.RECORDER_SOCKET_UNIT, layout.RECORDER_UNIT)
     return [
@@ -228,14 +233,15 @@ def build(ctx: RoleContext) -> list[Step]:
         binds=listen_on(ctx),
         workers=ctx.workers,
         port=mv.port,
-        uvicorn_workers=mv.workers,
+        uvicorn_workers=ctx.sizing.tracking_workers(mv.workers),
         artifacts=MLFLOW_ARTIFACTS,
         allowed_hosts=allowed_hosts(ctx),
         public=mv.public,
-        db_unit=layout.db_server(ctx.os).service if uses_mysql else "",
+        malloc_arenas=ctx.sizing.malloc_arenas,
+        db_unit=layout.db_server(ctx.os, ctx.vars.mysql.server).service if uses_mysql else "",
     )
     snapshot: list[Step] = []
-    if uses_mysql and layout.db_server(ctx.os) == layout.MARIADB:
+    if uses_mysql and layout.db_server(ctx.os, ctx.vars.mysql.server) == layout.MARIADB:
         tables = tables_fact()
         snapshot.append(
             Run(
@@ -279,7 +285,7 @@ def build(ctx: RoleContext) -> list[Step]:
         ),
         File(layout.unit_file(MLFLOW_UNIT), unit, notify=(MLFLOW_UNIT,), unit_file=True),
         Service(MLFLOW_UNIT),
-        *recorder_steps(env_prefix),
+        *recorder_steps(env_prefix, ctx.sizing),
         WaitHttp(
             "mlflow answers /health",
             f"http://127.0.0.1:{mv.port}/health",

@@ -170,7 +170,7 @@ def client_login(host: Host, db_port: int) -> Check:
 def check_mysql(host: Host, place: Layout) -> tuple[list[Check], dict]:
     facts = host_facts(place)
     values = {name: v for name, v in zip(facts, _probe_values(host, facts), strict=True)}
-    server = layout.db_server(values["os"])
+    server = layout.db_server(values["os"], place.db_choice)
     unit = values[f"unit {server.service}"]
     checks, counts = evaluate(values, unit, server.service)
     if unit.active:

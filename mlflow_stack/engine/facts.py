@@ -58,6 +58,18 @@ class OsInfo:
 
 
 @dataclass(frozen=True)
+class HostSize:
+    """The memory and CPUs this host may use (a container's limits where it has them)."""
+
+    memory_bytes: int
+    cpus: int
+
+    @property
+    def memory_gib(self) -> float:
+        return self.memory_bytes / 2**30
+
+
+@dataclass(frozen=True)
 class PathInfo:
     kind: str  # "file", "directory", "link", "other"
     mode: int
@@ -140,6 +152,35 @@ class OsRelease(Fact):
 
     def parse(self, output: str, rc: int) -> OsInfo:
         return parse_os_release(output)
+
+
+def parse_host_size(text: str) -> HostSize:
+    """Parse `memory_bytes=N cpus=N` (what `Size` prints)."""
+    values = dict(part.split("=", 1) for part in text.split() if "=" in part)
+    try:
+        return HostSize(int(values["memory_bytes"]), max(1, int(values["cpus"])))
+    except (KeyError, ValueError):
+        raise ValueError(f"unexpected host size {text.strip()!r}") from None
+
+
+@dataclass(frozen=True)
+class Size(Fact):
+    """Memory: MemTotal, or a smaller cgroup limit (v2 `memory.max`, v1
+    `memory.limit_in_bytes`, as a container sees its own); CPUs: `nproc` (CPU affinity)."""
+
+    kind: ClassVar[str] = "size"
+
+    def command(self) -> str:
+        return (
+            "mem=$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) * 1024 )); "
+            "for f in /sys/fs/cgroup/memory.max /sys/fs/cgroup/memory/memory.limit_in_bytes; do "
+            'lim=$(cat "$f" 2>/dev/null) || continue; '
+            'case $lim in ""|max) ;; *) [ "$lim" -lt "$mem" ] && mem=$lim ;; esac; done; '
+            'echo "memory_bytes=$mem cpus=$(nproc)"'
+        )
+
+    def parse(self, output: str, rc: int) -> HostSize:
+        return parse_host_size(output)
 
 
 @dataclass(frozen=True)
