@@ -4,9 +4,10 @@ The commands are read from `/opt/demo/README` on the provisioned stack (the proj
 prints the same block: compared first) and run as printed, step by step in the original's
 order, as the host's `demo` user: without a login shell and with nothing writable in
 /opt/demo (HOME and the working directory are a scratch directory of its own), each step a
-shell of its own that gets the variables (`exp`, `run`, `server`) the earlier steps set. Two
-changes only: a unique experiment name, and `n_iter=20` instead of the original's 2000.
-The database step runs as the login user, with its sudo. Every step's output is checked, and
+shell of its own that gets the variables (`exp`, `run`, `server`) the earlier steps set. The
+changes: one scratch directory for all steps instead of a `mktemp -d` each, a unique
+experiment name, and `n_iter=20` instead of the original's 2000. The database step runs as
+the login user, with its sudo. Every step's output is checked, and
 what it did is checked again from outside (MLflow's API through the tunnel, the UI's search
 endpoint, the host's processes and ports, the tables the installed MLflow declares).
 """
@@ -38,6 +39,7 @@ PORT = 54321  # the original's
 N_ITER = 20  # the original's 2000 takes ≈ 3 min
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 MLFLOW_PYTHON = Layout().python(layout.MLFLOW_ENV)  # the tracking server's env
+MODEL = "wine-elasticnet"  # the name tuning registers its best model under
 
 
 def walkthrough_block(lines: list[str], indent: str) -> list[str]:
@@ -141,10 +143,12 @@ def walk(stack):
         f"install -d -o demo -g demo -m 0700 {scratch} {scratch}/work && "
         f"install -o demo -g demo -m 0600 /dev/null {scratch}/vars",
     )
+    from mlflow.exceptions import MlflowException
+
     client = mlflow_client(stack)
     try:
-        champion = client.get_model_version_by_alias("wine-elasticnet", "champion").version
-    except Exception:  # no registered model or alias yet
+        champion = client.get_model_version_by_alias(MODEL, "champion").version
+    except MlflowException:  # no registered model or alias yet
         champion = None
     w = Walk(h, steps, scratch, f"walkthrough-{uuid.uuid4().hex[:8]}")
     try:
@@ -154,8 +158,11 @@ def walk(stack):
         server = w.shell.get("server")
         if server:
             h.run(f'pg=$(ps -o pgid= -p {server} | tr -d " ") && [ -n "$pg" ] && kill -- -"$pg"')
-        if champion is not None:  # the walkthrough's tuning moved the alias: put it back
-            client.set_registered_model_alias("wine-elasticnet", "champion", champion)
+        # The walkthrough's tuning moved the champion alias (or made it): put it back.
+        if champion is not None:
+            client.set_registered_model_alias(MODEL, "champion", champion)
+        elif 3 in w.passed:
+            client.delete_registered_model_alias(MODEL, "champion")
         h.run(f"rm -rf {scratch}")
         h.close()
 
@@ -257,7 +264,7 @@ def test_step_3_the_auto_train_entry_point(stack, walk):
     result = last_json(out)
     assert result["parent_run_id"] == parent and result["experiment_id"] == walk.shell["exp"]
     assert result["trials_done"] == N_ITER and result["trials_recorded"] == N_ITER
-    assert result["registered_model"] == "wine-elasticnet" and result["alias_set"] is True
+    assert result["registered_model"] == MODEL and result["alias_set"] is True
     client = mlflow_client(stack)
     run = client.get_run(parent)
     assert run.info.status == "FINISHED"
