@@ -181,11 +181,11 @@ def tunnel(c, mysql=False, offset=0, host=None, inventory=None):
     with cli.on_host(host, inventory) as (resolved, h):
         pairs = tunnels.port_pairs(h, resolved.vars, shift, mysql)
         try:
-            with tunnels.tunnel(h, pairs):
+            with tunnels.tunnel(h, pairs) as forwarding:
                 for local, remote in pairs:
                     print(f"127.0.0.1:{local} -> {h.name}:127.0.0.1:{remote}", flush=True)
                 print("forwarding; Ctrl-C to stop", flush=True)
-                tunnels.wait_forever()
+                tunnels.wait_forever(forwarding)
         except KeyboardInterrupt:
             print("tunnel closed")
 
