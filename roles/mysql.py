@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from mlflow_stack import layout
+from mlflow_stack import layout, role_facts
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
 from mlflow_stack.engine.role import Role
@@ -55,15 +55,7 @@ def account(user: str, host: str) -> str:
 
 # --- state of the database server ------------------------------------------------------
 
-STATE_QUERY = (
-    "SELECT 'user', User, Host, IFNULL(authentication_string, '') FROM mysql.user; "
-    "SELECT 'db', schema_name, default_character_set_name, default_collation_name "
-    "FROM information_schema.schemata; "
-    "SELECT 'dbpriv', grantee, table_schema, privilege_type "
-    "FROM information_schema.schema_privileges; "
-    "SELECT 'globalpriv', grantee, privilege_type FROM information_schema.user_privileges "
-    "WHERE privilege_type <> 'USAGE';"
-)
+STATE_QUERY = role_facts.STATE_QUERY
 
 
 @dataclass
@@ -97,10 +89,10 @@ def parse_state(output: str) -> DbState:
     return state
 
 
-def state_fact() -> F.Shell:
+def state_fact() -> F.Fact:
     """Users, databases and grants, read from the running server (again after a change: the
     server may have been stopped, or reinstalled over old data, when the run began)."""
-    return F.LiveShell("mysql state", f'mysql -N -B -e "{STATE_QUERY}"')
+    return role_facts.MysqlState()
 
 
 @dataclass(frozen=True)
