@@ -45,6 +45,13 @@ def show(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 5] + "…" + text[-4:]
 
 
+def one_line(text: str, limit: int = 300) -> str:
+    """Text from elsewhere (a host, a server) made safe for a one-line message: control
+    characters escaped, cut after `limit` characters."""
+    flat = _CONTROL.sub(lambda m: repr(m[0])[1:-1], text)
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
 def _refuse(what: str | None, value: object, reason: str) -> InputError:
     return InputError(f"{what} {show(value)}: {reason}" if what else f"{show(value)}: {reason}")
 
@@ -116,7 +123,7 @@ def host_address(value: object, what: str | None) -> str:
 def host_pattern(value: object, what: str | None) -> str:
     """A host as MLflow's `--allowed-hosts` takes it: a name or address, `*` wildcards, an
     optional `:port`."""
-    allowed = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9*.-]+)(?::(?:\d{1,5}|\*))?$")
+    allowed = re.compile(r"^(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9*.-]{1,253})(?::(?:\d{1,5}|\*))?$")
     return _pattern(value, what, allowed, "a host name or address (* wildcards, :port)")
 
 

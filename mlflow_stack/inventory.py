@@ -14,6 +14,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -60,7 +61,14 @@ Address = Annotated[str, AfterValidator(lambda v: inputs.host_address(v, None))]
 LoginUser = Annotated[str, AfterValidator(lambda v: inputs.login_user(v, None))]
 LocalFile = Annotated[Path, AfterValidator(_file)]
 HostKeys = Annotated[str | list[str], AfterValidator(_pins)]
-Policy = Literal["strict", "accept-new", "off"]
+
+
+def _policy(value: Any) -> Any:
+    """YAML reads an unquoted `off` (or `no`) as false: that is the policy `off` too."""
+    return "off" if value is False else value
+
+
+Policy = Annotated[Literal["strict", "accept-new", "off"], BeforeValidator(_policy)]
 
 
 class _Strict(BaseModel):
