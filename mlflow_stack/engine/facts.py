@@ -434,6 +434,25 @@ class DirListing(Fact):
 
 
 @dataclass(frozen=True)
+class FilesUnder(Fact):
+    """The regular files under a directory, relative to it, one per line (sorted); exit code
+    non-zero when it does not exist."""
+
+    path: str
+    kind: ClassVar[str] = "files-under"
+
+    def check(self) -> None:
+        checked_path(self.path)
+
+    def command(self) -> str:
+        r = shlex.quote(self.path)
+        return f"[ -d {r} ] && cd {r} && find . -type f | sed 's|^\\./||' | sort"
+
+    def parse(self, output: str, rc: int) -> ShellResult:
+        return ShellResult(rc=rc, output=output)
+
+
+@dataclass(frozen=True)
 class FileContents(Fact):
     """Contents of the regular files directly in a directory: {name: text}."""
 
