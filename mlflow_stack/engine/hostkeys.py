@@ -150,11 +150,12 @@ def pins_of(values: tuple[str, ...]) -> tuple[Pin, ...]:
 
 
 def pinned_algorithms(pins: tuple[Pin, ...]) -> list[str] | None:
-    """Host key algorithms to offer so that the server answers with a pinned key type
-    (None: some pin has no type, so any)."""
+    """Host key algorithms to offer so that the server answers with a pinned key type, in
+    OpenSSH's order of preference (None: some pin has no type, so any)."""
     if not pins or any(not p.key_type for p in pins):
         return None
-    return list(dict.fromkeys(a for p in pins for a in ALGORITHMS[p.key_type]))
+    wanted = {a for p in pins for a in ALGORITHMS[p.key_type]}
+    return [a for algorithms in ALGORITHMS.values() for a in algorithms if a in wanted]
 
 
 # --- known_hosts files -------------------------------------------------------------------

@@ -335,9 +335,15 @@ def test_pins_from_known_hosts_pub_lines_fingerprints_and_the_ec2_console(text, 
 
 @pytest.mark.parametrize(
     "text",
-    ["", "SHA256:short", f"ssh-ed25519 {KEY[:-5]}", f"@revoked * ssh-ed25519 {KEY}",
-     f"{FP}\nssh-ed25519 {KEY}", "MD5:aa:bb"],
-)  # fmt: skip
+    [
+        "",
+        "SHA256:short",
+        f"ssh-ed25519 {KEY[:-5]}",
+        f"@revoked * ssh-ed25519 {KEY}",
+        f"{FP}\nssh-ed25519 {KEY}",
+        "MD5:aa:bb",
+    ],
+)
 def test_bad_pins_are_refused(text):
     with pytest.raises(ValueError):
         hostkeys.parse_pin(text)
@@ -363,20 +369,24 @@ def test_known_hosts_names_plain_hashed_patterns_and_negations():
 def check(tmp_path: Path, policy: str | None, known: str, offered: str = KEY, **extra):
     kh = tmp_path / "known_hosts"
     kh.write_text(known)
-    target = Target("web", "10.0.0.5", 22, "ubuntu", known_hosts=kh, host_key_policy=policy,
-                    **extra)  # fmt: skip
+    target = Target(
+        "web", "10.0.0.5", 22, "ubuntu", known_hosts=kh, host_key_policy=policy, **extra
+    )
     settings = hostkeys.settings(target)
     return hostkeys.check_offered("web", target, settings, "ssh-ed25519", offered), settings
 
 
 def test_the_paramiko_policy_matches_openssh_s(tmp_path):
     assert check(tmp_path, "strict", f"10.0.0.5 ssh-ed25519 {KEY}\n")[0] == (
-        hostkeys.known_keys(hostkeys.settings(Target("w", "10.0.0.5", known_hosts=tmp_path
-                                                     / "known_hosts")), "10.0.0.5"),
+        hostkeys.known_keys(
+            hostkeys.settings(Target("w", "10.0.0.5", known_hosts=tmp_path / "known_hosts")),
+            "10.0.0.5",
+        ),
         False,
-    )  # fmt: skip
-    changed = refused_in_one_line(lambda: check(tmp_path, None, f"10.0.0.5 ssh-ed25519 {KEY}\n",
-                                                offered=OTHER))  # fmt: skip
+    )
+    changed = refused_in_one_line(
+        lambda: check(tmp_path, None, f"10.0.0.5 ssh-ed25519 {KEY}\n", offered=OTHER)
+    )
     other_fp = hostkeys.fingerprint(base64.b64decode(OTHER))
     assert f"has changed: offered {other_fp} (ssh-ed25519), expected {FP}" in changed
     assert "ssh-keygen -R 10.0.0.5 -f" in changed
@@ -399,8 +409,11 @@ def test_the_paramiko_policy_matches_openssh_s(tmp_path):
 
 def test_the_users_ssh_config_sets_the_paramiko_policy_unless_the_inventory_does(tmp_path):
     target = Target("web", "10.0.0.5")
-    config = {"stricthostkeychecking": "yes", "userknownhostsfile": f"{tmp_path}/u /dev/null",
-              "hostkeyalias": "box"}  # fmt: skip
+    config = {
+        "stricthostkeychecking": "yes",
+        "userknownhostsfile": f"{tmp_path}/u /dev/null",
+        "hostkeyalias": "box",
+    }
     s = hostkeys.settings(target, config)
     assert (s.policy, s.user_files, s.alias) == ("strict", (tmp_path / "u",), "box")
     s = hostkeys.settings(Target("web", "10.0.0.5", host_key_policy="accept-new"), config)
@@ -424,8 +437,14 @@ def test_every_form_of_a_secret_is_masked():
     secret = secrets.Secret(value)
     from urllib.parse import quote, quote_plus
 
-    for form in (value, quote(value, safe=""), quote(value), quote_plus(value),
-                 json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]):  # fmt: skip
+    for form in (
+        value,
+        quote(value, safe=""),
+        quote(value),
+        quote_plus(value),
+        json.dumps(value)[1:-1],
+        json.dumps(value, ensure_ascii=False)[1:-1],
+    ):
         assert form != secrets.mask(f"x {form} y")
         assert secrets.mask(f"x {form} y") == f"x {secrets.MASK} y"
     assert secret.reveal() == value
@@ -434,9 +453,13 @@ def test_every_form_of_a_secret_is_masked():
 @pytest.mark.parametrize("env", secrets.GIVEN)
 @pytest.mark.parametrize(
     ("value", "why"),
-    [("short-pw", "shorter than 12"), ("a" * 11, "shorter than 12"),
-     ("good-length\npw", "control character"), (" padded-secret ", "whitespace")],
-)  # fmt: skip
+    [
+        ("short-pw", "shorter than 12"),
+        ("a" * 11, "shorter than 12"),
+        ("good-length\npw", "control character"),
+        (" padded-secret ", "whitespace"),
+    ],
+)
 def test_a_given_secret_that_is_too_short_is_refused_without_showing_it(
     monkeypatch, env, value, why
 ):
@@ -506,8 +529,13 @@ def test_the_inventory_cache_key_covers_all_validating_code():
         "print('\\n'.join(m.__file__ for n, m in sys.modules.items() "
         "if n.startswith('mlflow_stack') and getattr(m, '__file__', None)))"
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         check=True, cwd=Path(__file__).parents[2]).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parents[2],
+    ).stdout
     here = Path(inventory_cache.__file__).parent
     used = {str(Path(p).relative_to(here)) for p in out.split()}
     used -= {"__init__.py", "engine/__init__.py"}
@@ -516,10 +544,15 @@ def test_the_inventory_cache_key_covers_all_validating_code():
 
 @pytest.mark.parametrize(
     "vars_",
-    [{}, {"mlflow": {"backend": "sqlite"}}, {"python": {"manager": "conda",
-     "miniforge_sha256": {"x86_64": SHA}}}, {"jupyter": {"auth": "password"}},
-     {"mlflow": {"public": True}}, {"demo": {"warm_runner": False}}],
-)  # fmt: skip
+    [
+        {},
+        {"mlflow": {"backend": "sqlite"}},
+        {"python": {"manager": "conda", "miniforge_sha256": {"x86_64": SHA}}},
+        {"jupyter": {"auth": "password"}},
+        {"mlflow": {"public": True}},
+        {"demo": {"warm_runner": False}},
+    ],
+)
 @pytest.mark.parametrize("os_id", ["debian", "ubuntu"])
 def test_every_fact_the_roles_read_is_rebuilt_from_its_key(vars_, os_id, monkeypatch):
     """So a no-op provision stays one SSH command: the prefetch can read all of them."""
