@@ -3,14 +3,15 @@
 Two ways, one interface (``note`` metrics from the objective, pass the recorder to
 ``study.optimize(callbacks=[...])``, then :meth:`close`):
 
-* :class:`StoreRecorder` writes the trial runs straight into the MLflow *tracking database*
-  (the server's backend store, or the local ``sqlite:///`` store), many trials per
-  transaction, from one background thread. Rows are exactly what MLflow's own SQL store writes
-  for ``create_run`` + ``log_batch`` + ``set_terminated`` (a test compares them), using MLflow's
-  table definitions; the schema must be at the installed MLflow's head and the parent run must
-  already be in that database (so it is the server's), else it refuses. Run ids derive from
-  the parent run and the trial number, so a batch written twice (a retry after a lost commit
-  acknowledgement) never duplicates a run.
+* :class:`StoreRecorder` writes the trial runs into the MLflow *tracking database*, many
+  trials per transaction, from one background thread: through :class:`DatabaseStore`
+  (a database this process may write, e.g. the local ``sqlite:///`` store) or
+  :class:`ServiceStore` (the record service on the server's host, which alone holds the
+  server's database credential; see ``record_service``). Rows are exactly what MLflow's own SQL
+  store writes for ``create_run`` + ``log_batch`` + ``set_terminated`` (a test compares them);
+  the schema must be at the installed MLflow's head and the parent run must already be in that
+  database, else it refuses. Run ids derive from the parent run and the trial number, so a
+  batch written twice (a retry after a lost commit acknowledgement) never duplicates a run.
 * :class:`TrialRecorder` sends exactly three requests per trial to the tracking server
   (``create_run``, one ``log_batch``, ``set_terminated``) from a thread pool, for workers that
   cannot reach the database.
@@ -28,8 +29,8 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 from demo_wine.outages import DEFAULT_PATIENCE_S
 
@@ -185,34 +186,24 @@ def trial_run_id(parent_run_id: str, number: int) -> str:
 
 
 class StoreRecorder(_Recorder):
-    """Straight into the MLflow tracking database, many trials per transaction.
+    """Into the MLflow tracking database, many trials per write, through a `TrialStore`:
+    `DatabaseStore` (straight into a database we may write) or `ServiceStore` (the record
+    service on the server's host, which holds the database's credential).
 
-    ``store_uri`` is an SQLAlchemy URL of the tracking server's backend store (or the local
-    ``sqlite:///`` store). One background thread writes whatever has accumulated every
-    ``interval`` seconds (at most ``max_batch`` trials per transaction).
+    One background thread writes whatever has accumulated every ``interval`` seconds (at most
+    ``max_batch`` trials per write), retrying for up to ``patience_s``.
     """
 
     def __init__(
         self,
-        store_uri: str,
-        experiment_id: str,
-        parent_run_id: str,
-        tags: dict[str, str],
+        store: TrialStore,
         *,
         interval: float = 0.2,
         max_batch: int = 500,
         patience_s: float = DEFAULT_PATIENCE_S,
     ) -> None:
         super().__init__()
-        self._engine = _engine(store_uri)
-        try:
-            self._artifact_root = _check_store(self._engine, experiment_id, parent_run_id)
-        except BaseException:
-            self._engine.dispose()
-            raise
-        self._experiment_id = int(experiment_id)
-        self._parent = parent_run_id
-        self._tags = {**tags, "mlflow.parentRunId": parent_run_id}
+        self._store = store
         self._interval = interval
         self._max_batch = max_batch
         self._patience_s = patience_s
@@ -224,7 +215,7 @@ class StoreRecorder(_Recorder):
         self._thread.start()
 
     def submit(self, record: TrialRecord) -> None:
-        record.run_id = trial_run_id(self._parent, record.number)
+        record.run_id = trial_run_id(self._store.parent_run_id, record.number)
         with self._lock:
             self.records[record.number] = record
             self._queue.append(record)
@@ -249,7 +240,7 @@ class StoreRecorder(_Recorder):
         pause = 0.2
         while True:
             try:
-                self.write(batch)
+                self._store.write(batch)
                 for rec in batch:
                     rec.error = None
                 return
@@ -265,24 +256,8 @@ class StoreRecorder(_Recorder):
             self._failed.extend(batch)
 
     def write(self, batch: list[TrialRecord]) -> int:
-        """Insert the runs of ``batch`` in one transaction, skipping runs that already exist
-        (idempotent); return how many were inserted."""
-        from sqlalchemy import select
-
-        rows = _Rows(self._artifact_root, self._experiment_id, self._tags)
-        for rec in {r.run_id: r for r in batch}.values():  # a trial handed over twice: one run
-            rows.add(rec)
-        runs = rows.tables["runs"]
-        with self._engine.begin() as conn:
-            ids = [r["run_uuid"] for r in rows.runs]
-            existing = set(
-                conn.execute(select(runs.c.run_uuid).where(runs.c.run_uuid.in_(ids))).scalars()
-            )
-            for name, table_rows in rows.by_table().items():
-                fresh = [r for r in table_rows if r["run_uuid"] not in existing]
-                if fresh:
-                    conn.execute(rows.tables[name].insert(), fresh)
-        return len(ids) - len(existing)
+        """Write ``batch`` now (idempotent); how many runs were new."""
+        return self._store.write(batch)
 
     def close(self) -> int:
         """Write what is queued, wait for the writer, retry failed trials once; the number of
@@ -296,14 +271,138 @@ class StoreRecorder(_Recorder):
         still = []
         for rec in failed:
             try:
-                self.write([rec])
+                self._store.write([rec])
                 rec.error = None
             except Exception as exc:
                 rec.error = f"{type(exc).__name__}: {exc}"
                 still.append(rec)
-        self._engine.dispose()
+        self._store.close()
         _raise_if_missing(still, len(self.records))
         return len(self.records)
+
+
+class TrialStore(Protocol):
+    """Where `StoreRecorder` writes trial runs: under one parent run, idempotently."""
+
+    parent_run_id: str
+
+    def write(self, batch: list[TrialRecord]) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class DatabaseStore:
+    """The tracking database itself: rows exactly as MLflow's SQL store writes them.
+
+    ``store_uri`` is an SQLAlchemy URL of the tracking server's backend store (or the local
+    ``sqlite:///`` store); refused (:class:`StoreMismatch`) unless its schema is at the
+    installed MLflow's head and it holds the active parent run in ``experiment_id``.
+    """
+
+    def __init__(
+        self, store_uri: str, experiment_id: str, parent_run_id: str, tags: dict[str, str]
+    ) -> None:
+        self._engine = _engine(store_uri)
+        try:
+            self._artifact_root = _check_store(self._engine, experiment_id, parent_run_id)
+        except BaseException:
+            self._engine.dispose()
+            raise
+        self.parent_run_id = parent_run_id
+        self._experiment_id = int(experiment_id)
+        self._tags = {**tags, "mlflow.parentRunId": parent_run_id}
+
+    def write(self, batch: list[TrialRecord]) -> int:
+        """Insert the runs of ``batch`` in one transaction, skipping runs that already exist
+        (idempotent); return how many were inserted."""
+        from sqlalchemy import select
+
+        rows = _Rows(self._artifact_root, self._experiment_id, self._tags)
+        for rec in {r.number: r for r in batch}.values():  # a trial handed over twice: one run
+            rows.add(replace(rec, run_id=trial_run_id(self.parent_run_id, rec.number)))
+        runs = rows.tables["runs"]
+        with self._engine.begin() as conn:
+            ids = [r["run_uuid"] for r in rows.runs]
+            existing = set(
+                conn.execute(select(runs.c.run_uuid).where(runs.c.run_uuid.in_(ids))).scalars()
+            )
+            for name, table_rows in rows.by_table().items():
+                fresh = [r for r in table_rows if r["run_uuid"] not in existing]
+                if fresh:
+                    conn.execute(rows.tables[name].insert(), fresh)
+        return len(ids) - len(existing)
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+
+class ServiceStore:
+    """The record service on the tracking server's host (`demo_wine.record_service`), over its
+    Unix socket: the service holds the database's credential and writes the rows; this
+    process never does. One request per batch, one JSON line each way."""
+
+    def __init__(
+        self,
+        socket_path: str,
+        experiment_id: str,
+        parent_run_id: str,
+        tags: dict[str, str],
+        timeout: float = 120.0,
+    ) -> None:
+        import socket
+
+        self.parent_run_id = parent_run_id
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        self._lock = threading.Lock()
+        try:
+            self._sock.connect(socket_path)
+            self._file = self._sock.makefile("rwb")
+            hello = {"experiment_id": str(experiment_id), "parent_run_id": parent_run_id}
+            self._call({"open": {**hello, "tags": tags}})
+        except OSError as exc:
+            self._sock.close()
+            raise StoreMismatch(f"no record service at {socket_path}: {exc}") from None
+        except RuntimeError as exc:
+            self._sock.close()
+            raise StoreMismatch(str(exc)) from None
+
+    def _call(self, request: dict[str, Any]) -> dict[str, Any]:
+        import json
+
+        with self._lock:
+            self._file.write(json.dumps(request).encode() + b"\n")
+            self._file.flush()
+            line = self._file.readline()
+        if not line:
+            raise ConnectionError("the record service closed the connection")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"record service: {answer['error']}")
+        return answer
+
+    def write(self, batch: list[TrialRecord]) -> int:
+        records = [
+            {
+                "number": r.number,
+                "state": r.state,
+                "params": r.params,
+                "metrics": {k: _json_number(v) for k, v in r.metrics.items()},
+                "start_ms": r.start_ms,
+                "end_ms": r.end_ms,
+            }
+            for r in batch
+        ]
+        return int(self._call({"write": records})["inserted"])
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _json_number(value: float) -> float | str:
+    """NaN and infinities as strings (JSON has none); the service turns them back."""
+    value = float(value)
+    return value if math.isfinite(value) else repr(value)
 
 
 class _Rows:

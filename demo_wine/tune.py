@@ -39,7 +39,9 @@ from demo_wine.model import ALPHA_RANGE, L1_RATIO_RANGE
 
 DEFAULT_STUDY = "wine-elasticnet"
 STORAGE_ENV = "DEMO_WINE_STORAGE"  # the storage URL (with its password) off the command line
-# The MLflow server's backend database: trial runs go there directly (see recorder.py).
+# The record service's socket on the server's host: trial runs go through it (recorder.py).
+RECORDER_ENV = "DEMO_WINE_RECORDER"
+# Or a tracking database this process may write itself (a local one): trial runs go there.
 MLFLOW_DB_ENV = "DEMO_WINE_MLFLOW_DB"
 DEFAULT_EXPERIMENT = "wine-tuning"
 SAMPLERS = ("tpe", "random")
@@ -300,15 +302,29 @@ def _recorder(
     threads: int,
     jobs: int,
 ) -> tuple[Any, str]:
-    """Record trial runs straight into the tracking database when we have it (the local
-    store, or the server's backend from ``$DEMO_WINE_MLFLOW_DB``); else through the server."""
-    from demo_wine.recorder import StoreMismatch, StoreRecorder, TrialRecorder
+    """Where trial runs go: through the record service on the server's host
+    (``$DEMO_WINE_RECORDER``, recorded_via "service"), into a tracking database this process
+    may write (the local store, or ``$DEMO_WINE_MLFLOW_DB``: "database"), else through the
+    server's REST API ("server")."""
+    from demo_wine.recorder import (
+        DatabaseStore,
+        ServiceStore,
+        StoreMismatch,
+        StoreRecorder,
+        TrialRecorder,
+    )
     from demo_wine.tracking import is_remote
 
+    service = os.environ.get(RECORDER_ENV, "").strip()
+    if service:
+        try:
+            return StoreRecorder(ServiceStore(service, exp_id, parent, tags)), "service"
+        except StoreMismatch as exc:
+            sys.stderr.write(f"not recording through {service}: {exc}\n")
     store = os.environ.get(MLFLOW_DB_ENV, "").strip() or (None if is_remote(uri) else uri)
     if store:
         try:
-            return StoreRecorder(store, exp_id, parent, tags), "database"
+            return StoreRecorder(DatabaseStore(store, exp_id, parent, tags)), "database"
         except StoreMismatch as exc:
             sys.stderr.write(f"not writing trial runs to {redact(store)} directly: {exc}\n")
     threads = threads or (max(8, 2 * jobs) if is_remote(uri) else 1)

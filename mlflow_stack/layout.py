@@ -3,6 +3,13 @@
 The one source of truth for the host's layout: roles build it, actions and the demo use it.
 Fixed names are module constants; what depends on a host's variables (the Python prefix, the
 ports) comes from `Layout.of(vars)`. The roles that build it are `ROLES`, in order.
+
+Trust boundaries: code, configuration and data that services run or read are root's and
+read-only to them (`/opt/mlflow`, `/opt/demo`, `/etc/...`). Each service account writes only
+in its own areas under /var/lib, /var/cache and /run (`*_STATE`, `*_CACHE`), which root never
+writes inside: systemd creates them for the units, and anything else there is done as the
+account itself. The accounts' passwd homes are root's directories (no SSH keys can be planted),
+their shells nologin.
 """
 
 from __future__ import annotations
@@ -43,24 +50,35 @@ def env_dir(prefix: str, name: str) -> str:
 
 # --- the MLflow tracking server ----------------------------------------------------------
 
+NOLOGIN = "/usr/sbin/nologin"
+STACK_CACHE = "/var/cache/mlflow-stack"  # root's
+
 MLFLOW_USER = "mlflow"
-MLFLOW_HOME = "/opt/mlflow"
-MLFLOW_ARTIFACTS = f"{MLFLOW_HOME}/artifacts"
-MLFLOW_PYCACHE = f"{MLFLOW_HOME}/.cache/pycache"  # the server's PYTHONPYCACHEPREFIX
-MLFLOW_SQLITE = f"{MLFLOW_HOME}/mlflow.db"
+MLFLOW_HOME = "/opt/mlflow"  # root's: the launcher and the migration script; the passwd home
 MLFLOW_LAUNCHER = f"{MLFLOW_HOME}/server.py"
 MLFLOW_DB_UPGRADE = f"{MLFLOW_HOME}/db_upgrade.py"
+MLFLOW_STATE = "/var/lib/mlflow"  # the mlflow account's (StateDirectory=mlflow)
+MLFLOW_ARTIFACTS = f"{MLFLOW_STATE}/artifacts"
+MLFLOW_SQLITE = f"{MLFLOW_STATE}/mlflow.db"
+MLFLOW_AUTH_DB = f"{MLFLOW_STATE}/basic_auth.db"
+# The server's bytecode, compiled by root before its first start and only read by it.
+MLFLOW_PYCACHE = f"{STACK_CACHE}/pycache-mlflow"
 MLFLOW_CONF_DIR = "/etc/mlflow"
 MLFLOW_ENV_FILE = f"{MLFLOW_CONF_DIR}/mlflow.env"
 MLFLOW_AUTH_CONFIG = f"{MLFLOW_CONF_DIR}/basic_auth.ini"
-MLFLOW_AUTH_DB = f"{MLFLOW_HOME}/basic_auth.db"
 MLFLOW_UNIT = "mlflow-server.service"
 MLFLOW_ADMIN = "admin"
+# Tuning writes its trial runs through this socket: a small service of the mlflow account,
+# started on demand, that holds the tracking database's credential (`demo` never does).
+RECORDER_SOCKET = "/run/mlflow-recorder.sock"
+RECORDER_SOCKET_UNIT = "mlflow-recorder.socket"
+RECORDER_UNIT = "mlflow-recorder.service"
 
 # --- the database server -----------------------------------------------------------------
 
 DATABASES = ("mlflow", "optuna")  # MLflow's tracking store, Optuna's shared studies
-DB_USER = "mlflow"
+DB_USER = "mlflow"  # the tracking server's account: database `mlflow` only
+TUNING_DB_USER = "optuna"  # the tuning processes' account: database `optuna` only
 
 
 @dataclass(frozen=True)
@@ -98,12 +116,14 @@ def tracking_db_uri(backend: str, password: str, db_port: int) -> str:
 # --- JupyterLab and the demo -------------------------------------------------------------
 
 DEMO_USER = "demo"
-DEMO_ROOT = "/opt/demo"
+DEMO_ROOT = "/opt/demo"  # root's: the code, the data, setenv.sh, the README; the passwd home
 DEMO_CODE = f"{DEMO_ROOT}/demo_wine"
 DEMO_DATA = f"{DEMO_CODE}/data/winequality-white.csv"  # shipped with the code
 DEMO_SETENV = f"{DEMO_ROOT}/setenv.sh"
 DEMO_README = f"{DEMO_ROOT}/README"
-DEMO_PYCACHE = f"{DEMO_ROOT}/.cache/pycache"
+DEMO_STATE = "/var/lib/demo"  # the demo account's: HOME of its processes (StateDirectory=demo)
+DEMO_WORKSPACE = f"{DEMO_STATE}/workspace"  # Jupyter's root: notebooks, the user's files
+DEMO_PYCACHE = f"{DEMO_STATE}/.cache/pycache"
 JUPYTER_CONF_DIR = "/etc/jupyter-demo"
 JUPYTER_CONFIG = f"{JUPYTER_CONF_DIR}/jupyter_server_config.json"
 JUPYTER_UNIT = "jupyter.service"
@@ -114,6 +134,7 @@ WARM_SOCKET = "/run/demo-wine/warm.sock"
 
 MODELS_CONF_DIR = "/etc/mlflow-models"
 MODEL_UNIT_TEMPLATE = "mlflow-model@.service"
+MODELS_CACHE = "/var/cache/mlflow-models"  # the model servers' HOME (CacheDirectory, demo's)
 HOSTSIDE_DIR = "/usr/local/lib/mlflow-stack"  # programs of ours the model servers run
 
 

@@ -13,7 +13,7 @@ import shlex
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mlflow_stack import inputs, layout
+from mlflow_stack import layout
 from mlflow_stack.engine import facts as F
 
 KINDS = F.KINDS  # every kind a plan may name, these included
@@ -105,7 +105,8 @@ class MlflowSchema(_Script):
                 "uri=True); print(c.execute('select version_num from alembic_version')"
                 ".fetchone()[0])"
             )
-            return f"python3 -c {q(read)}"
+            # as the server's account: root reads nothing in a tree another account can write
+            return f"runuser -u {layout.MLFLOW_USER} -- python3 -c {q(read)}"
         return 'mysql -N -B -e "SELECT version_num FROM mlflow.alembic_version"'
 
 
@@ -118,23 +119,6 @@ class MlflowTables(_Script):
 
     def command(self) -> str:
         return f'mysql -N -B -e "{TABLES_QUERY}"'
-
-
-@dataclass(frozen=True)
-class ForeignFiles(_Script):
-    """Whether anything under `path` is not owned by `user` (a path printed, or `?`)."""
-
-    path: str
-    user: str
-    kind: ClassVar[str] = "foreign-files"
-
-    def check(self) -> None:
-        F.checked_path(self.path)
-        inputs.login_user(self.user, "fact user")
-
-    def command(self) -> str:
-        p, u = q(self.path), q(self.user)
-        return f"[ ! -e {p} ] || find {p} ! -user {u} -print -quit 2>/dev/null || echo ?"
 
 
 @dataclass(frozen=True)

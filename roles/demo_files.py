@@ -1,5 +1,6 @@
 """Role `demo_files`: the demo code with its checksum-verified wine data, setenv.sh, a README
-and the warm runner that `invoke train` forks its runs from."""
+(all root's, read-only to the demo account) and the warm runner that `invoke train` forks its
+runs from."""
 
 from __future__ import annotations
 
@@ -11,18 +12,18 @@ from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
 from mlflow_stack.engine.role import Role
 from mlflow_stack.engine.steps import (
-    Directory,
     File,
     Run,
     Service,
     Step,
     StepError,
-    SystemUser,
     q,
+    root_only,
 )
 from mlflow_stack.engine.templating import render
 from mlflow_stack.engine.trees import tree_steps
 from mlflow_stack.layout import DEMO_CODE, DEMO_DATA, DEMO_ROOT, DEMO_USER, WARM_UNIT
+from roles.accounts import demo_account
 
 DEMO_SOURCE = Path(__file__).resolve().parents[1] / "demo_wine"
 DATA_IN_TREE = str(Path(DEMO_DATA).relative_to(DEMO_CODE))  # data/winequality-white.csv
@@ -31,7 +32,7 @@ DATA_IN_TREE = str(Path(DEMO_DATA).relative_to(DEMO_CODE))  # data/winequality-w
 def download_script(url: str, sha256: str, path: str, owner: str) -> str:
     """Fetch `url` next to `path`, verify it, then move it into place (old file kept on error)."""
     return (
-        f'set -e; tmp=$(mktemp "$(dirname {q(path)})/.download.XXXXXX"); '
+        f'{root_only(path)}; set -e; tmp=$(mktemp "$(dirname {q(path)})/.download.XXXXXX"); '
         "trap 'rm -f \"$tmp\"' EXIT; "
         f'url={q(url)}; curl -fsSL --retry 3 -o "$tmp" "$url"; '
         'got=$(sha256sum "$tmp" | cut -d" " -f1); '
@@ -51,7 +52,7 @@ def data_steps(ctx: RoleContext) -> list[Step]:
         return [
             Run(
                 "data (downloaded, sha256 verified)",
-                download_script(dv.data_url, dv.data_sha256, DEMO_DATA, DEMO_USER),
+                download_script(dv.data_url, dv.data_sha256, DEMO_DATA, "root"),
                 when=lambda c: c[state] is None or c[state].sha256 != dv.data_sha256,
                 needs=(state,),
                 timeout=300,
@@ -70,7 +71,7 @@ def data_steps(ctx: RoleContext) -> list[Step]:
             "use the original file or set demo.data_sha256"
         )
     label = "data (uploaded)" if dv.data_file else "data (shipped copy)"
-    return [File(DEMO_DATA, data, DEMO_USER, DEMO_USER, 0o644, label=label)]
+    return [File(DEMO_DATA, data, "root", "root", 0o644, label=label)]
 
 
 def build(ctx: RoleContext) -> list[Step]:
@@ -101,21 +102,37 @@ def build(ctx: RoleContext) -> list[Step]:
     )
     warm = v.demo.warm_runner
     return [
-        SystemUser(DEMO_USER, home=DEMO_ROOT, shell="/bin/bash"),
-        Directory(DEMO_ROOT, DEMO_USER, DEMO_USER, 0o755),
+        *demo_account(ctx.vars.demo.warm_runner),
         *tree_steps(
             DEMO_SOURCE,
             DEMO_CODE,
-            DEMO_USER,
-            DEMO_USER,
+            "root",
+            "root",
             (WARM_UNIT,) if warm else (),
             elsewhere=frozenset({DATA_IN_TREE}),
         ),
         *data_steps(ctx),
-        File(layout.DEMO_SETENV, setenv, DEMO_USER, DEMO_USER, 0o644),
-        File(layout.DEMO_README, readme, DEMO_USER, DEMO_USER, 0o644),
+        notebooks_step(place.python(layout.DEMO_ENV)),
+        File(layout.DEMO_SETENV, setenv),
+        File(layout.DEMO_README, readme),
         *warm_runner_steps(place.env(layout.DEMO_ENV), warm),
     ]
+
+
+def notebooks_step(python: str) -> Run:
+    """The shipped notebooks into the account's workspace, as the account (new ones copied,
+    unedited ones updated, edited ones kept: `demo_wine.workspace`)."""
+    shipped = f"file:{DEMO_CODE}/notebooks/"
+    seeded = F.PathState(f"{layout.DEMO_WORKSPACE}/notebooks")
+    return Run(
+        "notebooks in the workspace",
+        f"mkdir -p {layout.DEMO_WORKSPACE} && cd {layout.DEMO_STATE} && "
+        f"PYTHONPATH={DEMO_ROOT} PYTHONDONTWRITEBYTECODE=1 {python} -m demo_wine.workspace "
+        f"{layout.DEMO_WORKSPACE}",
+        when=lambda c: c[seeded] is None or any(i.startswith(shipped) for i in c.changed),
+        needs=(seeded,),
+        user=DEMO_USER,
+    )
 
 
 def warm_runner_steps(env_prefix: str, enabled: bool) -> list[Step]:
@@ -123,7 +140,9 @@ def warm_runner_steps(env_prefix: str, enabled: bool) -> list[Step]:
     unit = render(
         "systemd/demo-wine-warm.service.j2",
         user=DEMO_USER,
-        root_dir=DEMO_ROOT,
+        state=layout.DEMO_STATE,
+        state_name=layout.DEMO_STATE.removeprefix("/var/lib/"),
+        code_root=DEMO_ROOT,
         pycache=layout.DEMO_PYCACHE,
         env_prefix=env_prefix,
         socket=layout.WARM_SOCKET,

@@ -1,8 +1,10 @@
 """Role `jupyter`: JupyterLab from the `demo` env as a hardened unit, never as root.
 
 Authentication is a token (default) or a password kept as an argon2 hash; either lives in a
-0600 config file owned by the Jupyter user, never on a command line. The plain token stays
-in the root-only secret store so `invoke urls` can show it.
+config file root owns and only the Jupyter account may read, never on a command line. The plain
+token stays in the root-only secret store so `invoke urls` can show it. Jupyter works in the
+account's workspace; the shipped notebooks are copied there at its start, by the account.
+Nothing calls out unasked (news and update checks off); terminals start bash.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from mlflow_stack.engine.steps import (
     Schedule,
     Service,
     Step,
-    SystemUser,
     WaitHttp,
 )
 from mlflow_stack.engine.templating import render
 from mlflow_stack.layout import DEMO_ROOT, DEMO_USER, JUPYTER_CONFIG, JUPYTER_UNIT
+from roles.accounts import demo_account
 
 
 def password_hash(password: str) -> str:
@@ -55,10 +57,25 @@ def existing_hash(config_text: str) -> str:
         return ""
 
 
+# JupyterLab's own calls home, off: its news feed and its check for newer releases.
+QUIET = {
+    "LabApp": {"news_url": None, "check_for_updates_class": "jupyterlab.NeverCheckForUpdate"},
+    # the account has no login shell: Jupyter's terminals get bash
+    "ServerApp": {"terminado_settings": {"shell_command": ["/bin/bash"]}},
+}
+# The same, as the lab's settings defaults (no "Would you like to get notified…?" prompt).
+LAB_OVERRIDES = {
+    "@jupyterlab/apputils-extension:notification": {
+        "checkForUpdates": False,
+        "fetchNews": "false",
+    }
+}
+
+
 def server_config(auth: str, token: str, hashed_password: str = "") -> str:
     """The Jupyter server config: token auth, or a password hash with tokens off."""
     if auth == "password":
-        config = {
+        config: dict = {
             "IdentityProvider": {"token": ""},
             "PasswordIdentityProvider": {
                 "hashed_password": hashed_password,
@@ -67,17 +84,18 @@ def server_config(auth: str, token: str, hashed_password: str = "") -> str:
         }
     else:
         config = {"IdentityProvider": {"token": token}}
-    return json.dumps(config, indent=2, sort_keys=True) + "\n"
+    return json.dumps({**QUIET, **config}, indent=2, sort_keys=True) + "\n"
 
 
 def config_file(content: str) -> File:
-    """The server config: the Jupyter user's, 0600 (it holds the token or the hash)."""
+    """The server config: root's, readable by the Jupyter account alone (it holds the token
+    or the hash, which that account must not be able to change)."""
     return File(
         JUPYTER_CONFIG,
         content,
+        "root",
         DEMO_USER,
-        DEMO_USER,
-        0o600,
+        0o640,
         secret=True,
         notify=(JUPYTER_UNIT,),
     )
@@ -119,24 +137,34 @@ def build(ctx: RoleContext) -> list[Step]:
         secret_name = "jupyter_token"
         token = ctx.secret(secret_name, env="JUPYTER_TOKEN")
         config = config_file(server_config("token", token.reveal()))
+    env_prefix = place.env(layout.DEMO_ENV)
     unit = render(
         "systemd/jupyter.service.j2",
         user=DEMO_USER,
-        root_dir=DEMO_ROOT,
+        state=layout.DEMO_STATE,
+        state_name=layout.DEMO_STATE.removeprefix("/var/lib/"),
+        workspace=layout.DEMO_WORKSPACE,
+        code_root=DEMO_ROOT,
         pycache=layout.DEMO_PYCACHE,
-        env_prefix=place.env(layout.DEMO_ENV),
+        env_prefix=env_prefix,
         config_file=JUPYTER_CONFIG,
         bind="0.0.0.0" if jv.public else "127.0.0.1",
         port=jv.port,
         tracking_uri=place.tracking_uri,
         data_path=layout.DEMO_DATA,
     )
+    overrides = json.dumps(LAB_OVERRIDES, indent=2, sort_keys=True) + "\n"
     return [
-        SystemUser(DEMO_USER, home=DEMO_ROOT, shell="/bin/bash"),
-        Directory(DEMO_ROOT, DEMO_USER, DEMO_USER, 0o755),
+        *demo_account(ctx.vars.demo.warm_runner),
         Directory(layout.JUPYTER_CONF_DIR, "root", DEMO_USER, 0o750),
         *ctx.secret_steps(secret_name, env={secret_name: secret_name.upper()}),
         config,
+        Directory(f"{env_prefix}/share/jupyter/lab/settings"),
+        File(
+            f"{env_prefix}/share/jupyter/lab/settings/overrides.json",
+            overrides,
+            notify=(JUPYTER_UNIT,),
+        ),
         File(layout.unit_file(JUPYTER_UNIT), unit, notify=(JUPYTER_UNIT,), unit_file=True),
         Service(JUPYTER_UNIT),
         WaitHttp(

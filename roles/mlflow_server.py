@@ -21,7 +21,6 @@ from mlflow_stack.engine.steps import (
     Schedule,
     Service,
     Step,
-    SystemUser,
     WaitHttp,
     q,
 )
@@ -30,12 +29,12 @@ from mlflow_stack.layout import (
     MLFLOW_ARTIFACTS,
     MLFLOW_CONF_DIR,
     MLFLOW_ENV_FILE,
-    MLFLOW_HOME,
     MLFLOW_PYCACHE,
     MLFLOW_UNIT,
     MLFLOW_USER,
 )
 from roles import mysql
+from roles.accounts import mlflow_account
 
 # Alembic head of the pinned mlflow (3.17.2); tests check it against the installed mlflow.
 SCHEMA_HEAD = "dc11669786a5"
@@ -98,33 +97,19 @@ def snapshot_sql(snapshot: str, head: str = SCHEMA_HEAD) -> str:
 def warm_bytecode_step(env_prefix: str, env_synced: str) -> Run:
     """Compile what the server imports into its bytecode cache, in the background: the
     `anaconda` role starts it once the env is synced (step id `env_synced`), so it runs while
-    MariaDB installs and the server's first start only imports. As root (the mlflow user comes
-    later): this role hands the cache over (`cache_owner_step`)."""
+    MariaDB installs and the server's first start only imports. The cache is root's (root
+    writes it, the server only reads it): no account can plant bytecode root would run."""
     cache = F.PathState(MLFLOW_PYCACHE)
     imports = q("import " + ", ".join(WARM_IMPORTS))
     return Run(
         "bytecode of the MLflow server",
-        f"mkdir -p {MLFLOW_PYCACHE} && cd / && "
+        f"install -d -m 0755 {layout.STACK_CACHE} {MLFLOW_PYCACHE} && cd / && "
         f"PYTHONPYCACHEPREFIX={MLFLOW_PYCACHE} {env_prefix}/bin/python -W ignore -c {imports}",
         when=lambda c: c[cache] is None or env_synced in c.changed,
         needs=(cache,),
         schedule=Schedule.BACKGROUND,
         timeout=900,
         id=WARM_ID,
-    )
-
-
-def cache_owner_step() -> Run:
-    """The bytecode cache belongs to the mlflow user (after the warm-up, which runs as root)."""
-    cache = f"{MLFLOW_HOME}/.cache"
-    user = MLFLOW_USER
-    foreign = role_facts.ForeignFiles(cache, user)
-    return Run(
-        f"bytecode cache owned by {user}",
-        f"[ ! -e {cache} ] || chown -R {user}:{user} {cache}",
-        when=lambda c: WARM_ID in c.changed or bool(c[foreign].output.strip()),
-        needs=(foreign,),
-        waits_for=(WARM_ID,),
     )
 
 
@@ -142,6 +127,33 @@ def allowed_hosts(ctx: RoleContext) -> list[str]:
     return list(dict.fromkeys(h for n in names for h in (n, f"{n}:{mv.port}")))
 
 
+def recorder_steps(env_prefix: str) -> list[Step]:
+    """The record service tuning writes its trial runs through (as this account, which holds
+    the database's credential), started by its socket when a client connects."""
+    socket_unit = render("systemd/mlflow-recorder.socket.j2", socket=layout.RECORDER_SOCKET)
+    service_unit = render(
+        "systemd/mlflow-recorder.service.j2",
+        user=MLFLOW_USER,
+        state=layout.MLFLOW_STATE,
+        env_file=MLFLOW_ENV_FILE,
+        env_prefix=env_prefix,
+        code_root=layout.DEMO_ROOT,
+        pycache=MLFLOW_PYCACHE,
+        allow=layout.DEMO_USER,
+    )
+    units = (layout.RECORDER_SOCKET_UNIT, layout.RECORDER_UNIT)
+    return [
+        File(layout.unit_file(layout.RECORDER_UNIT), service_unit, unit_file=True),
+        File(
+            layout.unit_file(layout.RECORDER_SOCKET_UNIT),
+            socket_unit,
+            notify=(layout.RECORDER_SOCKET_UNIT,),
+            unit_file=True,
+        ),
+        Service(units[0]),
+    ]
+
+
 def build(ctx: RoleContext) -> list[Step]:
     mv = ctx.vars.mlflow
     env_prefix = layout.env_dir(ctx.vars.python.prefix, layout.MLFLOW_ENV)
@@ -155,11 +167,8 @@ def build(ctx: RoleContext) -> list[Step]:
     }
     user = MLFLOW_USER
     steps: list[Step] = [
-        SystemUser(user, home=MLFLOW_HOME),
-        Directory(MLFLOW_HOME, user, user, 0o750),
-        Directory(MLFLOW_ARTIFACTS, user, user, 0o750),
+        *mlflow_account(),
         Directory(MLFLOW_CONF_DIR, "root", user, 0o750),
-        cache_owner_step(),
     ]
     if mv.public:
         admin = ctx.secret("mlflow_admin_password", env="MLFLOW_ADMIN_PASSWORD")
@@ -179,9 +188,9 @@ def build(ctx: RoleContext) -> list[Step]:
             File(
                 layout.MLFLOW_AUTH_CONFIG,
                 auth,
+                "root",
                 user,
-                user,
-                0o600,
+                0o640,
                 secret=True,
                 notify=(MLFLOW_UNIT,),
             )
@@ -190,7 +199,7 @@ def build(ctx: RoleContext) -> list[Step]:
     unit = render(
         "systemd/mlflow-server.service.j2",
         user=user,
-        home=MLFLOW_HOME,
+        state=layout.MLFLOW_STATE,
         pycache=MLFLOW_PYCACHE,
         launcher=layout.MLFLOW_LAUNCHER,
         env_file=MLFLOW_ENV_FILE,
@@ -221,19 +230,19 @@ def build(ctx: RoleContext) -> list[Step]:
         File(
             MLFLOW_ENV_FILE,
             render("mlflow/mlflow.env.j2", auth_config=layout.MLFLOW_AUTH_CONFIG, **env_vars),
+            "root",
             user,
-            user,
-            0o600,
+            0o640,
             secret=True,
             notify=(MLFLOW_UNIT,),
         ),
-        File(layout.MLFLOW_DB_UPGRADE, hostside.read("db_upgrade.py"), "root", user, 0o640),
+        File(layout.MLFLOW_DB_UPGRADE, hostside.read("db_upgrade.py"), "root", "root", 0o644),
         File(
             layout.MLFLOW_LAUNCHER,
             hostside.read("tracking_server.py"),
             "root",
-            user,
-            0o640,
+            "root",
+            0o644,
             notify=(MLFLOW_UNIT,),
         ),
         *snapshot,
@@ -248,6 +257,7 @@ def build(ctx: RoleContext) -> list[Step]:
         ),
         File(layout.unit_file(MLFLOW_UNIT), unit, notify=(MLFLOW_UNIT,), unit_file=True),
         Service(MLFLOW_UNIT),
+        *recorder_steps(env_prefix),
         WaitHttp(
             "mlflow answers /health",
             f"http://127.0.0.1:{mv.port}/health",

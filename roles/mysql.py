@@ -25,13 +25,14 @@ from mlflow_stack.engine.steps import (
     Step,
 )
 from mlflow_stack.engine.templating import render
-from mlflow_stack.layout import DATABASES, DB_USER, DbServer
+from mlflow_stack.layout import DATABASES, DB_USER, TUNING_DB_USER, DbServer
 
 CHARSET, COLLATION = "utf8mb4", "utf8mb4_bin"
 REQUIRED_PRIVILEGES = frozenset(
     {"SELECT", "INSERT", "UPDATE", "DELETE", "CREATE", "DROP", "ALTER", "INDEX", "REFERENCES"}
 )
 PASSWORD_ENV = "MLFLOW_DB_PASSWORD"
+TUNING_PASSWORD_ENV = "MLFLOW_TUNING_DB_PASSWORD"
 
 
 def native_clause(server: DbServer) -> str:
@@ -96,32 +97,42 @@ def state_fact() -> F.Fact:
 
 
 @dataclass(frozen=True)
-class Wanted:
+class Account:
+    """A database account: its password, the client hosts it may log in from, the databases
+    it has rights on (those alone)."""
+
+    user: str
     password: str
     hosts: tuple[str, ...]
+    databases: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Wanted:
+    accounts: tuple[Account, ...]
     server: DbServer
 
 
-def _privileges_ok(state: DbState, host: str) -> bool:
-    who = grantee(DB_USER, host)
+def _privileges_ok(state: DbState, who: str, databases: tuple[str, ...]) -> bool:
     if state.global_privileges.get(who):
         return False
     schemas = {schema for (g, schema) in state.db_privileges if g == who}
-    if schemas != set(DATABASES):
+    if schemas != set(databases):
         return False
-    return all(state.db_privileges[(who, db)] >= REQUIRED_PRIVILEGES for db in DATABASES)
+    return all(state.db_privileges[(who, db)] >= REQUIRED_PRIVILEGES for db in databases)
 
 
 def plan_sql(state: DbState, wanted: Wanted) -> list[tuple[str, str]]:
     """(what, statement) pairs that bring the server to the wanted state; [] when it is."""
     out: list[tuple[str, str]] = []
+    managed = {a.user: a for a in wanted.accounts}
     for user, host in sorted(state.users):
         if user == "":
             out.append((f"drop anonymous user @{host}", f"DROP USER {account('', host)};"))
         elif user == "root" and host != "localhost":
             out.append((f"drop remote root@{host}", f"DROP USER {account('root', host)};"))
-        elif user == DB_USER and host not in wanted.hosts:
-            out.append((f"drop {DB_USER}@{host}", f"DROP USER {account(DB_USER, host)};"))
+        elif user in managed and host not in managed[user].hosts:
+            out.append((f"drop {user}@{host}", f"DROP USER {account(user, host)};"))
     if "test" in state.databases:
         out.append(("drop database test", "DROP DATABASE test;"))
     if any(schema in ("test", "test\\_%") for (_, schema) in state.db_privileges):
@@ -134,36 +145,47 @@ def plan_sql(state: DbState, wanted: Wanted) -> list[tuple[str, str]]:
             out.append((f"create database {db}", f"CREATE DATABASE `{db}` {spec};"))
         elif state.databases[db] != (CHARSET, COLLATION):
             out.append((f"set {db} to {CHARSET}", f"ALTER DATABASE `{db}` {spec};"))
-    digest = native_password_hash(wanted.password)
-    identified = f"IDENTIFIED{native_clause(wanted.server)} BY {sql_string(wanted.password)}"
-    for host in wanted.hosts:
-        who = account(DB_USER, host)
-        if (DB_USER, host) not in state.users:
-            out.append((f"create user {DB_USER}@{host}", f"CREATE USER {who} {identified};"))
-        elif state.users[(DB_USER, host)] != digest:
-            out.append((f"set password of {DB_USER}@{host}", f"ALTER USER {who} {identified};"))
-        if not _privileges_ok(state, host):
-            out.append(
-                (
-                    f"grant {DB_USER}@{host} rights on {', '.join(DATABASES)} only",
-                    f"REVOKE ALL PRIVILEGES, GRANT OPTION FROM {who}; "
-                    + " ".join(f"GRANT ALL PRIVILEGES ON `{db}`.* TO {who};" for db in DATABASES),
-                )
-            )
+    for acct in wanted.accounts:
+        out += _account_sql(state, acct, wanted.server)
     if out:
         out.append(("flush privileges", "FLUSH PRIVILEGES;"))
     return out
 
 
+def _account_sql(state: DbState, acct: Account, server: DbServer) -> list[tuple[str, str]]:
+    out = []
+    digest = native_password_hash(acct.password)
+    identified = f"IDENTIFIED{native_clause(server)} BY {sql_string(acct.password)}"
+    for host in acct.hosts:
+        who = account(acct.user, host)
+        name = f"{acct.user}@{host}"
+        if (acct.user, host) not in state.users:
+            out.append((f"create user {name}", f"CREATE USER {who} {identified};"))
+        elif state.users[(acct.user, host)] != digest:
+            out.append((f"set password of {name}", f"ALTER USER {who} {identified};"))
+        if not _privileges_ok(state, grantee(acct.user, host), acct.databases):
+            out.append(
+                (
+                    f"grant {name} rights on {', '.join(acct.databases)} only",
+                    f"REVOKE ALL PRIVILEGES, GRANT OPTION FROM {who}; "
+                    + " ".join(
+                        f"GRANT ALL PRIVILEGES ON `{db}`.* TO {who};" for db in acct.databases
+                    ),
+                )
+            )
+    return out
+
+
 @dataclass
 class SecureDatabase(Step):
-    """Anonymous users, test database and remote root gone; MLflow's databases and user."""
+    """Anonymous users, test database and remote root gone; the databases and their accounts."""
 
     wanted: Wanted
 
     def __post_init__(self) -> None:
         self.id = "mysql:databases"
-        self.label = f"databases {', '.join(DATABASES)} and user {DB_USER}"
+        users = " and ".join(a.user for a in self.wanted.accounts)
+        self.label = f"databases {', '.join(DATABASES)}, accounts {users}"
 
     def facts(self) -> list[F.Fact]:
         return [state_fact()]
@@ -183,15 +205,30 @@ def build(ctx: RoleContext) -> list[Step]:
     mv = ctx.vars.mysql
     server = layout.db_server(ctx.os)
     password = ctx.secret("db_password", env=PASSWORD_ENV)
-    hosts = tuple(dict.fromkeys(("localhost", "127.0.0.1", *mv.allow_from)))
+    tuning = ctx.secret("db_tuning_password", env=TUNING_PASSWORD_ENV)
+    local = ("localhost", "127.0.0.1")
+    accounts = (
+        Account(DB_USER, password.reveal(), local, ("mlflow",)),
+        # tuning processes (the demo account's, workers on other hosts): Optuna's studies only
+        Account(
+            TUNING_DB_USER,
+            tuning.reveal(),
+            tuple(dict.fromkeys((*local, *mv.allow_from))),
+            ("optuna",),
+        ),
+    )
     conf = render("mysql/60-mlflow-stack.cnf.j2", bind_address=mv.bind_address, port=mv.port)
     return [
         Apt((server.package,), schedule=Schedule.EARLY),  # installs while anaconda runs
         *(MaskedUnit(unit, notify=(server.service,)) for unit in server.sockets),
         File(server.conf_file, conf, notify=(server.service,)),
         Service(server.service),
-        *ctx.secret_steps("db_password", env={"db_password": PASSWORD_ENV}),
-        SecureDatabase(Wanted(password.reveal(), hosts, server)),
+        *ctx.secret_steps(
+            "db_password",
+            "db_tuning_password",
+            env={"db_password": PASSWORD_ENV, "db_tuning_password": TUNING_PASSWORD_ENV},
+        ),
+        SecureDatabase(Wanted(accounts, server)),
     ]
 
 

@@ -29,7 +29,7 @@ def demo_command(
     read from one line of stdin instead (see `secret_stdin`) and exported to the process.
     """
     variables = {
-        "HOME": layout.DEMO_ROOT,
+        "HOME": layout.DEMO_STATE,
         "MLFLOW_TRACKING_URI": place.tracking_uri,
         "DEMO_WINE_DATA": layout.DEMO_DATA,
         "PYTHONPATH": layout.DEMO_ROOT,
@@ -42,7 +42,7 @@ def demo_command(
     command = " ".join(shlex.quote(a) for a in [place.demo_python, *args])
     reads = "".join(f"IFS= read -r {name} && export {name} && " for name in secret_env)
     return (
-        f"{reads}cd {layout.DEMO_ROOT} && runuser -u {layout.DEMO_USER} -- "
+        f"{reads}cd {layout.DEMO_STATE} && runuser -u {layout.DEMO_USER} -- "
         f"env {assignments} {command}"
     )
 

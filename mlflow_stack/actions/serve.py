@@ -124,8 +124,8 @@ def serve_steps(req: ServeRequest, uri: str, place: Layout) -> list[Step]:
     template = render(
         "systemd/mlflow-model@.service.j2",
         user=layout.DEMO_USER,
-        home=layout.DEMO_ROOT,
-        pycache=layout.DEMO_PYCACHE,
+        cache=layout.MODELS_CACHE,
+        cache_name=layout.MODELS_CACHE.removeprefix("/var/cache/"),
         conf_dir=MODELS_CONF_DIR,
         env_prefix=place.env(layout.DEMO_ENV),
         server=SERVER_PATH,

@@ -1,12 +1,12 @@
 """`invoke tune`: an Optuna search on one host, or one study shared by workers on many.
 
 With one process on one host the study is local (in memory). Otherwise every process joins
-one study in the server's `optuna` database (Optuna's distributed mode), all log to the one
-MLflow server, and when they are done the server finalises: registers the best trial as
-`wine-elasticnet` and points the `champion` alias at it. Processes on the server's machine
-(MySQL backend) write their trial runs straight into the MLflow database (see
-demo_wine/recorder.py); the rest goes through the server. Database credentials travel on
-stdin, never on a command line.
+one study in the server's `optuna` database (Optuna's distributed mode) with the tuning
+account (rights on `optuna` alone; its password travels on stdin, never on a command line),
+all log to the one MLflow server, and when they are done the server finalises: registers the
+best trial as `wine-elasticnet` and points the `champion` alias at it. Processes on the
+server's machine write their trial runs through its record service (a socket; the service
+holds the tracking database's credential, they never do); the rest go through the server.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from mlflow_stack.inventory import Inventory
 
 STORAGE_ENV = "DEMO_WINE_STORAGE"
-MLFLOW_DB_ENV = "DEMO_WINE_MLFLOW_DB"
+RECORDER_ENV = "DEMO_WINE_RECORDER"
 
 
 def split_trials(total: int, slots: int) -> list[int]:
@@ -47,14 +47,11 @@ def split_trials(total: int, slots: int) -> list[int]:
 
 
 def storage_url(password: Secret, db_host: str, port: int) -> Secret:
+    """The shared study's storage, as the tuning account (database `optuna` only)."""
+    user = layout.TUNING_DB_USER
     return Secret(
-        f"mysql+pymysql://mlflow:{quote(password.reveal(), safe='')}@{db_host}:{port}/optuna"
+        f"mysql+pymysql://{user}:{quote(password.reveal(), safe='')}@{db_host}:{port}/optuna"
     )
-
-
-def mlflow_db_url(password: Secret, port: int) -> Secret:
-    """The MLflow server's backend database, as seen from the server's own machine."""
-    return Secret(layout.tracking_db_uri("mysql", password.reveal(), port))
 
 
 def reach(server: ResolvedHost, worker: ResolvedHost) -> str:
@@ -67,16 +64,15 @@ def process_secrets(
     server: ResolvedHost, worker: ResolvedHost, password: Secret | None, shared: bool
 ) -> dict[str, Secret]:
     """Env (name -> secret, sent on stdin) of one tuning process on `worker`: the shared
-    study's storage, and the MLflow database when the worker is the server's machine and the
-    backend is MySQL (trial runs go there directly)."""
-    out = {}
-    if password is None:
-        return out
-    if shared:
-        out[STORAGE_ENV] = storage_url(password, reach(server, worker), server.vars.mysql.port)
-    if server.vars.mlflow.backend == "mysql" and reach(server, worker) == "127.0.0.1":
-        out[MLFLOW_DB_ENV] = mlflow_db_url(password, server.vars.mysql.port)
-    return out
+    study's storage, as the tuning account."""
+    if password is None or not shared:
+        return {}
+    return {STORAGE_ENV: storage_url(password, reach(server, worker), server.vars.mysql.port)}
+
+
+def process_env(server: ResolvedHost, worker: ResolvedHost) -> dict[str, str]:
+    """Plain env of one tuning process: on the server's machine, its record service."""
+    return {RECORDER_ENV: layout.RECORDER_SOCKET} if reach(server, worker) == "127.0.0.1" else {}
 
 
 @dataclass
@@ -91,6 +87,7 @@ class ProcessResult:
 class TuneOutcome:
     study: str
     trials_per_host: dict[str, int] = field(default_factory=dict)
+    recorded_via: dict[str, str] = field(default_factory=dict)  # host#process -> how
     failures: list[str] = field(default_factory=list)
     final: dict = field(default_factory=dict)
     seconds: float = 0.0
@@ -114,14 +111,15 @@ def _run_process(
     host: Host,
     place: Layout,
     args: list[str],
+    env: dict[str, str],
     secrets: dict[str, Secret],
     printer: Callable[[str], None],
 ) -> dict:
-    """Run demo_wine.tune; `secrets` (env name -> value) are sent on stdin."""
+    """Run demo_wine.tune with `env`; `secrets` (env name -> value) are sent on stdin."""
     names = tuple(secrets)
     stdin = secret_stdin(*secrets.values()) if secrets else None
     result = host.run(
-        demo_command(place, args, secret_env=names),
+        demo_command(place, args, env=env, secret_env=names),
         stdin=stdin,
         on_output=printer,
         timeout=6 * 3600,
@@ -151,8 +149,7 @@ def tune(
     shared = len(slots) > 1
     outcome = TuneOutcome(study)
     server_host = connections[server.name]
-    direct = server.vars.mlflow.backend == "mysql"
-    password = read_secret(server_host, "db_password") if shared or direct else None
+    password = read_secret(server_host, "db_tuning_password") if shared else None
     lock = threading.Lock()
 
     def secrets_for(h: ResolvedHost) -> dict[str, Secret]:
@@ -169,6 +166,7 @@ def tune(
                 connections[h.name],
                 place,
                 args,
+                process_env(server, h),
                 secrets_for(h),
                 lambda line: printer(f"{h.name}#{index}", line),
             )
@@ -187,6 +185,7 @@ def tune(
             outcome.trials_per_host[r.host] = outcome.trials_per_host.get(r.host, 0) + int(
                 r.result.get("trials_done", 0)
             )
+            outcome.recorded_via[f"{r.host}#{r.index}"] = str(r.result.get("recorded_via", "?"))
     if not any(r.result for r in results):
         raise ActionError("every tuning process failed: " + "; ".join(outcome.failures))
     if shared:
@@ -194,6 +193,7 @@ def tune(
             server_host,
             Layout.of(server.vars),
             tune_args(0, study, experiment, register=True),
+            process_env(server, server),
             secrets_for(server),
             lambda line: printer(f"{server.name}:final", line),
         )
@@ -230,9 +230,11 @@ def render_outcome(outcome: TuneOutcome) -> list[str]:
     per_host = ", ".join(f"{k}: {v}" for k, v in outcome.trials_per_host.items())
     params = ", ".join(f"{k}={v:.4g}" for k, v in (final.get("best_params") or {}).items())
     version = final.get("registered_version")
+    via = ", ".join(f"{k} {v}" for k, v in outcome.recorded_via.items())
     lines = [
         f"study {outcome.study}: {sum(outcome.trials_per_host.values())} trials in "
         f"{outcome.seconds:.1f}s  ({per_host})",
+        f"trial runs recorded via: {via}",
         f"best: {params}  val_rmse={final.get('best_value', float('nan')):.4f}  "
         f"run {final.get('best_run_id')}",
         f"champion: models:/wine-elasticnet@champion -> version {version}"

@@ -22,7 +22,15 @@ from mlflow_stack.engine.jobs import BackgroundJobs, Outcome
 from mlflow_stack.engine.probing import FactStore, Prefetch, probe
 from mlflow_stack.engine.report import HostRecap, Reporter, Status, StepResult
 from mlflow_stack.engine.role import Role
-from mlflow_stack.engine.steps import Change, PlanContext, Schedule, Step, StepError, q
+from mlflow_stack.engine.steps import (
+    Change,
+    PlanContext,
+    Schedule,
+    Step,
+    StepError,
+    q,
+    root_only,
+)
 from mlflow_stack.secrets import mask
 
 if TYPE_CHECKING:
@@ -86,7 +94,10 @@ class HostRun:
             return f"    (content of {target} hidden: it holds secrets)"
         old = ""
         if change.path and change.existed:
-            old = self.host.run(f"cat {q(change.path)}").stdout
+            shown = self.host.run(f"{root_only(change.path)}; cat -- {q(change.path)}")
+            if shown.rc == 3:  # not root's alone: its content is not root's to show
+                return f"    ({shown.stderr.strip()})"
+            old = shown.stdout
         lines = difflib.unified_diff(
             old.splitlines(keepends=True),
             (change.new_text or "").splitlines(keepends=True),

@@ -194,13 +194,32 @@ class SystemUser(Step):
         return Change("updated", [Cmd(f"usermod {' '.join(fixes)} {q(self.user)}")])
 
 
+def root_only(path: str) -> str:
+    """Shell that stops (exit 3, one line) unless root alone controls where `path` is: every
+    existing directory above it is root's, no symlink, and writable by no group or other
+    account, and `path` itself is no symlink. Root writes (and reads into its output) only
+    there, so no other account can swap a symlink under what root writes, chowns or shows."""
+    p = q(path)
+    return (
+        f"d=$(dirname -- {p}); while :; do "
+        'if [ -e "$d" ] || [ -L "$d" ]; then set -- $(stat -c "%u %a %U" -- "$d"); '
+        'if [ -L "$d" ] || [ "$1" != 0 ] || [ $(( 0$2 & 022 )) != 0 ]; then '
+        "printf 'refusing to touch %s as root: %s is not root'\\''s alone (owner %s, mode %s); "
+        "do it as that account\\n' "
+        f'{p} "$d" "$3" "$2" >&2; exit 3; fi; fi; '
+        '[ "$d" = / ] && break; d=$(dirname -- "$d"); done; '
+        f"if [ -L {p} ]; then printf 'refusing to touch %s as root: it is a symlink\\n' {p} >&2; "
+        "exit 3; fi"
+    )
+
+
 def _ownership_fixes(path: str, info: F.PathInfo, owner: str, group: str, mode: int) -> list[str]:
     fixes = []
     if (info.owner, info.group) != (owner, group):
-        fixes.append(f"chown {q(owner)}:{q(group)} {q(path)}")
+        fixes.append(f"chown -h {q(owner)}:{q(group)} {q(path)}")
     if info.mode != mode:
         fixes.append(f"chmod {mode:o} {q(path)}")
-    return fixes
+    return [root_only(path), *fixes] if fixes else []
 
 
 @dataclass
@@ -222,9 +241,9 @@ class Directory(Step):
     def plan(self, ctx: PlanContext) -> Change | None:
         info = ctx[F.PathState(self.path)]
         p = q(self.path)
-        own = f"chown {q(self.owner)}:{q(self.group)} {p} && chmod {self.mode:o} {p}"
+        own = f"chown -h {q(self.owner)}:{q(self.group)} {p} && chmod {self.mode:o} {p}"
         if info is None:
-            return Change("created", [Cmd(f"mkdir -p {p} && {own}")])
+            return Change("created", [Cmd(f"{root_only(self.path)}; mkdir -p {p} && {own}")])
         if info.kind != "directory":
             raise StepError(f"{self.path} exists but is a {info.kind}, not a directory")
         fixes = _ownership_fixes(self.path, info, self.owner, self.group, self.mode)
@@ -244,7 +263,7 @@ def install_file_script(path: str, owner: str, group: str, mode: int) -> str:
     """Shell script that writes stdin to `path` atomically with owner, group and mode."""
     p = q(path)
     return (
-        f'set -e; tmp=$(mktemp "$(dirname {p})/.mlflow-stack.XXXXXX"); '
+        f'{root_only(path)}; set -e; tmp=$(mktemp "$(dirname {p})/.mlflow-stack.XXXXXX"); '
         'trap \'rm -f "$tmp"\' EXIT; cat > "$tmp"; '
         f'chown {q(owner)}:{q(group)} "$tmp"; chmod {mode:o} "$tmp"; '
         f'mv -f "$tmp" {p}; trap - EXIT'

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow_stack.engine import facts as F
-from mlflow_stack.engine.steps import Change, Cmd, Directory, File, PlanContext, Step
+from mlflow_stack.engine.steps import Change, Cmd, Directory, File, PlanContext, Step, root_only
 
 EXCLUDE = ("__pycache__", "*.pyc", ".ipynb_checkpoints", "mlruns", "mlflow.db", ".DS_Store")
 
@@ -56,8 +56,21 @@ class PruneExtra(Step):
             return None
         paths = " ".join(shlex.quote(f"{self.remote}/{p}") for p in extra)
         return Change(
-            f"removed {len(extra)} file(s): {', '.join(extra[:5])}", [Cmd(f"rm -f {paths}")]
+            f"removed {len(extra)} file(s): {', '.join(extra[:5])}",
+            [Cmd(f"{root_only_tree(self.remote)}; rm -f {paths}")],
         )
+
+
+def root_only_tree(remote: str) -> str:
+    """Shell that stops (exit 3) unless root alone controls `remote` and everything in it."""
+    r = shlex.quote(remote)
+    return (
+        f"{root_only(remote)}; "
+        f"other=$(find {r} \\( ! -user root -o -perm /022 \\) -print -quit); "
+        'if [ -n "$other" ]; then '
+        "printf 'refusing to prune %s as root: %s is not root'\\''s alone\\n' "
+        f'{r} "$other" >&2; exit 3; fi'
+    )
 
 
 def tree_steps(

@@ -73,3 +73,16 @@ def run_count(db: Path) -> int:
 
     with sqlite3.connect(db) as conn:
         return conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+
+
+@pytest.fixture
+def tracking(tmp_path: Path) -> tuple:
+    """A fresh SQLite tracking store with one experiment and an active parent run."""
+    from mlflow import MlflowClient
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("rec", artifact_location="mlflow-artifacts:/rec")
+    parent = client.create_run(exp, tags={"role": "tuning"}).info.run_id
+    return uri, db, client, exp, parent

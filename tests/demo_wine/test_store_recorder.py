@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from demo_wine.recorder import (
+    DatabaseStore,
     RecordingError,
     StoreMismatch,
     StoreRecorder,
@@ -35,19 +36,6 @@ def frozen(number: int, state: str = "COMPLETE") -> Any:
 
 
 METRICS = {"val_rmse": 0.75, "val_mae": float("nan"), "val_r2": float("inf")}
-
-
-@pytest.fixture
-def tracking(tmp_path: Path) -> tuple[str, Path, Any, str, str]:
-    """A fresh SQLite tracking store with one experiment and an active parent run."""
-    from mlflow import MlflowClient
-
-    db = tmp_path / "mlflow.db"
-    uri = f"sqlite:///{db}"
-    client = MlflowClient(uri)
-    exp = client.create_experiment("rec", artifact_location="mlflow-artifacts:/rec")
-    parent = client.create_run(exp, tags={"role": "tuning"}).info.run_id
-    return uri, db, client, exp, parent
 
 
 def rows(db: Path, run_id: str) -> dict[str, list[tuple]]:
@@ -74,7 +62,7 @@ def test_rows_equal_those_of_mlflows_own_store_path(tracking) -> None:
 
     # Reference: the three calls the server performs on its store for each trial.
     reference = TrialRecorder(client, exp, parent, tags, threads=1)
-    direct = StoreRecorder(uri, exp, parent, tags, interval=0.01)
+    direct = StoreRecorder(DatabaseStore(uri, exp, parent, tags), interval=0.01)
     for n, state in ((0, "COMPLETE"), (1, "FAIL")):
         for rec in (reference, direct):
             rec.note(n, METRICS)
@@ -96,15 +84,15 @@ def test_rows_equal_those_of_mlflows_own_store_path(tracking) -> None:
 
 def test_a_batch_written_twice_creates_no_second_run(tracking) -> None:
     uri, db, client, exp, parent = tracking
-    rec = StoreRecorder(uri, exp, parent, {}, interval=0.01)
+    rec = StoreRecorder(DatabaseStore(uri, exp, parent, {}), interval=0.01)
     for n in range(5):
         rec.note(n, {"val_rmse": 0.8})
         rec(None, frozen(n))
     assert rec.close() == 5
-    again = StoreRecorder(uri, exp, parent, {}, interval=0.01)
+    again = StoreRecorder(DatabaseStore(uri, exp, parent, {}), interval=0.01)
     batch = [rec.records[n] for n in range(7) if n in rec.records]
     assert again.write(batch) == 0  # all present already
-    twice = StoreRecorder(uri, exp, parent, {}, interval=0.01)
+    twice = StoreRecorder(DatabaseStore(uri, exp, parent, {}), interval=0.01)
     assert twice.write([replace(rec.records[0], number=5, run_id=trial_run_id(parent, 5))] * 2) == 1
     twice.close()
     again.close()
@@ -119,7 +107,7 @@ def test_a_batch_written_twice_creates_no_second_run(tracking) -> None:
 def test_refuses_a_database_without_the_parent_run(tracking, tmp_path: Path) -> None:
     uri, _, _, exp, _ = tracking
     with pytest.raises(StoreMismatch, match="not in this database"):
-        StoreRecorder(uri, exp, "0" * 32, {})
+        StoreRecorder(DatabaseStore(uri, exp, "0" * 32, {}))
 
 
 def test_refuses_a_schema_that_is_not_at_mlflows_head(tracking) -> None:
@@ -127,12 +115,12 @@ def test_refuses_a_schema_that_is_not_at_mlflows_head(tracking) -> None:
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE alembic_version SET version_num = 'abc123'")
     with pytest.raises(StoreMismatch, match="out-of-date database schema"):
-        StoreRecorder(uri, exp, parent, {})
+        StoreRecorder(DatabaseStore(uri, exp, parent, {}))
 
 
 def test_unwritable_trials_raise_on_close(tracking) -> None:
     uri, db, _, exp, parent = tracking
-    rec = StoreRecorder(uri, exp, parent, {}, interval=0.01, patience_s=0)
+    rec = StoreRecorder(DatabaseStore(uri, exp, parent, {}), interval=0.01, patience_s=0)
     with sqlite3.connect(db) as conn:  # make every insert into `runs` fail
         conn.execute(
             "CREATE TRIGGER no_runs BEFORE INSERT ON runs BEGIN SELECT RAISE(ABORT, 'no'); END"
@@ -150,7 +138,7 @@ def test_a_database_outage_only_delays_the_runs(tracking) -> None:
         conn.execute(
             "CREATE TRIGGER no_runs BEFORE INSERT ON runs BEGIN SELECT RAISE(ABORT, 'down'); END"
         )
-    rec = StoreRecorder(uri, exp, parent, {}, interval=0.01, patience_s=60)
+    rec = StoreRecorder(DatabaseStore(uri, exp, parent, {}), interval=0.01, patience_s=60)
     for n in range(4):
         rec.note(n, {"val_rmse": 0.8})
         rec(None, frozen(n))

@@ -314,8 +314,8 @@ def test_public_mlflow_needs_credentials_and_keeps_its_secrets(stack, tmp_path):
             assert secret not in proc.stdout + proc.stderr + urls
             assert secret not in sh(h, "ps -eo args")
             assert secret not in sh(h, "journalctl --no-pager -q")
-        modes = sh(h, "stat -c '%a %U' /etc/mlflow/basic_auth.ini /etc/mlflow/mlflow.env")
-        assert modes.split("\n")[:2] == ["600 mlflow", "600 mlflow"]
+        modes = sh(h, "stat -c '%a %U:%G' /etc/mlflow/basic_auth.ini /etc/mlflow/mlflow.env")
+        assert modes.split("\n")[:2] == ["640 root:mlflow", "640 root:mlflow"]
     finally:
         code, _, proc = provision_json(stack.inv)  # back to loopback only
         h.close()

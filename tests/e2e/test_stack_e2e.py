@@ -90,7 +90,7 @@ def test_tracking_server_roundtrip_from_the_controller(stack, tmp_path):
     )
     assert Path(local).read_text() == "artifact through the proxy\n"
     h = host_of(stack)
-    stored = sh(h, "find /opt/mlflow/artifacts -name note.txt | head -1").strip()
+    stored = sh(h, f"find {layout.MLFLOW_ARTIFACTS} -name note.txt | head -1").strip()
     assert stored and sh(h, f"stat -c %U {stored}").strip() == "mlflow"
 
 
@@ -106,17 +106,21 @@ def test_database_is_utf8mb4_and_user_is_least_privileged(stack):
         "FROM information_schema.schemata WHERE schema_name='mlflow'\"",
     )
     assert charset.split() == ["utf8mb4", "utf8mb4_bin"]
-    conn = pymysql.connect(  # through `invoke tunnel --mysql`
-        host="127.0.0.1", port=stack.db_port, user="mlflow", password=db_password(h)
-    )
-    with conn.cursor() as cur:
-        cur.execute("SHOW DATABASES")
-        assert {r[0] for r in cur.fetchall()} == {"information_schema", "mlflow", "optuna"}
-        cur.execute("SELECT COUNT(*) FROM mlflow.experiments")
-        assert cur.fetchone()[0] >= 1
-        with pytest.raises(pymysql.err.OperationalError):
-            cur.execute("CREATE DATABASE e2e_forbidden")
-    conn.close()
+    tuning = sh(h, "cat /etc/mlflow-stack/secrets/db_tuning_password").strip()
+    for user, password, database in (
+        ("mlflow", db_password(h), "mlflow"),  # the tracking server's account
+        ("optuna", tuning, "optuna"),  # the tuning processes'
+    ):
+        conn = pymysql.connect(  # through `invoke tunnel --mysql`
+            host="127.0.0.1", port=stack.db_port, user=user, password=password
+        )
+        with conn.cursor() as cur:
+            cur.execute("SHOW DATABASES")
+            assert {r[0] for r in cur.fetchall()} == {"information_schema", database}
+            with pytest.raises(pymysql.err.OperationalError):
+                cur.execute("CREATE DATABASE e2e_forbidden")
+        conn.close()
+    assert password != db_password(h)
     anon = sh(h, "mysql -N -B -e \"SELECT COUNT(*) FROM mysql.user WHERE user=''\"")
     assert anon.strip() == "0"
     assert sh(h, "mysql -N -B -e \"SHOW DATABASES LIKE 'test'\"").strip() == ""
@@ -133,13 +137,12 @@ def test_secrets_never_leak(stack):
             assert form not in outputs
         assert secret not in sh(h, "ps -eo args")
         assert secret not in sh(h, "journalctl --no-pager -q")
-    modes = sh(
-        h,
-        "stat -c '%a %U %n' /etc/mlflow/mlflow.env /etc/mlflow-stack/secrets/* "
-        "/etc/jupyter-demo/jupyter_server_config.json",
-    )
+    modes = sh(h, "stat -c '%a %U:%G %n' /etc/mlflow-stack/secrets/*")
     for line in modes.splitlines():
-        assert line.startswith("600 "), line
+        assert line.startswith("600 root:root "), line
+    # the services' own configs: root's, readable by that service's account alone
+    modes = sh(h, "stat -c '%a %U:%G' /etc/mlflow/mlflow.env /etc/jupyter-demo/*.json").split("\n")
+    assert modes[:2] == ["640 root:mlflow", "640 root:demo"]
 
 
 def test_jupyter_auth_and_notebook_logs_to_mlflow(stack):
@@ -177,18 +180,17 @@ def test_jupyter_auth_and_notebook_logs_to_mlflow(stack):
         "nbformat": 4,
         "nbformat_minor": 5,
     }
+    ws = layout.DEMO_WORKSPACE
+    sh(h, f"runuser -u demo -- tee {ws}/e2e.ipynb >/dev/null", stdin=json.dumps(notebook))
     sh(
         h,
-        "cat > /opt/demo/e2e.ipynb && chown demo:demo /opt/demo/e2e.ipynb",
-        stdin=json.dumps(notebook),
-    )
-    sh(
-        h,
-        "cd /opt/demo && runuser -u demo -- env HOME=/opt/demo "
+        f"cd {ws} && runuser -u demo -- env HOME={layout.DEMO_STATE} PYTHONPATH=/opt/demo "
         "MLFLOW_TRACKING_URI=http://127.0.0.1:5000 /opt/anaconda/envs/demo/bin/jupyter "
         "nbconvert --to notebook --execute --inplace e2e.ipynb",
         timeout=300,
     )
+    shipped = sh(h, f"ls {ws}/notebooks").split()
+    assert "03_model_with_mlflow.ipynb" in shipped  # the shipped notebooks, in the workspace
     import mlflow
 
     mlflow.set_tracking_uri(stack.tracking_uri)
@@ -199,7 +201,7 @@ def test_jupyter_auth_and_notebook_logs_to_mlflow(stack):
 def test_demo_files_and_data(stack):
     h = host_of(stack)
     owners = sh(h, f"stat -c '%U' {layout.DEMO_CODE} {layout.DEMO_DATA}")
-    assert set(owners.split()) == {"demo"}
+    assert set(owners.split()) == {"root"}  # read-only to the demo account
     digest = sh(h, f"sha256sum {layout.DEMO_DATA}").split()[0]
     assert digest == WINE_SHA256
     assert "MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in sh(h, f"cat {layout.DEMO_SETENV}")
@@ -293,7 +295,7 @@ def test_schema_snapshot_is_the_schema_mlflow_builds(stack):
         create = f"CREATE DATABASE {db} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
         sh(h, f'mysql -e "DROP DATABASE IF EXISTS {db}; {create}; {grants}"')
         sh(h, "cat > /tmp/build_schema.py", stdin=BUILD_SCHEMA)
-        sh(h, "cd /opt/mlflow && runuser -u mlflow -- /opt/anaconda/envs/mlflow/bin/python "
+        sh(h, "cd / && runuser -u mlflow -- /opt/anaconda/envs/mlflow/bin/python "
               f"/tmp/build_schema.py /etc/mlflow/mlflow.env {db}", timeout=600)  # fmt: skip
         built = sh(h, f"mysqldump --compact --skip-comments --skip-dump-date {db}")
         built_schema = sh(h, no_data.format(db))

@@ -43,7 +43,8 @@ def test_demo_command_runs_as_demo_user_and_keeps_secrets_off_argv():
         LAYOUT, ["-m", "demo_wine.tune", "--n-trials", "5"], secret_env=("DEMO_WINE_STORAGE",)
     )
     assert cmd.startswith("IFS= read -r DEMO_WINE_STORAGE && export DEMO_WINE_STORAGE && ")
-    assert "runuser -u demo -- env HOME=/opt/demo MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in cmd
+    assert "cd /var/lib/demo && runuser -u demo -- env HOME=/var/lib/demo " in cmd
+    assert "MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in cmd
     assert cmd.endswith("/opt/anaconda/envs/demo/bin/python -m demo_wine.tune --n-trials 5")
 
 
@@ -61,7 +62,7 @@ def test_trials_split_evenly():
 
 def test_storage_url_is_a_secret():
     url = tune.storage_url(Secret("p@ss/word"), "127.0.0.1", 3306)
-    assert url.reveal() == "mysql+pymysql://mlflow:p%40ss%2Fword@127.0.0.1:3306/optuna"
+    assert url.reveal() == "mysql+pymysql://optuna:p%40ss%2Fword@127.0.0.1:3306/optuna"
     assert "p%40ss" not in str(url) and "p%40ss%2Fword" not in mask(f"x {url.reveal()} y")
 
 

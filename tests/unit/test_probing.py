@@ -95,7 +95,7 @@ def test_a_tampered_plan_runs_nothing_it_added(tmp_path):
     keys += [f"unit:{p}" for p in payloads] + [f"user:{p}" for p in payloads]
     keys += [f"packages:{p}" for p in payloads] + [f"env-stamp:{p}" for p in payloads]
     keys += ["http:http://169.254.169.254/latest/meta-data/", f"nosuchkind:{payloads[0]}", 7]
-    keys += [f'foreign-files:["/opt/x","$(touch {canary})"]']
+    keys += [f'env-stamp:["/opt/x","$(touch {canary})"]']
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"version": 2, "facts": keys}))
     path.chmod(0o600)

@@ -61,8 +61,9 @@ FRESH_MARIADB = "\n".join(
 )
 
 
-def wanted(password="s3cret", hosts=("localhost", "127.0.0.1")):
-    return mysql.Wanted(password, hosts, layout.MARIADB)
+def wanted(password="s3cret", hosts=("localhost", "127.0.0.1"), server=layout.MARIADB):
+    """The tracking server's account alone (the tuning account: its own test)."""
+    return mysql.Wanted((mysql.Account("mlflow", password, hosts, ("mlflow",)),), server)
 
 
 def test_fresh_server_gets_secured_and_provisioned():
@@ -86,8 +87,7 @@ def converged_state(password="s3cret", hosts=("localhost", "127.0.0.1"), extra=(
     ]
     for host in hosts:
         rows.append(f"user\tmlflow\t{host}\t{mysql.native_password_hash(password)}")
-        for db in mysql.DATABASES:
-            rows += [f"dbpriv\t'mlflow'@'{host}'\t{db}\t{p}" for p in mysql.REQUIRED_PRIVILEGES]
+        rows += [f"dbpriv\t'mlflow'@'{host}'\tmlflow\t{p}" for p in mysql.REQUIRED_PRIVILEGES]
     return mysql.parse_state("\n".join([*rows, *extra]))
 
 
@@ -107,7 +107,7 @@ def test_new_password_is_applied_with_alter_user():
 def test_original_global_grant_is_revoked():
     state = converged_state(extra=["globalpriv\t'mlflow'@'localhost'\tSUPER"])
     whats = [w for w, _ in mysql.plan_sql(state, wanted())]
-    assert whats == ["grant mlflow@localhost rights on mlflow, optuna only", "flush privileges"]
+    assert whats == ["grant mlflow@localhost rights on mlflow only", "flush privileges"]
 
 
 def test_latin1_database_is_switched_and_stale_hosts_dropped():
@@ -123,9 +123,44 @@ def test_password_quotes_are_escaped():
 
 
 def test_ubuntu_users_use_native_password():
-    w = mysql.Wanted("pw", ("localhost",), layout.MYSQL)
+    w = wanted("pw", ("localhost",), layout.MYSQL)
     sql = "".join(s for _, s in mysql.plan_sql(mysql.DbState(), w))
     assert "IDENTIFIED WITH mysql_native_password BY 'pw'" in sql
+
+
+def test_two_accounts_each_with_rights_on_its_own_database_only():
+    """The tracking server's account: `mlflow` from this host; the tuning account: `optuna`,
+    also from the workers' addresses. Neither has rights on the other's database."""
+    w = mysql.Wanted(
+        (
+            mysql.Account("mlflow", "a" * 16, ("localhost",), ("mlflow",)),
+            mysql.Account("optuna", "b" * 16, ("localhost", "10.0.0.9"), ("optuna",)),
+        ),
+        layout.MARIADB,
+    )
+    sql = "\n".join(s for _, s in mysql.plan_sql(mysql.DbState(), w))
+    assert "GRANT ALL PRIVILEGES ON `mlflow`.* TO 'mlflow'@'localhost';" in sql
+    assert "GRANT ALL PRIVILEGES ON `optuna`.* TO 'optuna'@'10.0.0.9';" in sql
+    assert "TO 'mlflow'@'10.0.0.9'" not in sql and "`optuna`.* TO 'mlflow'" not in sql
+    assert "`mlflow`.* TO 'optuna'" not in sql
+    # an older layout's grant of both databases to the mlflow account is taken back
+    state = mysql.parse_state(
+        "user\tmlflow\tlocalhost\t" + mysql.native_password_hash("a" * 16) + "\n"
+        + "\n".join(f"dbpriv\t'mlflow'@'localhost'\t{db}\t{p}"
+                    for db in ("mlflow", "optuna") for p in mysql.REQUIRED_PRIVILEGES)
+    )  # fmt: skip
+    whats = [what for what, _ in mysql.plan_sql(state, w)]
+    assert "grant mlflow@localhost rights on mlflow only" in whats
+
+
+def test_mysql_role_keeps_the_tuning_password_apart():
+    steps = mysql.build(context(mysql={"allow_from": ["10.0.0.9"]}))
+    (db,) = [s for s in steps if isinstance(s, mysql.SecureDatabase)]
+    by_user = {a.user: a for a in db.wanted.accounts}
+    assert by_user["mlflow"].hosts == ("localhost", "127.0.0.1")
+    assert by_user["optuna"].hosts == ("localhost", "127.0.0.1", "10.0.0.9")
+    assert by_user["mlflow"].password != by_user["optuna"].password
+    assert "secret db_tuning_password" in [s.label for s in steps]
 
 
 def test_sql_goes_on_stdin_only():
@@ -152,14 +187,15 @@ def find(steps, name):
 def test_mlflow_server_env_file_unit_and_schema():
     steps = mlflow_server.build(context())
     env = find(steps, "file /etc/mlflow/mlflow.env")
-    assert env.mode == 0o600 and env.owner == "mlflow" and env.secret
+    assert (env.mode, env.owner, env.group) == (0o640, "root", "mlflow") and env.secret
     assert "MLFLOW_BACKEND_STORE_URI=mysql+pymysql://mlflow:pw-from-host@127.0.0.1:3306/mlflow" in (
         env.content
     )
     unit = find(steps, "file /etc/systemd/system/mlflow-server.service").content
     assert "pw-from-host" not in unit and "EnvironmentFile=/etc/mlflow/mlflow.env" in unit
-    assert "--host 127.0.0.1 --port 5000 --workers 1 --artifacts-destination /opt/mlflow/art" in (
-        unit
+    assert (
+        "--host 127.0.0.1 --port 5000 --workers 1 --artifacts-destination /var/lib/mlflow/ar"
+        in (unit)
     )
     assert "User=mlflow" in unit and "ProtectSystem=strict" in unit and "Restart=on-failure" in unit
     assert "After=network-online.target mariadb.service" in unit and "basic-auth" not in unit
@@ -259,7 +295,7 @@ def test_password_is_url_quoted_in_the_uri():
     assert layout.tracking_db_uri("mysql", "a/b@c:d", 3306) == (
         "mysql+pymysql://mlflow:a%2Fb%40c%3Ad@127.0.0.1:3306/mlflow"
     )
-    assert layout.tracking_db_uri("sqlite", "", 0) == "sqlite:////opt/mlflow/mlflow.db"
+    assert layout.tracking_db_uri("sqlite", "", 0) == "sqlite:////var/lib/mlflow/mlflow.db"
 
 
 def test_public_mlflow_turns_on_auth_and_allowed_hosts():
@@ -272,14 +308,17 @@ def test_public_mlflow_turns_on_auth_and_allowed_hosts():
     env = find(steps, "file /etc/mlflow/mlflow.env").content
     assert "MLFLOW_FLASK_SERVER_SECRET_KEY=" in env
     ini = find(steps, "file /etc/mlflow/basic_auth.ini")
-    assert ini.mode == 0o600 and "admin_password = " in ini.content
+    assert (ini.mode, ini.owner, ini.group) == (0o640, "root", "mlflow")
+    assert "admin_password = " in ini.content
 
 
 def test_sqlite_backend_needs_no_database_password():
     steps = mlflow_server.build(context(mlflow={"backend": "sqlite"}))
     unit = find(steps, "file /etc/systemd/system/mlflow-server.service").content
     assert "mariadb" not in unit
-    assert "sqlite:////opt/mlflow/mlflow.db" in find(steps, "file /etc/mlflow/mlflow.env").content
+    assert (
+        "sqlite:////var/lib/mlflow/mlflow.db" in find(steps, "file /etc/mlflow/mlflow.env").content
+    )
 
 
 def test_anaconda_uv_plan():
@@ -336,11 +375,15 @@ def test_parse_conda_env_list():
 def test_jupyter_token_and_password_configs():
     steps = jupyter.build(context())
     config = find(steps, "file /etc/jupyter-demo/jupyter_server_config.json")
-    assert json.loads(config.content) == {"IdentityProvider": {"token": "tok-from-host"}}
-    assert config.mode == 0o600 and config.owner == "demo"
+    settings = json.loads(config.content)
+    assert settings["IdentityProvider"] == {"token": "tok-from-host"}
+    assert settings["LabApp"]["news_url"] is None  # nothing calls out unasked
+    assert settings["ServerApp"]["terminado_settings"] == {"shell_command": ["/bin/bash"]}
+    assert (config.mode, config.owner, config.group) == (0o640, "root", "demo")  # demo reads it
     unit = find(steps, "file /etc/systemd/system/jupyter.service").content
     assert "tok-from-host" not in unit and "User=demo" in unit
-    assert "--ServerApp.ip=127.0.0.1 --ServerApp.port=8888 --ServerApp.root_dir=/opt/demo" in unit
+    assert "--ServerApp.ip=127.0.0.1 --ServerApp.port=8888 " in unit
+    assert "--ServerApp.root_dir=/var/lib/demo/workspace" in unit
     assert "Environment=MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in unit
 
 
@@ -353,7 +396,7 @@ def test_jupyter_password_hash_is_kept_while_it_matches():
     import hashlib
 
     info = F.PathInfo(
-        "file", 0o600, "demo", "demo", len(existing), hashlib.sha256(existing.encode()).hexdigest()
+        "file", 0o640, "root", "demo", len(existing), hashlib.sha256(existing.encode()).hexdigest()
     )
     ctx = PlanContext({path_fact.key: info, config_fact.key: F.ShellResult(0, existing)})
     assert step.plan(ctx) is None  # same password: the salted hash is not regenerated
@@ -391,17 +434,36 @@ def test_every_service_unit_is_hardened_and_restarts():
             if s.label.endswith("mlflow-model@.service")
         ).content,
     }
+    units["warm"] = find(
+        demo_files.build(context()), f"file /etc/systemd/system/{layout.WARM_UNIT}"
+    ).content
+    server = mlflow_server.build(context())
+    units["recorder"] = find(server, f"file /etc/systemd/system/{layout.RECORDER_UNIT}").content
     for name, unit in units.items():
         for line in (
             "NoNewPrivileges=yes",
             "ProtectSystem=strict",
             "PrivateTmp=yes",
             "CapabilityBoundingSet=\n",
-            "Restart=on-failure",
+            "SystemCallFilter=@system-service",
+            "RestrictNamespaces=yes",
+            "ProtectProc=invisible",
+            "ProtectKernelLogs=yes",
+            "ProtectClock=yes",
+            "ProtectHostname=yes",
+            "LockPersonality=yes",
+            "RestrictRealtime=yes",
+            "IPAddressDeny=",
         ):
             assert line in unit, f"{name}: {line!r} missing"
         assert "User=root" not in unit and "\nUser=" in unit
-        assert unit.count("ReadWritePaths=") == 1
+        # writable: only the areas systemd makes for the unit, never a path of root's
+        assert "ReadWritePaths=" not in unit, name
+    for name in ("mlflow", "jupyter", "model"):
+        assert "Restart=on-failure" in units[name]
+    # a service that never talks beyond the host gets no other address at all
+    assert "IPAddressDeny=any\nIPAddressAllow=localhost" in units["mlflow"]
+    assert "IPAddressDeny=any\nIPAddressAllow=localhost" in units["model"]
 
 
 def test_provisioning_and_the_demo_pin_the_same_data():
@@ -434,7 +496,7 @@ def test_the_warm_runner_is_the_demo_users_and_can_be_turned_off():
     off = demo_files.build(context(demo={"warm_runner": False}))
     service = find(off, f"service {layout.WARM_UNIT}")
     assert not service.enabled and not service.running
-    assert all(not s.notify for s in off)
+    assert all(layout.WARM_UNIT not in s.notify for s in off)
 
 
 def test_no_mlflow_process_on_the_host_sends_usage_data():
@@ -459,32 +521,41 @@ def test_no_mlflow_process_on_the_host_sends_usage_data():
         assert "MLFLOW_DISABLE_TELEMETRY=true" in text, name
 
 
-def test_mlflow_server_bytecode_compiles_in_the_background_and_is_handed_to_its_user():
+def test_mlflow_server_bytecode_compiles_in_the_background_into_roots_cache():
     steps = anaconda.build(context())
     names = [s.label for s in steps]
     warm = find(steps, "bytecode of the MLflow server")
     assert names.index(warm.label) == names.index("env mlflow") + 1
     assert warm.schedule is Schedule.BACKGROUND and warm.id == mlflow_server.WARM_ID
-    assert warm.user is None and "PYTHONPYCACHEPREFIX=/opt/mlflow/.cache/pycache" in warm.script
+    # root writes the cache and the server only reads it: nobody else can plant bytecode there
+    assert warm.user is None
+    assert f"PYTHONPYCACHEPREFIX={layout.MLFLOW_PYCACHE} " in warm.script
+    assert layout.MLFLOW_PYCACHE.startswith(layout.STACK_CACHE + "/")
     assert "mlflow.server.fastapi_app" in warm.script
     cache = warm.needs[0]
-    info = F.PathInfo("directory", 0o755, "mlflow", "mlflow", 0)
+    info = F.PathInfo("directory", 0o755, "root", "root", 0)
     assert warm.plan(PlanContext({cache.key: None})) is not None
     assert warm.plan(PlanContext({cache.key: info})) is None
     synced = {anaconda.env_step_id("mlflow")}
     assert warm.plan(PlanContext({cache.key: info}, changed=synced)) is not None
     assert warm.plan(PlanContext({cache.key: info}, changed={"env mlflow"})) is None  # a label
-    server = mlflow_server.build(context())
-    owner = find(server, "bytecode cache owned by mlflow")
-    assert owner.waits_for == (mlflow_server.WARM_ID,)
-    server_names = [s.label for s in server]
-    assert server_names.index(owner.label) < server_names.index("service mlflow-server.service")
-    fact = owner.needs[0]
+    unit = find(mlflow_server.build(context()), "file /etc/systemd/system/mlflow-server.service")
+    assert f"Environment=PYTHONPYCACHEPREFIX={layout.MLFLOW_PYCACHE}\n" in unit.content
 
-    def chowns(output: str, changed: frozenset[str] = frozenset()) -> bool:
-        ctx = PlanContext({fact.key: F.ShellResult(0, output)}, changed=set(changed))
-        return owner.plan(ctx) is not None
 
-    assert not chowns("")  # all the mlflow user's
-    assert chowns("/opt/mlflow/.cache/pycache/x.pyc\n")  # a root-owned leftover
-    assert chowns("", {mlflow_server.WARM_ID})  # warmed in this run
+def test_no_root_step_writes_or_runs_code_where_a_service_account_can_write():
+    """Every path root writes (files, directories) is outside the service accounts' areas, and
+    the accounts' own areas are only ever touched as the account (or created, as a whole)."""
+    areas = (layout.MLFLOW_STATE + "/", layout.DEMO_STATE + "/", layout.MODELS_CACHE + "/")
+    ctx = context()
+    import roles
+
+    for name in layout.ROLES:
+        for step in roles.get(name).build(ctx):
+            path = getattr(step, "path", "")
+            if path and getattr(step, "user", None) is None:
+                assert not path.startswith(areas), f"{name}: root writes {path}"
+            if isinstance(step, Run) and step.user is None:
+                script = step.script if isinstance(step.script, str) else ""
+                for area in areas:
+                    assert f"PYTHONPYCACHEPREFIX={area}" not in script, f"{name}: {step.label}"

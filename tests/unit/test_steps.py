@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +25,7 @@ from mlflow_stack.engine.steps import (
     SystemUser,
     WaitHttp,
     install_file_script,
+    root_only,
 )
 
 
@@ -96,20 +101,80 @@ def test_file_absent_present_and_perms():
     assert plan(step, {key: same}) is None
     wrong_mode = F.PathInfo("file", 0o644, "root", "root", 4, same.sha256)
     fix = plan(step, {key: wrong_mode})
-    assert fix.commands[0].script == "chown root:mlflow /etc/x.conf && chmod 640 /etc/x.conf"
+    assert fix.commands[0].script == (
+        f"{root_only('/etc/x.conf')} && chown -h root:mlflow /etc/x.conf && chmod 640 /etc/x.conf"
+    )
     other = F.PathInfo("file", 0o640, "root", "mlflow", 4, "0" * 64)
     assert plan(step, {key: other}).summary == "updated"
     with pytest.raises(StepError, match="not a regular file"):
         plan(step, {key: F.PathInfo("directory", 0o755, "root", "root", 0)})
 
 
-def test_install_file_script_is_atomic_and_keeps_mode(tmp_path):
-    target = tmp_path / "out.txt"
+@pytest.fixture
+def roots_dir():
+    """A directory only root controls, as the trees root manages on a host are (tmp_path is
+    under the world-writable /tmp: root must refuse to write there)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (it checks root-owned directories)")
+    path = Path(tempfile.mkdtemp(dir="/root", prefix=".mlflow-stack-test-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def test_install_file_script_is_atomic_and_keeps_mode(roots_dir):
+    target = roots_dir / "out.txt"
     script = install_file_script(str(target), "root", "root", 0o600)
     subprocess.run(["sh", "-c", script], input=b"secret\n", check=True)
     assert target.read_bytes() == b"secret\n"
     assert oct(target.stat().st_mode & 0o777) == "0o600"
-    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]  # no temp file left
+    assert [p.name for p in roots_dir.iterdir()] == ["out.txt"]  # no temp file left
+
+
+def run_as_root(script: str, stdin: bytes = b"") -> subprocess.CompletedProcess:
+    return subprocess.run(["sh", "-c", script], input=stdin, capture_output=True)
+
+
+def test_root_writes_nowhere_another_account_controls(roots_dir, tmp_path):
+    """Root's writes stop (one line, nothing written) where another account could swap a
+    symlink under them: a directory that account owns, a symlinked directory, a file that is a
+    symlink, a world-writable directory."""
+    canary = roots_dir / "canary"
+    canary.write_text("root's\n")
+    theirs = roots_dir / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)  # nobody's
+    (theirs / "f").symlink_to(canary)
+    link = roots_dir / "link"
+    link.symlink_to(theirs)
+    mine = roots_dir / "mine"
+    mine.mkdir()
+    (mine / "f").symlink_to(canary)
+    cases = {
+        theirs / "f": "is not root's alone (owner nobody",
+        link / "f": "is not root's alone",
+        mine / "f": "it is a symlink",
+        tmp_path / "f": "is not root's alone",  # under /tmp
+    }
+    for path, why in cases.items():
+        for script in (
+            install_file_script(str(path), "root", "root", 0o600),
+            plan(
+                File(str(path), "x", mode=0o600),
+                {
+                    F.PathState(str(path)).key: F.PathInfo(
+                        "file", 0o644, "nobody", "nogroup", 1, hashlib.sha256(b"x").hexdigest()
+                    )
+                },
+            )
+            .commands[0]
+            .script,
+        ):
+            proc = run_as_root(script, b"pwned\n")
+            assert proc.returncode == 3 and why in proc.stderr.decode(), (path, proc.stderr)
+    assert canary.read_text() == "root's\n" and canary.stat().st_uid == 0
+    assert oct(canary.stat().st_mode & 0o777) != "0o600"
 
 
 def test_directory_and_user():

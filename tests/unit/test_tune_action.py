@@ -1,5 +1,6 @@
-"""`invoke tune`'s secrets per process: the shared study, and the MLflow database only on the
-server's own machine with a MySQL backend (never on a command line)."""
+"""`invoke tune`'s env per process: the shared study as the tuning account (password on
+stdin, never on a command line), and the record service on the server's own machine; no
+process ever gets the tracking database's credential."""
 
 from __future__ import annotations
 
@@ -22,34 +23,32 @@ SERVER = host("srv", "10.0.0.1", mysql={"port": 3307})
 WORKER = host("w1", "10.0.0.2")
 
 
-def test_one_process_on_the_server_gets_only_the_mlflow_database():
-    env = tune.process_secrets(SERVER, SERVER, PASSWORD, shared=False)
-    assert set(env) == {"DEMO_WINE_MLFLOW_DB"}
-    assert env["DEMO_WINE_MLFLOW_DB"].reveal() == (
-        "mysql+pymysql://mlflow:p%40ss%2Fword@127.0.0.1:3307/mlflow"
-    )
-    assert "p%40ss" not in str(env["DEMO_WINE_MLFLOW_DB"])
+def test_one_process_on_the_server_records_through_the_service_and_holds_no_credential():
+    assert tune.process_secrets(SERVER, SERVER, PASSWORD, shared=False) == {}
+    assert tune.process_env(SERVER, SERVER) == {"DEMO_WINE_RECORDER": "/run/mlflow-recorder.sock"}
 
 
-def test_workers_elsewhere_share_the_study_and_log_through_the_server():
+def test_shared_studies_use_the_tuning_account_and_workers_log_through_the_server():
     on_server = tune.process_secrets(SERVER, SERVER, PASSWORD, shared=True)
     elsewhere = tune.process_secrets(SERVER, WORKER, PASSWORD, shared=True)
-    assert set(on_server) == {"DEMO_WINE_STORAGE", "DEMO_WINE_MLFLOW_DB"}
-    assert on_server["DEMO_WINE_STORAGE"].reveal().endswith("@127.0.0.1:3307/optuna")
-    assert set(elsewhere) == {"DEMO_WINE_STORAGE"}
+    assert on_server["DEMO_WINE_STORAGE"].reveal() == (
+        "mysql+pymysql://optuna:p%40ss%2Fword@127.0.0.1:3307/optuna"
+    )
     assert elsewhere["DEMO_WINE_STORAGE"].reveal().endswith("@10.0.0.1:3307/optuna")
+    assert tune.process_env(SERVER, WORKER) == {}  # the server's REST API
+    for env in (on_server, elsewhere):
+        assert "/mlflow" not in str({k: v.reveal() for k, v in env.items()})  # never MLflow's DB
 
 
-def test_sqlite_backend_or_no_password_means_no_direct_writes():
-    sqlite_server = host("srv", "10.0.0.1", mlflow={"backend": "sqlite"})
-    assert tune.process_secrets(sqlite_server, sqlite_server, PASSWORD, shared=False) == {}
-    assert tune.process_secrets(SERVER, SERVER, None, shared=False) == {}
-
-
-def test_secrets_travel_on_stdin_in_the_order_read():
+def test_secrets_travel_on_stdin_and_never_on_the_command_line():
     env = tune.process_secrets(SERVER, SERVER, PASSWORD, shared=True)
-    cmd = demo_command(Layout.of(SERVER.vars), ["-m", "demo_wine.tune"], secret_env=tuple(env))
-    assert "p%40ss" not in cmd
-    assert cmd.index("read -r DEMO_WINE_STORAGE") < cmd.index("read -r DEMO_WINE_MLFLOW_DB")
-    lines = secret_stdin(*env.values()).splitlines()
-    assert lines == [v.reveal() for v in env.values()]
+    cmd = demo_command(
+        Layout.of(SERVER.vars),
+        ["-m", "demo_wine.tune"],
+        env=tune.process_env(SERVER, SERVER),
+        secret_env=tuple(env),
+    )
+    assert "p%40ss" not in cmd and "p@ss" not in cmd
+    assert cmd.startswith("IFS= read -r DEMO_WINE_STORAGE && export DEMO_WINE_STORAGE && ")
+    assert "DEMO_WINE_RECORDER=/run/mlflow-recorder.sock" in cmd
+    assert secret_stdin(*env.values()).splitlines() == [v.reveal() for v in env.values()]

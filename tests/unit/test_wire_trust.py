@@ -295,6 +295,7 @@ def test_a_hostile_data_url_never_reaches_the_shell_unquoted(tmp_path):
         inputs.url(url, "demo.data_url")
     url = "http://x/a;b&c(d)!*+,=?q=(touch)"
     script = demo_files.download_script(url, SHA, str(tmp_path / "data.csv"), "nobody")
+    script = "set -e; " + script.split("; set -e; ", 1)[1]  # not its root-only-tree guard
     env = fake_bin(tmp_path, "curl", "chown", "chmod")
     (tmp_path / "data.csv").write_text("old")
     proc = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True)
