@@ -5,7 +5,8 @@
   willing to accept our login key) takes its place. provision, train, tune across hosts,
   tunnel and check-mysql (OpenSSH and Paramiko) all refuse with one line naming the host, the
   fingerprint offered, the fingerprint expected and the fix; the impostor's journal shows no
-  accepted login and none of the commands, no file was created, no secret arrived. A pinned
+  accepted login and none of the commands, no file was created, no secret arrived (an
+  impostor offering only a key of another type is refused too). A pinned
   fingerprint (the EC2 console format) refuses a wrong key at first contact; the user's own
   `~/.ssh/config` `StrictHostKeyChecking yes` is honoured.
 - Hostile strings through every operator input and every inventory string, on the
@@ -285,6 +286,29 @@ def test_an_impostor_on_a_pinned_hosts_address_receives_nothing(stack, fresh_san
             str(tmp_path / "control.yaml"),
         )
     )
+    assert len(accepted_logins(impostor)) == len(logins) + 1
+    run.close_masters()
+
+    # an impostor offering only a key of another type (RSA) is refused as changed too
+    inside(
+        impostor,
+        "sed -i '/^HostKey/d' /etc/ssh/sshd_config && "
+        "echo 'HostKey /etc/ssh/ssh_host_rsa_key' >> /etc/ssh/sshd_config && "
+        "systemctl restart ssh",
+    )
+    for transport in ("openssh", "paramiko"):
+        line = error_line(
+            run(
+                "status",
+                "--host",
+                "victim",
+                "--inventory",
+                str(inv),
+                env={"MLFLOW_STACK_SSH": transport},
+                timeout=120,
+            )
+        )
+        assert " has changed: offered SHA256:" in line and "(ssh-rsa), expected " in line, line
     assert len(accepted_logins(impostor)) == len(logins) + 1
     run.close_masters()
 
