@@ -20,7 +20,13 @@ from mlflow_stack.errors import UserError
 MASK = "********"
 MIN_LENGTH = 12
 # Environment variables a user may set to choose a secret instead of a generated one.
-GIVEN = ("MLFLOW_DB_PASSWORD", "JUPYTER_TOKEN", "JUPYTER_PASSWORD", "MLFLOW_ADMIN_PASSWORD")
+GIVEN = (
+    "MLFLOW_DB_PASSWORD",
+    "MLFLOW_TUNING_DB_PASSWORD",
+    "JUPYTER_TOKEN",
+    "JUPYTER_PASSWORD",
+    "MLFLOW_ADMIN_PASSWORD",
+)
 
 _known: set[str] = set()
 _lock = threading.Lock()

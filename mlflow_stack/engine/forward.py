@@ -77,6 +77,7 @@ def _ssh_forwards(host: Host, specs: list[str], ready) -> Iterator[Forwarding]:
     from mlflow_stack.engine import hostkeys, openssh
 
     host.connect()  # the master: the host key was checked, the host is known to answer
+    openssh.check_pins_supported(host.name, host.target)
     directory = openssh.control_dir()
     files = openssh.Files.in_dir(directory).install()
     spy = directory / f"forward-{secrets.token_hex(6)}.offered"

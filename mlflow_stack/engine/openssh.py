@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import os
 import pwd
@@ -112,6 +113,7 @@ def config_text(helper: Path) -> str:
         files = " ".join(_conf_path(p) for p in hostkeys.default_user_files())
         lines.append(f"UserKnownHostsFile {files}")
     lines += [
+        "IgnoreUnknown KnownHostsCommand",  # OpenSSH before 8.5: no offered key in messages
         f"KnownHostsCommand {_conf_path(helper)} %H %t %f %K",
         "# then the system-wide configuration, as ssh reads it after yours:",
         f"Include {_conf_path(SYSTEM_CONFIG)}",
@@ -177,6 +179,27 @@ def _quoted(value: object) -> str:
     """An `-o` value, with `%` escaped (OpenSSH expands %-tokens), quoted if it has spaces."""
     text = str(value).replace("%", "%%")
     return f'"{text}"' if any(c.isspace() for c in text) else text
+
+
+@functools.cache
+def ssh_version() -> tuple[int, int]:
+    """The OpenSSH client's version (major, minor); (0, 0) if unknown."""
+    try:
+        out = subprocess.run(["ssh", "-V"], capture_output=True, text=True, timeout=10).stderr
+    except (OSError, subprocess.TimeoutExpired):
+        return (0, 0)
+    found = re.search(r"OpenSSH_(\d+)\.(\d+)", out)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
+
+
+def check_pins_supported(name: str, target: Target) -> None:
+    """Pins need ssh's KnownHostsCommand (OpenSSH 8.5, 2021); say so plainly otherwise."""
+    if target.host_keys and ssh_version() < (8, 5):
+        major, minor = ssh_version()
+        raise HostError(
+            f"{name}: a pinned host_key needs OpenSSH 8.5 or later (this ssh is "
+            f"{major}.{minor}); upgrade it, or set MLFLOW_STACK_SSH=paramiko"
+        )
 
 
 def host_key_options(target: Target, helper: Path) -> list[str]:
@@ -470,6 +493,7 @@ class OpenSshLink:
     def open(self) -> None:
         """Find this target's master, or start one (one starter at a time, across processes)."""
         hostkeys.warn_if_off(self.name, self.target)
+        check_pins_supported(self.name, self.target)
         directory = control_dir()
         files = Files.in_dir(directory).install()
         control = control_path(self.target, directory, files)

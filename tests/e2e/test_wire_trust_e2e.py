@@ -538,31 +538,38 @@ def test_secrets_in_every_form_never_leave_the_tool(stack):
     run = Isolated()
     inv = ["--inventory", str(stack.inv)]
     h = host(stack.info)
-    old = sh(h, "cat /etc/mlflow-stack/secrets/db_password").strip()
-    token = sh(h, "cat /etc/mlflow-stack/secrets/jupyter_token").strip()
+    stored = {
+        env: sh(h, f"cat /etc/mlflow-stack/secrets/{name}").strip()
+        for env, name in (
+            ("MLFLOW_DB_PASSWORD", "db_password"),
+            ("MLFLOW_TUNING_DB_PASSWORD", "db_tuning_password"),
+            ("JUPYTER_TOKEN", "jupyter_token"),
+        )
+    }
     h.close()
     short = run("provision", "--host", "e2e", *inv, env={"MLFLOW_DB_PASSWORD": "too-short"})
     assert error_line(short) == (
         "error: MLFLOW_DB_PASSWORD: the secret given is refused: shorter than 12 characters; "
         "give a longer one (at least 12 characters) or unset it to have one generated"
     )
-    special = f'Wire p@ss/"{uuid.uuid4().hex[:6]}" \\ 100%+&=x'
-    # a password that can also be a study name: the tune's streamed result line names it
-    streamable = f"WireStreamSecret-{uuid.uuid4().hex[:12]}"
+    tag = uuid.uuid4().hex[:6]
+    special = {  # full of what URLs and JSON encode
+        "MLFLOW_DB_PASSWORD": f'Wire p@ss/"{tag}" \\ 100%+&=x',
+        "MLFLOW_TUNING_DB_PASSWORD": f'Tune p@ss/"{tag}" \\ 50%+&=y',
+    }
+    # a tuning password that can also be a study name: the tune's streamed lines name it
+    streamable = {"MLFLOW_TUNING_DB_PASSWORD": f"WireStreamSecret-{uuid.uuid4().hex[:12]}"}
+    study = streamable["MLFLOW_TUNING_DB_PASSWORD"]
     outputs: list[str] = []
     try:
-        for password in (special, streamable):
-            env = {"MLFLOW_DB_PASSWORD": password}
+        for given in (special, streamable):
             for args in (
                 ["provision", "--host", "e2e"],
                 ["provision", "--host", "e2e", "--diff"],
                 ["provision", "--host", "e2e", "--json"],
             ):
-                proc = run(*args, *inv, env=env)
+                proc = run(*args, *inv, env=given)
                 outputs.append(ok(proc) + proc.stderr)
-            assert sh(host(stack.info), "cat /etc/mlflow-stack/secrets/db_password").strip() == (
-                password
-            )
             actions = [
                 ["train", "--alpha", "0.3"],
                 ["tune", "--n-trials", "6", "--jobs-per-host", "2"],  # shared: URL on stdin
@@ -570,18 +577,20 @@ def test_secrets_in_every_form_never_leave_the_tool(stack):
                 ["status"],
                 ["urls"],
             ]
-            if password == streamable:  # the tune's streamed result line names its study
-                actions.append(["tune", "--n-trials", "2", "--study", streamable])
+            if given is streamable:  # each process's streamed result line names its study
+                actions.append(
+                    ["tune", "--n-trials", "4", "--jobs-per-host", "2", "--study", study]
+                )
             for args in actions:
                 proc = run(*args, *inv)
                 outputs.append(ok(proc) + proc.stderr)
         streamed = outputs[-1]
-        assert '"study": "********"' in streamed and "study ********: 2 trials" in streamed
+        assert '"study": "********"' in streamed and "study ********: 4 trials" in streamed
         text = "\n".join(outputs)
-        for secret in (special, streamable, old, token):
+        for secret in [*special.values(), study, *stored.values()]:
             for form in forms(secret):
                 assert form not in text, f"a form of a secret leaked: {form[:4]}…"
-    finally:
-        proc = run("provision", "--host", "e2e", *inv, env={"MLFLOW_DB_PASSWORD": old})
+    finally:  # the stack gets its own secrets back
+        proc = run("provision", "--host", "e2e", *inv, env=stored)
         run.close_masters()
-    assert proc.returncode == 0, proc.stderr[-2000:]  # the stack is back on its own password
+    assert proc.returncode == 0, proc.stderr[-2000:]

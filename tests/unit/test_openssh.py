@@ -350,3 +350,16 @@ def test_no_locale_is_sent_to_the_host(monkeypatch):
     monkeypatch.setenv("LC_ALL", "de_DE.UTF-8")
     env = openssh.ssh_env()
     assert "LANG" not in env and "LC_ALL" not in env and "PATH" in env
+
+
+def test_pins_on_an_openssh_without_known_hosts_command_are_a_clear_error(monkeypatch):
+    monkeypatch.setattr(openssh, "ssh_version", lambda: (8, 4))
+    pinned = Target(**{**LOOSE.__dict__, "host_keys": (ED25519,)})
+    with pytest.raises(HostError, match=r"pinned host_key needs OpenSSH 8\.5 or later"):
+        openssh.check_pins_supported("web", pinned)
+    openssh.check_pins_supported("web", LOOSE)  # no pin: any OpenSSH
+    text = openssh.config_text(Path("/c/helper.sh"))
+    lines = text.splitlines()  # an older ssh skips the helper instead of failing
+    assert lines.index("IgnoreUnknown KnownHostsCommand") < next(
+        i for i, line in enumerate(lines) if line.startswith("KnownHostsCommand")
+    )
