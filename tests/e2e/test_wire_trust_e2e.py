@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import tempfile
 import urllib.error
@@ -73,6 +74,17 @@ class Isolated:
                     subprocess.run(
                         ["ssh", "-O", "exit", "-S", str(sock), "x"], capture_output=True, timeout=10
                     )
+
+
+@pytest.fixture
+def run():
+    """`invoke` isolated for one test; its masters closed and its directory removed after."""
+    isolated = Isolated()
+    try:
+        yield isolated
+    finally:
+        isolated.close_masters()
+        shutil.rmtree(isolated.dir, ignore_errors=True)
 
 
 def ed25519(known_hosts: Path) -> str:
@@ -149,8 +161,9 @@ def console_block(info: sb.SandboxInfo) -> list[str]:
     return lines
 
 
-def test_an_impostor_on_a_pinned_hosts_address_receives_nothing(stack, fresh_sandbox, tmp_path):
-    run = Isolated()
+def test_an_impostor_on_a_pinned_hosts_address_receives_nothing(
+    stack, fresh_sandbox, tmp_path, run
+):
     victim = fresh_sandbox()
     marker = f"wire-marker-{uuid.uuid4().hex[:10]}"
     given = f"given-db-password-{uuid.uuid4().hex}"
@@ -313,8 +326,7 @@ def test_an_impostor_on_a_pinned_hosts_address_receives_nothing(stack, fresh_san
     run.close_masters()
 
 
-def test_the_users_own_ssh_config_is_honoured(fresh_sandbox, tmp_path):
-    run = Isolated()
+def test_the_users_own_ssh_config_is_honoured(fresh_sandbox, tmp_path, run):
     box = fresh_sandbox()
     home = tmp_path / "home"
     (home / ".ssh").mkdir(parents=True, mode=0o700)
@@ -390,8 +402,7 @@ def assert_no_canary(stack) -> None:
     assert not list(Path("/tmp").glob(f"{CANARY}*")), "an injection ran on the controller"
 
 
-def test_hostile_strings_through_every_input_on_the_stack(stack, tmp_path):
-    run = Isolated()
+def test_hostile_strings_through_every_input_on_the_stack(stack, tmp_path, run):
     inv = ["--inventory", str(stack.inv)]
     strict = {
         "serve --stop --name": lambda v: ["serve", "--stop", "--name", v],
@@ -534,8 +545,7 @@ def forms(value: str) -> list[str]:
     return [value, quote(value, safe=""), quote_plus(value), json.dumps(value)[1:-1]]
 
 
-def test_secrets_in_every_form_never_leave_the_tool(stack):
-    run = Isolated()
+def test_secrets_in_every_form_never_leave_the_tool(stack, run):
     inv = ["--inventory", str(stack.inv)]
     h = host(stack.info)
     stored = {
