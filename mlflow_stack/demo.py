@@ -23,6 +23,7 @@ from mlflow_stack.errors import UserError
 from mlflow_stack.inventory import Inventory, ResolvedHost, resolve
 from mlflow_stack.layout import Layout
 from mlflow_stack.provision import RoleCatalog, first_failure, provision
+from mlflow_stack.secrets import mask
 
 SANDBOX = "sandbox"
 ALPHAS = (0.42, 0.1)
@@ -122,7 +123,7 @@ def run_demo(
     summary = Summary()
 
     def say(text: str) -> None:
-        print(text, file=out, flush=True)
+        print(mask(text), file=out, flush=True)
 
     def step(name: str, action: Callable[[], object]):
         say(f"\n== {name}")

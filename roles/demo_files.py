@@ -43,9 +43,9 @@ def download_script(url: str, sha256: str, path: str, owner: str) -> str:
     return (
         f'{root_only(path)}; set -e; tmp=$(mktemp "$(dirname {q(path)})/.download.XXXXXX"); '
         "trap 'rm -f \"$tmp\"' EXIT; "
-        f'curl -fsSL --retry 3 -o "$tmp" {q(url)}; '
+        f'url={q(url)}; curl -fsSL --retry 3 -o "$tmp" "$url"; '
         'got=$(sha256sum "$tmp" | cut -d" " -f1); '
-        f'if [ "$got" != {sha256} ]; then echo "checksum mismatch for {url}: '
+        f'if [ "$got" != {q(sha256)} ]; then echo "checksum mismatch for $url: '
         f'got $got, expected {sha256}; the old file is kept" >&2; exit 1; fi; '
         f'chown {q(owner)}:{q(owner)} "$tmp"; chmod 644 "$tmp"; mv -f "$tmp" {q(path)}; '
         "trap - EXIT"

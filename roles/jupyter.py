@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from mlflow_stack import layout
+from mlflow_stack import layout, role_facts
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
 from mlflow_stack.engine.role import Role
@@ -122,8 +122,8 @@ class PasswordConfig(Step):
         return config_file(server_config("password", "", hashed)).plan(ctx)
 
 
-def config_fact() -> F.Shell:
-    return F.Shell("jupyter config", f"cat {JUPYTER_CONFIG}")
+def config_fact() -> F.Fact:
+    return role_facts.JupyterConfig()
 
 
 def build(ctx: RoleContext) -> list[Step]:

@@ -10,7 +10,7 @@ answers (a wait left to the end of the run, so the next roles proceed while MLfl
 
 from __future__ import annotations
 
-from mlflow_stack import hostside, layout
+from mlflow_stack import hostside, layout, role_facts
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
 from mlflow_stack.engine.role import Role
@@ -30,7 +30,6 @@ from mlflow_stack.layout import (
     MLFLOW_CONF_DIR,
     MLFLOW_ENV_FILE,
     MLFLOW_PYCACHE,
-    MLFLOW_SQLITE,
     MLFLOW_UNIT,
     MLFLOW_USER,
 )
@@ -54,27 +53,18 @@ WARM_IMPORTS = (
     "mlflow.store.tracking.sqlalchemy_store",
     "mlflow.store.model_registry.sqlalchemy_store",
 )
-TABLES_QUERY = "SELECT table_name FROM information_schema.tables WHERE table_schema='mlflow'"
+TABLES_QUERY = role_facts.TABLES_QUERY
 
 
-def schema_fact(backend: str) -> F.Shell:
+def schema_fact(backend: str) -> F.Fact:
     """The schema revision recorded in the tracking database (empty when none); live, so a
     database the run has just started or created is read again before the schema step."""
-    if backend == "sqlite":
-        read = (
-            "import sqlite3; c = sqlite3.connect('file:" + MLFLOW_SQLITE + "?mode=ro', uri=True); "
-            "print(c.execute('select version_num from alembic_version').fetchone()[0])"
-        )
-        # as the server's account: root reads nothing in a tree another account can write
-        return F.LiveShell("mlflow schema", f"runuser -u {MLFLOW_USER} -- python3 -c {q(read)}")
-    return F.LiveShell(
-        "mlflow schema", 'mysql -N -B -e "SELECT version_num FROM mlflow.alembic_version"'
-    )
+    return role_facts.MlflowSchema(backend)
 
 
-def tables_fact() -> F.Shell:
+def tables_fact() -> F.Fact:
     """Tables of the tracking database (live: the mysql role creates it in the same run)."""
-    return F.LiveShell("mlflow tables", f'mysql -N -B -e "{TABLES_QUERY}"')
+    return role_facts.MlflowTables()
 
 
 def loads_snapshot(tables: F.ShellResult) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mlflow_stack import layout
+from mlflow_stack import layout, role_facts
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
 from mlflow_stack.engine.role import Role
@@ -80,16 +80,7 @@ def account(user: str, host: str) -> str:
 
 # --- state of the database server ------------------------------------------------------
 
-STATE_QUERY = (
-    "SELECT 'user', User, Host, plugin, HEX(IFNULL(authentication_string, '')), ssl_type "
-    "FROM mysql.user; "
-    "SELECT 'db', schema_name, default_character_set_name, default_collation_name "
-    "FROM information_schema.schemata; "
-    "SELECT 'dbpriv', grantee, table_schema, privilege_type "
-    "FROM information_schema.schema_privileges; "
-    "SELECT 'globalpriv', grantee, privilege_type FROM information_schema.user_privileges "
-    "WHERE privilege_type <> 'USAGE';"
-)
+STATE_QUERY = role_facts.STATE_QUERY
 
 
 @dataclass
@@ -127,10 +118,10 @@ def parse_state(output: str) -> DbState:
     return state
 
 
-def state_fact() -> F.Shell:
+def state_fact() -> F.Fact:
     """Users, databases and grants, read from the running server (again after a change: the
     server may have been stopped, or reinstalled over old data, when the run began)."""
-    return F.LiveShell("mysql state", f'mysql -N -B -e "{STATE_QUERY}"')
+    return role_facts.MysqlState()
 
 
 @dataclass(frozen=True)
@@ -250,9 +241,7 @@ def tls_certificate_step(address: str, service: str) -> Run:
     """A CA and a server certificate for `address`, made on the host (the CA's key never
     leaves it); made again when the address changed. The tuning workers pin the CA."""
     d = layout.DB_TLS_DIR
-    fact = F.Shell(
-        "database certificate", f"openssl x509 -in {d}/server-cert.pem -noout -ext subjectAltName"
-    )
+    fact = role_facts.DbCertificate()
     subject = "/CN=mlflow-stack database"
     script = (
         f"{root_only(d)}; set -e; install -d -m 0750 -o root -g mysql {d}; cd {d}; "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -36,12 +35,15 @@ class RoleContext:
         return Sizing.of(self.size, self.vars.sizing.profile)
 
     def secret(self, name: str, env: str | None = None) -> secrets.Secret:
-        """A named secret: from `env` when set, else as stored on the host, else new."""
+        """A named secret: from `env` when set (refused if shorter than
+        `secrets.MIN_LENGTH`), else as stored on the host (replaced by a new one if it is that
+        short), else new."""
         if name not in self._secrets:
-            given = os.environ.get(env) if env else None
+            chosen = secrets.given(env) if env else None
             stored = self.host_secrets.get(name, "").strip()
-            value = given or stored
-            self._secrets[name] = secrets.Secret(value) if value else secrets.generate()
+            if chosen is None and stored and secrets.problem(stored) is None:
+                chosen = secrets.Secret(stored)
+            self._secrets[name] = chosen or secrets.generate()
         return self._secrets[name]
 
     def secret_steps(self, *names: str, env: dict[str, str] | None = None) -> list[Step]:
