@@ -75,6 +75,7 @@ def test_a_run_is_forked_from_the_server_with_the_clients_stdio_env_cwd_and_exit
         "probe=p1",
         "stdin=hello",
         f"umask={os.umask(0o22):o}",
+        "comm=warm_probe",  # what ps and pkill -x see: the run, not the server
         "thread done",
         "atexit ran",
     ]
