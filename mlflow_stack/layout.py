@@ -89,27 +89,38 @@ DB_CA_ON_WORKERS = "/etc/mlflow-stack/db-ca.pem"
 
 @dataclass(frozen=True)
 class DbServer:
-    """The database server a distribution ships: package, unit and config directory."""
+    """A database server as a distribution ships it: package, unit, config file, dump tool."""
 
+    name: str  # the `mysql.server` choice naming it
     package: str
     service: str
-    conf_dir: str
+    conf_file: str  # ours, read after the package's own (the last value wins)
+    dump: str
     sockets: tuple[str, ...] = ()  # socket-activation units that bypass port and bind address
-
-    @property
-    def conf_file(self) -> str:
-        return f"{self.conf_dir}/60-mlflow-stack.cnf"
 
 
 MARIADB = DbServer(
-    "mariadb-server", "mariadb.service", "/etc/mysql/mariadb.conf.d", ("mariadb.socket",)
+    "mariadb",
+    "mariadb-server",
+    "mariadb.service",
+    "/etc/mysql/mariadb.conf.d/60-mlflow-stack.cnf",
+    "mariadb-dump",
+    ("mariadb.socket",),
 )
-MYSQL = DbServer("mysql-server", "mysql.service", "/etc/mysql/mysql.conf.d")
+MYSQL = DbServer(
+    "mysql",
+    "mysql-server",
+    "mysql.service",
+    "/etc/mysql/mysql.conf.d/zz-mlflow-stack.cnf",  # after the package's mysqld.cnf
+    "mysqldump",
+)
 
 
-def db_server(os_info: OsInfo) -> DbServer:
-    """Ubuntu gets MySQL, Debian (and the rest) MariaDB."""
-    return MYSQL if os_info.family == "ubuntu" else MARIADB
+def db_server(os_info: OsInfo, choice: str = "auto") -> DbServer:
+    """The `mysql.server` choice; `auto`: Ubuntu gets MySQL, Debian (and the rest) MariaDB."""
+    if choice == "auto":
+        return MYSQL if os_info.family == "ubuntu" else MARIADB
+    return MYSQL if choice == "mysql" else MARIADB
 
 
 def tracking_db_uri(backend: str, password: str, db_port: int) -> str:
@@ -135,6 +146,7 @@ JUPYTER_CONFIG = f"{JUPYTER_CONF_DIR}/jupyter_server_config.json"
 JUPYTER_UNIT = "jupyter.service"
 WARM_UNIT = "demo-wine-warm.service"  # the warm runner `invoke train` forks its runs from
 WARM_SOCKET = "/run/demo-wine/warm.sock"
+WARM_SOCKET_UNIT = "demo-wine-warm.socket"  # listens for it; starts it when not running
 
 # --- model servers (`invoke serve`) ------------------------------------------------------
 
@@ -166,6 +178,7 @@ PROXY_MODELS_DIR = f"{PROXY_CONF_DIR}/models"  # one route per public model (`se
 PROXY_CA_DIR = f"{PROXY_CONF_DIR}/ca"  # the host's own CA (sites without a domain)
 PROXY_CA_CERT = f"{PROXY_CA_DIR}/root.crt"  # what clients pin
 PROXY_CA_KEY = f"{PROXY_CA_DIR}/root.key"
+PROXY_CA_NAMES = f"{PROXY_CA_DIR}/names"  # the name the CA is constrained to, one line
 PROXY_ACME_ROOTS = f"{PROXY_CONF_DIR}/acme-roots.pem"  # a private ACME CA's roots
 PROXY_UNIT = "mlflow-proxy.service"
 PROXY_PACKAGE_UNIT = "caddy.service"  # the package's own unit (default site on :80): masked
@@ -175,6 +188,8 @@ MLFLOW_ADMIN_ENV = f"{MLFLOW_CONF_DIR}/admin.env"  # the bootstrap admin passwor
 # and the file its credentials are in: root's 0600, read by systemd and root shells only.
 MLFLOW_WORKLOAD_USER = "demo"
 MLFLOW_CLIENT_ENV = "/etc/mlflow-stack/mlflow-client.env"
+# root's: what the last sync of MLflow's accounts applied (a digest and the auth db's inode)
+MLFLOW_ACCOUNTS_MARK = "/var/lib/mlflow-stack/mlflow-accounts"
 
 
 def proxy_model_route(name: str) -> str:
@@ -196,12 +211,20 @@ class Layout:
     db_port: int = 3306
     tracking_host: str = "127.0.0.1"  # where the MLflow server is, seen from this host
     jupyter_base: str = "/"  # Jupyter's base_url: /jupyter/ behind the public proxy
+    db_choice: str = "auto"  # the `mysql.server` variable
 
     @classmethod
     def of(cls, host_vars: HostVars) -> Layout:
         v = host_vars
         base = "/jupyter/" if v.jupyter.public else "/"  # public.JUPYTER_PREFIX
-        return cls(v.python.prefix, v.mlflow.port, v.jupyter.port, v.mysql.port, jupyter_base=base)
+        return cls(
+            v.python.prefix,
+            v.mlflow.port,
+            v.jupyter.port,
+            v.mysql.port,
+            jupyter_base=base,
+            db_choice=v.mysql.server,
+        )
 
     def env(self, name: str) -> str:
         """The directory of the Python env `name`."""

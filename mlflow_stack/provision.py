@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from mlflow_stack import role_facts
 from mlflow_stack.engine.host import Host
 from mlflow_stack.engine.probing import Prefetch, plan_path
 from mlflow_stack.engine.report import HostRecap, Reporter
@@ -28,6 +29,7 @@ def provision(
     options: Options | None = None,
 ) -> list[HostRecap]:
     """Converge `hosts` with `roles` (default: each host's own) in parallel; their recaps."""
+    assert role_facts.KINDS  # the roles' fact kinds are known before plans are rebuilt
     links = [Host(h.target) for h in hosts]
     for link in links:
         link.connect_soon()  # SSH handshakes overlap the imports below

@@ -48,4 +48,12 @@ def sandbox_target(host_name: str, sandbox_name: str) -> Target:
             f"host {host_name!r}: sandbox {sandbox_name!r} is not running; "
             f"start it with: invoke sandbox.up --name {sandbox_name}"
         )
-    return Target(host_name, info.address, info.port, info.user, info.key_file, info.known_hosts)
+    return Target(
+        host_name,
+        info.address,
+        info.port,
+        info.user,
+        info.key_file,
+        info.known_hosts,  # the sandbox's own key, pinned when it was made
+        host_key_policy="strict",
+    )

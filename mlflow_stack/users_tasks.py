@@ -32,9 +32,9 @@ def _password(generate: bool):
 
 
 def _done(admin, message: str, name: str = "", password=None, generated=False) -> None:
-    print(f"{message} on {admin.client.site.url}")
-    if password is not None and generated:
-        print(f"password of {name} (shown once): {password.reveal()}")
+    cli.say(f"{message} on {admin.client.site.url}")
+    if password is not None and generated:  # the one place it shows: unmasked, on purpose
+        print(f"password of {name} (shown once): {password.reveal()}", flush=True)
 
 
 @task(
@@ -63,7 +63,7 @@ def list_(c, host=None, inventory=None):
         admin = accounts.connect(h, resolved)
         found = accounts.list_users(admin)
         lines = accounts.render_users(admin, found, resolved.vars.public.default_permission)
-    print("\n".join(lines))
+    cli.say(*lines)
 
 
 @task(

@@ -23,10 +23,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from mlflow_stack import hostside, layout, public
+from mlflow_stack import hostside, layout, public, role_facts
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
-from mlflow_stack.engine.steps import Directory, File, Run, Step, StepError
+from mlflow_stack.engine.steps import Directory, File, Run, Step
 from mlflow_stack.engine.templating import render
 from mlflow_stack.layout import (
     MLFLOW_ADMIN,
@@ -43,7 +43,6 @@ ADMIN_ENV = "MLFLOW_ADMIN_PASSWORD"
 WORKLOAD_SECRET = "mlflow_workload_password"
 FLASK_SECRET = "mlflow_flask_secret_key"
 ACCOUNTS_SCRIPT = f"{layout.HOSTSIDE_DIR}/mlflow_accounts.py"
-MIN_PASSWORD = 12  # MLflow refuses shorter ones
 
 
 def cors_origins(ctx: RoleContext) -> list[str]:
@@ -62,7 +61,7 @@ def allowed_hosts(ctx: RoleContext) -> list[str]:
     return list(dict.fromkeys([*site.host_headers, *mv.allowed_hosts, *local]))
 
 
-ACCOUNTS_MARK = "/var/lib/mlflow-stack/mlflow-accounts"  # root's: what the last sync applied
+ACCOUNTS_MARK = layout.MLFLOW_ACCOUNTS_MARK  # root's: what the last sync applied
 
 
 def accounts_digest(admin: str, workload: str) -> str:
@@ -71,15 +70,10 @@ def accounts_digest(admin: str, workload: str) -> str:
     return hashlib.sha256(f"mlflow-stack accounts v1\0{admin}\0{workload}".encode()).hexdigest()
 
 
-def accounts_fact() -> F.Shell:
-    """`<digest> <inode>` of the last sync, then the auth database's inode now. Live: read
-    again after MLflow's restart (its first start in public mode creates the database).
+def accounts_fact() -> F.Fact:
+    """What the last sync applied, and the auth database now (`role_facts.MlflowAccounts`).
     Checking logins instead would cost a password hash (≈ 0.1-1.5 s) per account per run."""
-    return F.LiveShell(
-        "mlflow accounts",
-        f"cat {ACCOUNTS_MARK} 2>/dev/null || echo none; "
-        f"stat -c %i {layout.MLFLOW_AUTH_DB} 2>/dev/null || echo none",
-    )
+    return role_facts.MlflowAccounts()
 
 
 def accounts_synced(result: F.ShellResult, digest: str) -> bool:
@@ -92,9 +86,8 @@ def accounts_synced(result: F.ShellResult, digest: str) -> bool:
 
 def config_steps(ctx: RoleContext) -> tuple[list[Step], dict[str, str]]:
     """Secrets, the auth app's config and the env files; (steps, values for mlflow.env)."""
+    # a given one shorter than MLflow's minimum (12) is refused by `secrets.given`
     admin = ctx.secret(ADMIN_SECRET, env=ADMIN_ENV)
-    if len(admin.reveal()) < MIN_PASSWORD:
-        raise StepError(f"{ADMIN_ENV}: MLflow needs at least {MIN_PASSWORD} characters")
     stored = ctx.host_secrets.get(ADMIN_SECRET, "").strip()
     workload = ctx.secret(WORKLOAD_SECRET)
     group = MLFLOW_USER

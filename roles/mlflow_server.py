@@ -10,7 +10,7 @@ answers (a wait left to the end of the run, so the next roles proceed while MLfl
 
 from __future__ import annotations
 
-from mlflow_stack import hostside, layout
+from mlflow_stack import hostside, layout, role_facts
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
 from mlflow_stack.engine.role import Role
@@ -30,10 +30,10 @@ from mlflow_stack.layout import (
     MLFLOW_CONF_DIR,
     MLFLOW_ENV_FILE,
     MLFLOW_PYCACHE,
-    MLFLOW_SQLITE,
     MLFLOW_UNIT,
     MLFLOW_USER,
 )
+from mlflow_stack.sizing import Sizing
 from roles import mlflow_auth, mysql
 from roles.accounts import mlflow_account
 
@@ -42,6 +42,7 @@ SCHEMA_HEAD = "dc11669786a5"
 SNAPSHOT = hostside.HERE / "schema-mariadb.sql"  # that head, as MLflow builds it
 LOADING = "mlflow_stack_schema_loading"  # table marking a snapshot load not finished yet
 WARM_ID = "mlflow_server:bytecode"
+RECORDER_IDLE_S, RECORDER_IDLE_S_SMALL = 120, 15
 # What the launcher imports before it serves (anything else still compiles at the first start).
 WARM_IMPORTS = (
     "uvicorn",
@@ -52,27 +53,18 @@ WARM_IMPORTS = (
     "mlflow.store.tracking.sqlalchemy_store",
     "mlflow.store.model_registry.sqlalchemy_store",
 )
-TABLES_QUERY = "SELECT table_name FROM information_schema.tables WHERE table_schema='mlflow'"
+TABLES_QUERY = role_facts.TABLES_QUERY
 
 
-def schema_fact(backend: str) -> F.Shell:
+def schema_fact(backend: str) -> F.Fact:
     """The schema revision recorded in the tracking database (empty when none); live, so a
     database the run has just started or created is read again before the schema step."""
-    if backend == "sqlite":
-        read = (
-            "import sqlite3; c = sqlite3.connect('file:" + MLFLOW_SQLITE + "?mode=ro', uri=True); "
-            "print(c.execute('select version_num from alembic_version').fetchone()[0])"
-        )
-        # as the server's account: root reads nothing in a tree another account can write
-        return F.LiveShell("mlflow schema", f"runuser -u {MLFLOW_USER} -- python3 -c {q(read)}")
-    return F.LiveShell(
-        "mlflow schema", 'mysql -N -B -e "SELECT version_num FROM mlflow.alembic_version"'
-    )
+    return role_facts.MlflowSchema(backend)
 
 
-def tables_fact() -> F.Shell:
+def tables_fact() -> F.Fact:
     """Tables of the tracking database (live: the mysql role creates it in the same run)."""
-    return F.LiveShell("mlflow tables", f'mysql -N -B -e "{TABLES_QUERY}"')
+    return role_facts.MlflowTables()
 
 
 def loads_snapshot(tables: F.ShellResult) -> bool:
@@ -145,9 +137,10 @@ def listen_on(ctx: RoleContext) -> list[str]:
     return ["127.0.0.1", *([ctx.private_address] if ctx.workers else [])]
 
 
-def recorder_steps(env_prefix: str) -> list[Step]:
+def recorder_steps(env_prefix: str, sizing: Sizing) -> list[Step]:
     """The record service tuning writes its trial runs through (as this account, which holds
-    the database's credential), started by its socket when a client connects."""
+    the database's credential), started by its socket when a client connects; it exits when
+    idle (soon on the small profile, where its memory is wanted back)."""
     socket_unit = render("systemd/mlflow-recorder.socket.j2", socket=layout.RECORDER_SOCKET)
     service_unit = render(
         "systemd/mlflow-recorder.service.j2",
@@ -158,6 +151,8 @@ def recorder_steps(env_prefix: str) -> list[Step]:
         code_root=layout.DEMO_ROOT,
         pycache=MLFLOW_PYCACHE,
         allow=layout.DEMO_USER,
+        idle=RECORDER_IDLE_S_SMALL if sizing.small else RECORDER_IDLE_S,
+        malloc_arenas=sizing.malloc_arenas,
     )
     units = (layout.RECORDER_SOCKET_UNIT, layout.RECORDER_UNIT)
     return [
@@ -206,16 +201,17 @@ def build(ctx: RoleContext) -> list[Step]:
         binds=listen_on(ctx),
         workers=ctx.workers,
         port=mv.port,
-        uvicorn_workers=mv.workers,
+        uvicorn_workers=ctx.sizing.tracking_workers(mv.workers),
         artifacts=MLFLOW_ARTIFACTS,
         allowed_hosts=allowed_hosts(ctx),
         cors_origins=mlflow_auth.cors_origins(ctx) if mv.public else [],
         admin_env=layout.MLFLOW_ADMIN_ENV,
         public=mv.public,
-        db_unit=layout.db_server(ctx.os).service if uses_mysql else "",
+        malloc_arenas=ctx.sizing.malloc_arenas,
+        db_unit=layout.db_server(ctx.os, ctx.vars.mysql.server).service if uses_mysql else "",
     )
     snapshot: list[Step] = []
-    if uses_mysql and layout.db_server(ctx.os) == layout.MARIADB:
+    if uses_mysql and layout.db_server(ctx.os, ctx.vars.mysql.server) == layout.MARIADB:
         tables = tables_fact()
         snapshot.append(
             Run(
@@ -259,7 +255,7 @@ def build(ctx: RoleContext) -> list[Step]:
         ),
         File(layout.unit_file(MLFLOW_UNIT), unit, notify=(MLFLOW_UNIT,), unit_file=True),
         Service(MLFLOW_UNIT),
-        *recorder_steps(env_prefix),
+        *recorder_steps(env_prefix, ctx.sizing),
         # public mode: the admin's password and the workload account, through MLflow's API
         *(mlflow_auth.account_steps(ctx) if mv.public else mlflow_auth.off_steps()),
         WaitHttp(

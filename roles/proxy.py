@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlflow_stack import layout, public
+from mlflow_stack import layout, public, role_facts
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
 from mlflow_stack.engine.role import Role
@@ -57,7 +57,7 @@ from mlflow_stack.layout import (
     PROXY_USER,
 )
 
-CA_NAMES = f"{PROXY_CA_DIR}/names"  # the names the CA is constrained to, one line
+CA_NAMES = layout.PROXY_CA_NAMES  # the name the CA is constrained to, one line
 CA_DAYS = 3650
 # Caddy's own copies made with an earlier CA (its intermediate, the site's certificates).
 CADDY_DATA = f"{PROXY_STATE}/.local/share/caddy"
@@ -140,11 +140,9 @@ def ca_script(name: str, host: str) -> str:
     )
 
 
-def ca_fact() -> F.Shell:
+def ca_fact() -> F.Fact:
     """The name the host's CA is constrained to (empty when there is none)."""
-    return F.Shell(
-        "proxy CA", f"test -s {PROXY_CA_CERT} && test -s {PROXY_CA_KEY} && cat {CA_NAMES}"
-    )
+    return role_facts.ProxyCa()
 
 
 def ca_steps(name: str, host: str) -> list[Step]:
@@ -175,17 +173,13 @@ class WaitHttps(Step):
     def __post_init__(self) -> None:
         self.id = f"wait:{self.site.url}"
 
-    def curl(self) -> str:
+    def fact(self) -> role_facts.ProxyAnswers:
         s = self.site
         host = f"[{s.name}]" if ":" in s.name else s.name
-        cacert = f"--cacert {q(self.cafile)} " if self.cafile else ""
-        return (
-            f"curl -s -o /dev/null -m 3 -w '%{{http_code}}' {cacert}"
-            f"--resolve {q(f'{host}:{s.https_port}:127.0.0.1')} {q(s.url)}"
-        )
+        return role_facts.ProxyAnswers(s.url, f"{host}:{s.https_port}:127.0.0.1", self.cafile)
 
-    def fact(self) -> F.Shell:
-        return F.LiveShell(f"proxy answers {self.site.url}", self.curl())
+    def curl(self) -> str:
+        return self.fact().command()
 
     def facts(self) -> list[F.Fact]:
         return [self.fact()]

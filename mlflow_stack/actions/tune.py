@@ -110,12 +110,17 @@ class TuneOutcome:
     recorded_via: dict[str, str] = field(default_factory=dict)  # host#process -> how
     failures: list[str] = field(default_factory=list)
     final: dict = field(default_factory=dict)
+    requested: int = 0
     seconds: float = 0.0
 
 
 def tune_args(n_trials: int, study: str, experiment: str, register: bool) -> list[str]:
+    """demo_wine.tune, forked from the host's warm runner when it has one (its pages shared,
+    MLflow, scikit-learn and Optuna already imported), else started cold."""
     args = [
         "-m",
+        "demo_wine.warm",
+        "run",
         "demo_wine.tune",
         "--n-trials",
         str(n_trials),
@@ -167,7 +172,7 @@ def tune(
     slots = [(h, i) for h in hosts for i in range(per_host)]
     shares = split_trials(n_trials, len(slots))
     shared = len(slots) > 1
-    outcome = TuneOutcome(study)
+    outcome = TuneOutcome(study, requested=n_trials)
     server_host = connections[server.name]
     password = read_secret(server_host, "db_tuning_password") if shared else None
     elsewhere = [h for h in hosts if reach(server, h) != "127.0.0.1"]
@@ -271,4 +276,12 @@ def render_outcome(outcome: TuneOutcome) -> list[str]:
         if version
         else "champion: not changed (the best trial was registered before)",
     ]
-    return lines + [f"warning: {failure}" for failure in outcome.failures]
+    lines += [f"warning: {failure}" for failure in outcome.failures]
+    done = sum(outcome.trials_per_host.values())
+    if outcome.failures and done < outcome.requested:
+        lines.append(
+            f"warning: {done} of {outcome.requested} trials done; the study keeps them: "
+            f"invoke tune --study {outcome.study} --n-trials {outcome.requested - done} "
+            "adds the rest"
+        )
+    return lines

@@ -319,11 +319,12 @@ def converge_host(job: HostJob, options: Options, reporter: Reporter) -> HostRec
     try:
         run.facts.known = job.prefetch.result() if job.prefetch else {}
         base = probe(job.host, base_facts(), run.facts.known)
-        os_info, pending, host_secrets = (base[f.key] for f in base_facts())
+        os_info, size, pending, host_secrets = (base[f.key] for f in base_facts())
         ctx = RoleContext(
             job.host.name,
             os_info,
             job.vars,
+            size,
             host_secrets,
             address=job.host.target.address,
             private_address=job.private_address or job.host.target.address,

@@ -220,7 +220,7 @@ def test_a_worker_killed_mid_study_loses_nothing_of_the_others_trials(stack, clu
         import time
 
         time.sleep(8)  # some of its trials are done
-        sh(w2, "pkill -9 -f '[-]m demo_wine.tune'")  # (the pattern matches not this shell)
+        sh(w2, "pkill -9 -x demo_wine.tune")  # the run the warm runner forked, by its name
     finally:
         w2.close()
     out, err = tune.communicate(timeout=1800)

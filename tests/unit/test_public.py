@@ -17,10 +17,11 @@ from mlflow_stack.actions.serve import ServeRequest, serve_steps
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
 from mlflow_stack.engine.steps import PlanContext, Run, Service, StepError
-from mlflow_stack.secrets import Secret
+from mlflow_stack.secrets import Secret, SecretError
 from mlflow_stack.vars import validate
 from roles import jupyter, mlflow_auth, proxy
 from tests.unit.test_facts import DEBIAN_12
+from tests.unit.test_roles import SANDBOX_SIZE
 
 PUBLIC = {"mlflow": {"public": True}, "jupyter": {"public": True}}
 
@@ -30,6 +31,7 @@ def context(address: str = "203.0.113.10", stored: dict | None = None, **vars) -
         "web",
         F.OsRelease().parse(DEBIAN_12, 0),
         validate(vars),
+        SANDBOX_SIZE,
         {"jupyter_token": "tok-from-host", **(stored or {})},
         address=address,
     )
@@ -233,7 +235,7 @@ def test_a_new_admin_password_keeps_the_old_one_until_mlflow_has_it(monkeypatch)
     ]
     assert "flask_secret_key" in env
     monkeypatch.setenv("MLFLOW_ADMIN_PASSWORD", "short")
-    with pytest.raises(StepError, match="12 characters"):
+    with pytest.raises(SecretError, match="12 characters"):
         mlflow_auth.config_steps(context(**PUBLIC))
 
 

@@ -61,3 +61,16 @@ def test_secrets_travel_on_stdin_and_never_on_the_command_line():
     assert cmd.startswith("IFS= read -r DEMO_WINE_STORAGE && export DEMO_WINE_STORAGE && ")
     assert "DEMO_WINE_RECORDER=/run/mlflow-recorder.sock" in cmd
     assert secret_stdin(*env.values()).splitlines() == [v.reveal() for v in env.values()]
+
+
+def test_a_failed_process_is_reported_with_how_to_add_the_missing_trials():
+    outcome = tune.TuneOutcome("field", {"e2e": 31}, {"e2e#0": "service"}, requested=60)
+    outcome.failures.append("e2e#1: cannot open Optuna storage")
+    lines = tune.render_outcome(outcome)
+    assert lines[-2] == "warning: e2e#1: cannot open Optuna storage"
+    assert lines[-1] == (
+        "warning: 31 of 60 trials done; the study keeps them: "
+        "invoke tune --study field --n-trials 29 adds the rest"
+    )
+    outcome.failures.clear()
+    assert not any(line.startswith("warning") for line in tune.render_outcome(outcome))
