@@ -35,6 +35,14 @@ LOGIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")  # POSIX portable user na
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")  # MLflow run ids (uuid4 hex)
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+# a public DNS name as ACME certifies it: lower-case labels, at least one dot
+DNS_NAME = re.compile(
+    r"^(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$"
+)
+EMAIL = re.compile(
+    r"^[A-Za-z0-9._%+-]{1,64}@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$"
+)
+ACCOUNT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")  # an MLflow account's name
 SAFE_PATH = re.compile(r"^/(?:[A-Za-z0-9._+@-]+/?)*$")  # absolute, shell- and unit-inert
 MAX_TEXT = 256
 
@@ -95,6 +103,23 @@ def study(value: object, what: str | None = "--study") -> str:
 
 def login_user(value: object, what: str | None) -> str:
     return _pattern(value, what, LOGIN, "a user name: letters, digits, '_', '.', '-'")
+
+
+def dns_name(value: object, what: str | None) -> str:
+    """A DNS name pointing at a host (its certificate's name): lower case, with a dot."""
+    if isinstance(value, str) and len(value) > 253:
+        raise _refuse(what, value, "longer than 253 characters")
+    return _pattern(value, what, DNS_NAME, "a lower-case DNS name such as ml.example.org")
+
+
+def email(value: object, what: str | None) -> str:
+    """A contact address (ACME's account e-mail): a plain local part, a DNS domain."""
+    return _pattern(value, what, EMAIL, "an e-mail address such as ops@example.org")
+
+
+def account(value: object, what: str | None = "user name") -> str:
+    """An MLflow account's name (`invoke users.*`)."""
+    return _pattern(value, what, ACCOUNT, "letters, digits and . _ @ - (up to 64, not first)")
 
 
 def sha256(value: object, what: str | None) -> str:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from mlflow_stack.host_vars import HostVars
+    from mlflow_stack.secrets import Secret
 
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 JUPYTER_PREFIX = "/jupyter/"  # Jupyter's base_url behind the proxy (one site for everything)
@@ -90,3 +91,11 @@ def site(host_vars: HostVars, inventory_address: str) -> Site:
         acme_email=pv.acme_email,
         acme_roots=pv.acme_roots if tls == "acme" else "",
     )
+
+
+def admin_env(password: Secret) -> str:
+    """MLflow's bootstrap admin env file (read only when MLflow first creates its admin),
+    the password quoted for systemd: a given one may hold spaces, quotes or `$`."""
+    from mlflow_stack.engine.templating import render
+
+    return render("mlflow/admin.env.j2", password=password.reveal())

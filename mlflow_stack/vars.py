@@ -118,23 +118,26 @@ class DemoVars(_Section):
 # --- public mode (issue 17): the HTTPS proxy in front of what `mlflow.public` and
 # `jupyter.public` expose, and of models served with `invoke serve --public` -------------
 
-DNS_NAME = r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"
+
+def _optional(check):
+    """An AfterValidator for a string that may be empty (unset), else passes `check`."""
+    return AfterValidator(lambda v: check(v, None) if v else v)
 
 
 class PublicVars(_Section):
     # A DNS name pointing at the host: its certificate comes from ACME (Let's Encrypt unless
     # `acme_directory` says otherwise). Without one, the host's own CA issues a certificate
     # for `address` (default: the address in the inventory), and clients pin that CA.
-    domain: str = Field(default="", pattern=DNS_NAME + "|^$", max_length=253)
-    address: str = Field(default="", pattern=r"^[A-Za-z0-9.:-]*$", max_length=253)
+    domain: Annotated[str, _optional(inputs.dns_name)] = ""
+    address: Annotated[str, _optional(inputs.host_address)] = ""
     tls: Literal["auto", "acme", "internal"] = "auto"  # auto: acme with a domain, else internal
-    acme_directory: str = Field(
-        default="https://acme-v02.api.letsencrypt.org/directory", pattern=r"^https://\S+$"
-    )
-    acme_email: str = Field(default="", pattern=r"^$|^[^@\s]+@[^@\s]+$")
+    acme_directory: Annotated[
+        str, AfterValidator(lambda v: inputs.url(v, None, schemes=("https",)))
+    ] = "https://acme-v02.api.letsencrypt.org/directory"
+    acme_email: Annotated[str, _optional(inputs.email)] = ""
     # A private ACME CA (a PEM file on the controller): trusted by the proxy for the ACME
     # directory, and pinned by clients for the site. Not needed with Let's Encrypt.
-    acme_roots: str = ""
+    acme_roots: Annotated[str, _optional(inputs.local_path)] = ""
     https_port: int = Field(default=443, ge=1, le=65535)
     http_port: int = Field(default=80, ge=1, le=65535)
     # What an MLflow account may do with experiments and models it was granted nothing on:

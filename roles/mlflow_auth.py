@@ -116,8 +116,7 @@ def config_steps(ctx: RoleContext) -> tuple[list[Step], dict[str, str]]:
         # read by MLflow only when it creates the admin: no restart when it changes
         File(
             layout.MLFLOW_ADMIN_ENV,
-            f"# Managed by mlflow-stack. Used only when MLflow first creates its admin.\n"
-            f"MLFLOW_AUTH_ADMIN_PASSWORD={admin.reveal()}\n",
+            public.admin_env(admin),
             "root",
             group,
             0o640,

@@ -10,12 +10,11 @@ current one), then the secret store is updated, the old one kept as
 
 from __future__ import annotations
 
-import re
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mlflow_stack import layout, secrets
+from mlflow_stack import inputs, layout, public, secrets
 from mlflow_stack.actions import public as site
 from mlflow_stack.actions.remote import ActionError
 from mlflow_stack.engine.steps import install_file_script
@@ -26,8 +25,7 @@ if TYPE_CHECKING:
     from mlflow_stack.targets import ResolvedHost
 
 PERMISSIONS = ("READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS")
-USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
-MIN_PASSWORD = 12
+MIN_PASSWORD = secrets.MIN_LENGTH  # MLflow's minimum too
 ADMIN_SECRET = "mlflow_admin_password"
 ADMIN_PREVIOUS = "mlflow_admin_password_previous"
 USERS = "/api/2.0/mlflow/users"
@@ -37,17 +35,18 @@ PERMISSIONS_API = "/api/3.0/mlflow/users/permissions"
 def check_username(name: str | None, action: str) -> str:
     if not name:
         raise ActionError(f"users.{action}: give a user name, e.g. invoke users.{action} alice")
-    if not USERNAME.match(name):
-        raise ActionError(f"user name {name!r}: letters, digits and . _ @ - (up to 64, not first)")
-    return name
+    return inputs.account(name)
 
 
 def check_password(value: str) -> Secret:
+    """One line of at least 12 characters, no control characters or surrounding blanks
+    (never shown: the message says why, not what)."""
     value = value.rstrip("\r\n")
     if len(value) < MIN_PASSWORD:
         raise ActionError(f"the password needs at least {MIN_PASSWORD} characters (MLflow's rule)")
-    if "\n" in value:
-        raise ActionError("the password is one line")
+    problem = secrets.problem(value)
+    if problem:
+        raise ActionError(f"the password is refused: {problem}")
     return Secret(value)
 
 
@@ -170,13 +169,7 @@ def passwd(host: Host, admin: Admin, name: str, password: Secret) -> None:
     store = [
         (layout.secret_path(ADMIN_PREVIOUS), "root", 0o600, admin.password.reveal() + "\n"),
         (layout.secret_path(ADMIN_SECRET), "root", 0o600, password.reveal() + "\n"),
-        (
-            layout.MLFLOW_ADMIN_ENV,
-            layout.MLFLOW_USER,
-            0o640,
-            "# Managed by mlflow-stack. Used only when MLflow first creates its admin.\n"
-            f"MLFLOW_AUTH_ADMIN_PASSWORD={password.reveal()}\n",
-        ),
+        (layout.MLFLOW_ADMIN_ENV, layout.MLFLOW_USER, 0o640, public.admin_env(password)),
     ]
     for path, group, mode, text in store:
         result = host.run(install_file_script(path, "root", group, mode), stdin=text)
@@ -211,6 +204,10 @@ def check_grant(experiment: str | None, model: str | None, permission: str) -> s
         raise ActionError(f"--permission {permission}: one of {', '.join(PERMISSIONS)}")
     if bool(experiment) == bool(model):
         raise ActionError("give exactly one of --experiment NAME|ID or --model NAME")
+    if experiment:
+        inputs.experiment(experiment)
+    else:
+        inputs.text(model, "--model")
     return permission
 
 

@@ -10,6 +10,8 @@ Every value handed to a template is made safe for the file it lands in before re
   quotes, `\\`, `$` or backticks is double-quoted with systemd's (POSIX shell's) escapes;
 - shell files (`*.sh.j2`): quoted with `shlex.quote` when needed;
 - ini files read by configparser (`*.ini.j2`): no control character, `%` doubled;
+- Caddyfiles (`proxy/*`): a value is one bare token: whitespace, quotes, backticks, braces
+  (blocks and `{$ENV}`/`{file.…}` placeholders), `#`, `\\`, `$` and `<` are refused;
 - anything else (config files, READMEs): no control character.
 
 Strict patterns at the boundary (`inputs`, the inventory) already refuse most of this; this
@@ -33,6 +35,7 @@ from mlflow_stack.errors import UserError
 TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "templates"
 _UNIT_UNSAFE = re.compile(r"[%\\$\"'`;]")
 _ENV_SAFE = re.compile(r"^[^\s\\'\"$`]*$")
+_CADDY_UNSAFE = re.compile(r"[\s\"'`{}#\\$<]")
 
 
 class RenderError(StepError, UserError):
@@ -59,9 +62,11 @@ def environment(root: Path = TEMPLATES_DIR) -> jinja2.Environment:
 
 
 def sink(template: str) -> str:
-    """The kind of file `template` renders: unit, env, shell, ini or text."""
+    """The kind of file `template` renders: unit, caddy, env, shell, ini or text."""
     if template.startswith("systemd/"):
         return "unit"
+    if template.startswith("proxy/"):
+        return "caddy"
     for suffix, kind in ((".env.j2", "env"), (".sh.j2", "shell"), (".ini.j2", "ini")):
         if template.endswith(suffix):
             return kind
@@ -89,6 +94,12 @@ def _value(template: str, kind: str, name: str, value: str) -> str:
         if _UNIT_UNSAFE.search(value):
             raise _refused(
                 template, name, value, "%, \\, $, quotes, backticks and ; are not allowed"
+            )
+        return value
+    if kind == "caddy":
+        if _CADDY_UNSAFE.search(value):
+            raise _refused(
+                template, name, value, "blanks, quotes, braces, #, \\, $ and < are not allowed"
             )
         return value
     if kind == "env":

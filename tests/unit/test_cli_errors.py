@@ -82,7 +82,7 @@ CASES = [
         ["serve", "--run", "0" * 32, "--port", "80"],
         "--port 80: must be 1024 to 65535",
     ),
-    ("user name with a space", GOOD, ["users.add", "a b"], "user name 'a b': letters, digits"),
+    ("user name with a space", GOOD, ["users.add", "a b"], "user name 'a b': use letters, digits"),
     ("no password on stdin", GOOD, ["users.add", "alice"], "no password on stdin"),
     (
         "unknown permission",

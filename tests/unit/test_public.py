@@ -17,6 +17,7 @@ from mlflow_stack.actions.serve import ServeRequest, serve_steps
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
 from mlflow_stack.engine.steps import PlanContext, Run, Service, StepError
+from mlflow_stack.errors import UserError
 from mlflow_stack.secrets import Secret, SecretError
 from mlflow_stack.vars import validate
 from roles import jupyter, mlflow_auth, proxy
@@ -73,6 +74,11 @@ def test_the_site_is_the_domain_with_acme_else_the_address_with_the_hosts_ca():
         {"https_port": 80},  # same as http_port
         {"default_permission": "EDIT"},
         {"acme_email": "not an email"},
+        {"acme_email": "ops@example.org}\n\timport /etc/passwd"},  # a Caddyfile injection
+        {"acme_email": "{$HOME}@example.org"},
+        {"domain": "ml.example.org evil.example"},
+        {"address": "203.0.113.10 {"},
+        {"acme_directory": "https://acme.example/dir {"},
     ],
 )
 def test_public_vars_refuse(bad):
@@ -363,10 +369,32 @@ def test_passwords_come_on_stdin_or_are_generated():
     assert generated and len(new.reveal()) >= 20
 
 
-@pytest.mark.parametrize("name", ["", "-x", "a b", "x" * 65, "a;b"])
+@pytest.mark.parametrize("name", ["", "-x", "a b", "x" * 65, "a;b", "a\nb"])
 def test_user_names_are_checked(name):
-    with pytest.raises(ActionError):
+    with pytest.raises(UserError):
         users.check_username(name, "add")
+
+
+@pytest.mark.parametrize(
+    "bad", [" leading-blank-password", "a-long-pass\tword", "a-long\x00password"]
+)
+def test_passwords_with_control_characters_or_blanks_around_are_refused_unshown(bad):
+    with pytest.raises(ActionError) as info:
+        users.read_password(False, Stdin(bad + "\n"))
+    assert bad.strip() not in str(info.value)
+
+
+def test_grant_targets_hold_no_control_characters():
+    with pytest.raises(UserError):
+        users.check_grant("wine\nx", None, "READ")
+    with pytest.raises(UserError):
+        users.check_grant(None, "m\x00", "READ")
+    assert users.check_grant('it\'s "wine" $(x)', None, "read") == "READ"
+
+
+def test_the_bootstrap_admin_password_is_quoted_for_systemd():
+    text = public.admin_env(Secret('a "given" $password'))
+    assert 'MLFLOW_AUTH_ADMIN_PASSWORD="a \\"given\\" \\$password"\n' in text
 
 
 def test_a_changed_host_ca_is_noticed_when_pinned_again(tmp_path):

@@ -73,6 +73,7 @@ STRICT_FLAGS = {
     "--host (address)": lambda v: inputs.host_address(v, "--host"),
     "--host (user)": lambda v: inputs.login_user(v, "--host user"),
     "--port": inputs.port,
+    "user name": inputs.account,
 }
 
 
@@ -193,13 +194,24 @@ INVENTORY_KEYS = {
     "mlflow.allowed_hosts": "defaults:\n  vars:\n    mlflow: {allowed_hosts: [VALUE]}\n",
     "demo.data_url": "defaults:\n  vars:\n    demo: {data_url: VALUE}\n",
     "demo.data_sha256": "defaults:\n  vars:\n    demo: {data_sha256: VALUE}\n",
+    "public.domain": "defaults:\n  vars:\n    public: {domain: VALUE}\n",
+    "public.address": "defaults:\n  vars:\n    public: {address: VALUE}\n",
+    "public.acme_directory": "defaults:\n  vars:\n    public: {acme_directory: VALUE}\n",
+    "public.acme_email": "defaults:\n  vars:\n    public: {acme_email: VALUE}\n",
     # read on the controller only (never sent to a host as text): control characters refused
     "key": "hosts:\n  web:\n    address: 10.0.0.5\n    key: VALUE\n",
     "known_hosts": "hosts:\n  web:\n    address: 10.0.0.5\n    known_hosts: VALUE\n",
     "demo.data_file": "defaults:\n  vars:\n    demo: {data_file: VALUE}\n",
+    "public.acme_roots": "defaults:\n  vars:\n    public: {acme_roots: VALUE}\n",
     "test (engine tests' free-form vars)": "defaults:\n  vars:\n    test: {x: VALUE}\n",
 }
-LOCAL_ONLY = {"key", "known_hosts", "demo.data_file", "test (engine tests' free-form vars)"}
+LOCAL_ONLY = {
+    "key",
+    "known_hosts",
+    "demo.data_file",
+    "public.acme_roots",
+    "test (engine tests' free-form vars)",
+}
 
 
 @pytest.mark.parametrize("key", INVENTORY_KEYS)
@@ -268,6 +280,11 @@ def test_each_sink_refuses_or_quotes_hostile_values(case, tmp_path):
     assert templating.for_sink("mlflow/basic_auth.ini.j2", "v", value + "%") == (
         value.replace("%", "%%") + "%%"
     )
+    caddy_inert = not any(c.isspace() or c in "\"'`{}#\\$<" for c in value)
+    if caddy_inert:
+        assert templating.for_sink("proxy/Caddyfile.j2", "v", value) == value
+    else:  # a Caddyfile value is one bare token: no blocks, placeholders or comments
+        refused_in_one_line(lambda: templating.for_sink("proxy/Caddyfile.j2", "v", value))
 
 
 def test_a_model_uri_with_quotes_and_command_substitution_stays_one_env_line():
