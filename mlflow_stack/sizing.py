@@ -56,5 +56,12 @@ class Sizing:
         hold memory in arenas of their own, too much for 1 GiB."""
         return 2 if self.small else None
 
+    @property
+    def go_memory_limit(self) -> str | None:
+        """GOMEMLIMIT for the proxy (Caddy is a Go program): a soft limit, so on a small host
+        Go's collector works harder before the heap grows past it (Caddy idles at ≈ 30-40 MB);
+        None: Go's default (the heap may double between collections)."""
+        return "96MiB" if self.small else None
+
     def describe(self) -> str:
         return f"{self.profile} ({self.size.cpus} CPU, {self.size.memory_gib:.1f} GiB)"

@@ -56,6 +56,7 @@ from mlflow_stack.layout import (
     PROXY_UNIT,
     PROXY_USER,
 )
+from mlflow_stack.sizing import Sizing
 
 CA_NAMES = layout.PROXY_CA_NAMES  # the name the CA is constrained to, one line
 CA_DAYS = 3650
@@ -96,9 +97,10 @@ def caddyfile(site: public.Site, host_vars) -> str:
     )
 
 
-def unit_text() -> str:
+def unit_text(sizing: Sizing) -> str:
     return render(
         "systemd/mlflow-proxy.service.j2",
+        go_memory_limit=sizing.go_memory_limit,
         user=PROXY_USER,
         state=PROXY_STATE,
         state_name=PROXY_STATE.removeprefix("/var/lib/"),
@@ -266,7 +268,12 @@ def build(ctx: RoleContext) -> list[Step]:
         cafile = layout.PROXY_ACME_ROOTS
     steps += [
         File(PROXY_CONFIG, caddyfile(site, ctx.vars), "root", PROXY_USER, 0o640),
-        File(layout.unit_file(PROXY_UNIT), unit_text(), notify=(PROXY_UNIT,), unit_file=True),
+        File(
+            layout.unit_file(PROXY_UNIT),
+            unit_text(ctx.sizing),
+            notify=(PROXY_UNIT,),
+            unit_file=True,
+        ),
         Service(PROXY_UNIT),
         reload_step(),
         WaitHttps(f"proxy answers {site.url}", site, cafile),

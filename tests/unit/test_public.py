@@ -19,10 +19,11 @@ from mlflow_stack.engine.context import RoleContext
 from mlflow_stack.engine.steps import PlanContext, Run, Service, StepError
 from mlflow_stack.errors import UserError
 from mlflow_stack.secrets import Secret, SecretError
+from mlflow_stack.sizing import Sizing
 from mlflow_stack.vars import validate
 from roles import jupyter, mlflow_auth, proxy
 from tests.unit.test_facts import DEBIAN_12
-from tests.unit.test_roles import SANDBOX_SIZE
+from tests.unit.test_roles import SANDBOX_SIZE, T2_MICRO
 
 PUBLIC = {"mlflow": {"public": True}, "jupyter": {"public": True}}
 
@@ -201,7 +202,9 @@ def test_the_https_wait_is_done_once_the_site_answers():
 
 
 def test_proxy_unit_binds_low_ports_with_one_capability():
-    unit = proxy.unit_text()
+    unit = proxy.unit_text(Sizing.of(SANDBOX_SIZE))
+    assert "GOMEMLIMIT" not in unit
+    assert "Environment=GOMEMLIMIT=96MiB" in proxy.unit_text(Sizing.of(T2_MICRO))
     assert "User=caddy" in unit and "PrivateUsers" not in unit
     # the hardening's empty sets come first; the one capability is added after them
     assert unit.index("CapabilityBoundingSet=\n") < unit.index(
