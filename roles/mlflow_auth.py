@@ -25,7 +25,7 @@ from pathlib import Path
 
 from mlflow_stack import hostside, layout, public, role_facts
 from mlflow_stack.engine import facts as F
-from mlflow_stack.engine.context import RoleContext
+from mlflow_stack.engine.context import RoleContext, secret_file
 from mlflow_stack.engine.steps import Directory, File, Run, Step
 from mlflow_stack.engine.templating import render
 from mlflow_stack.layout import (
@@ -34,7 +34,6 @@ from mlflow_stack.layout import (
     MLFLOW_UNIT,
     MLFLOW_USER,
     MLFLOW_WORKLOAD_USER,
-    secret_path,
 )
 
 ADMIN_SECRET = "mlflow_admin_password"
@@ -92,16 +91,10 @@ def config_steps(ctx: RoleContext) -> tuple[list[Step], dict[str, str]]:
     workload = ctx.secret(WORKLOAD_SECRET)
     group = MLFLOW_USER
     steps: list[Step] = []
-    if stored and stored != admin.reveal():  # a new admin password: keep the old one until
-        steps.append(  # MLflow has it (the accounts step changes it through the API)
-            File(
-                secret_path(ADMIN_PREVIOUS),
-                stored + "\n",
-                mode=0o600,
-                secret=True,
-                label=f"secret {ADMIN_PREVIOUS}",
-            )
-        )
+    if stored and stored != admin.reveal():
+        # a new admin password: the old one kept until MLflow has the new one (the accounts
+        # step changes it through the API)
+        steps.append(secret_file(ADMIN_PREVIOUS, stored))
     steps += ctx.secret_steps(
         ADMIN_SECRET, WORKLOAD_SECRET, FLASK_SECRET, env={ADMIN_SECRET: ADMIN_ENV}
     )

@@ -8,12 +8,11 @@ through an SSH tunnel from the controller, as a client on another machine would.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import pymysql
 
 from mlflow_stack import layout
-from mlflow_stack.actions.remote import ActionError, read_secret
+from mlflow_stack.actions.remote import ActionError, Check, read_secret
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.forward import forward_unix
 from mlflow_stack.engine.host import Host
@@ -31,14 +30,6 @@ COUNTS = {
     "runs": "SELECT COUNT(*) FROM mlflow.runs",
     "registered models": "SELECT COUNT(*) FROM mlflow.registered_models",
 }
-
-
-@dataclass
-class Check:
-    name: str
-    ok: bool
-    detail: str
-    hint: str = ""
 
 
 def sql_fact(name: str, query: str) -> F.Shell:

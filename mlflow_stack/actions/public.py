@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
 from mlflow_stack import layout, public
-from mlflow_stack.actions.remote import ActionError
+from mlflow_stack.actions.remote import ActionError, Check
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.probing import probe
 from mlflow_stack.engine.user_cache import cache_dir
@@ -175,14 +175,9 @@ class Outside:
             headers["Content-Type"] = "application/json"
         if params:
             path += ("&" if "?" in path else "?") + urlencode(params)
-        try:
-            conn.request(method, path, body=data, headers=headers)
-            answer = conn.getresponse()
-            return Answer(answer.status, dict(answer.getheaders()), answer.read())
-        except (OSError, http.client.HTTPException) as exc:
-            raise ActionError(f"{method} {self.site.url}{path.lstrip('/')}: {exc}") from None
-        finally:
-            conn.close()
+        return exchange(
+            conn, method, path, data, headers, f"{method} {self.site.url}{path.lstrip('/')}"
+        )
 
     def plain(self, path: str = "/") -> Answer:
         """A GET over plain HTTP (no credentials, ever): only to see the redirect."""
@@ -191,14 +186,26 @@ class Outside:
         http_host = f"[{self.site.name}]" if ":" in self.site.name else self.site.name
         if self.site.http_port != 80:
             http_host = f"{http_host}:{self.site.http_port}"
-        try:
-            conn.request("GET", path, headers={"Host": http_host})
-            answer = conn.getresponse()
-            return Answer(answer.status, dict(answer.getheaders()), answer.read())
-        except (OSError, http.client.HTTPException) as exc:
-            raise ActionError(f"http://{http_host}{path}: {exc}") from None
-        finally:
-            conn.close()
+        return exchange(conn, "GET", path, None, {"Host": http_host}, f"http://{http_host}{path}")
+
+
+def exchange(
+    conn: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    data: bytes | None,
+    headers: dict[str, str],
+    where: str,
+) -> Answer:
+    """One request on an open connection, read whole and closed; a failure is one line."""
+    try:
+        conn.request(method, path, body=data, headers=headers)
+        answer = conn.getresponse()
+        return Answer(answer.status, dict(answer.getheaders()), answer.read())
+    except (OSError, http.client.HTTPException) as exc:
+        raise ActionError(f"{where}: {exc}") from None
+    finally:
+        conn.close()
 
 
 def outside(
@@ -258,14 +265,6 @@ def trust_lines(client: Outside) -> list[str]:
 
 
 # --- `invoke status`, from the outside in ------------------------------------------------
-
-
-@dataclass
-class Check:
-    name: str
-    ok: bool
-    detail: str
-    hint: str = ""
 
 
 SEARCH = "/api/2.0/mlflow/experiments/search"

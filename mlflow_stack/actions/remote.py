@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from dataclasses import dataclass
 
 from mlflow_stack import layout
 from mlflow_stack.engine.host import Host
@@ -15,6 +16,16 @@ from mlflow_stack.secrets import Secret, problem
 
 class ActionError(UserError):
     """An action failed; the message is one line saying what and what to do."""
+
+
+@dataclass
+class Check:
+    """One check of `check-mysql` or of `status` from the outside: passed or not, and why."""
+
+    name: str
+    ok: bool
+    detail: str
+    hint: str = ""
 
 
 def demo_command(

@@ -51,19 +51,15 @@ class RoleContext:
         env = env or {}
         steps: list[Step] = [Directory(SECRETS_DIR, mode=0o700)]
         for name in names:
-            value = self.secret(name, env.get(name)).reveal()
-            steps.append(
-                File(
-                    secret_path(name),
-                    value + "\n",
-                    mode=0o600,
-                    secret=True,
-                    label=f"secret {name}",
-                )
-            )
+            steps.append(secret_file(name, self.secret(name, env.get(name)).reveal()))
         return steps
 
 
 def base_facts() -> list[F.Fact]:
     """Facts every run needs before roles can build their steps."""
     return [F.OsRelease(), F.Size(), F.DirListing(PENDING_DIR), F.FileContents(SECRETS_DIR)]
+
+
+def secret_file(name: str, value: str) -> File:
+    """The step keeping `value` as the secret `name`: a 0600 file of root's, never diffed."""
+    return File(secret_path(name), value + "\n", mode=0o600, secret=True, label=f"secret {name}")
