@@ -276,6 +276,33 @@ def test_bytecode_planted_by_mlflow_never_runs_as_root(stack):
         h.close()
 
 
+# Every unit the stack writes that runs a process, and its exposure before this round's
+# hardening (systemd-analyze security on the sandbox, fcd5c90); the goal is at most 3.0.
+HARDENED_UNITS = {
+    layout.MLFLOW_UNIT: 4.2,
+    layout.RECORDER_UNIT: None,  # new this round
+    layout.JUPYTER_UNIT: 4.2,
+    layout.WARM_UNIT: 6.5,
+    "mlflow-model@e2e-exposure.service": 4.2,
+}
+EXPOSURE = re.compile(r"Overall exposure level for \S+: (\d+\.\d+)")
+
+
+def test_every_unit_we_write_is_hardened_to_an_exposure_of_at_most_3(stack):
+    """systemd's own score of each unit (a template instance is scored by its template)."""
+    h = host(stack.info)
+    try:
+        scores = {}
+        for unit in HARDENED_UNITS:
+            out = sh(h, f"systemd-analyze security --no-pager {unit} 2>&1")
+            scores[unit] = float(EXPOSURE.search(out)[1])
+    finally:
+        h.close()
+    for unit, before in HARDENED_UNITS.items():
+        print(f"systemd-analyze security {unit}: {before or '-'} -> {scores[unit]}")
+    assert {u: s for u, s in scores.items() if s > 3.0} == {}
+
+
 def test_the_service_accounts_cannot_log_in_over_ssh(stack, tmp_path):
     info = stack.info
     h = host(info)
