@@ -84,6 +84,15 @@ def sh(h: Host, script: str, **kwargs) -> str:
     return result.stdout
 
 
+def exposure(h: Host, unit: str) -> float:
+    """systemd's own exposure score of `unit` on the host (`systemd-analyze security`; 0 is
+    the most locked down, 10 the least); a template instance is scored by its template."""
+    out = sh(h, f"systemd-analyze security --no-pager {unit} 2>&1")
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out)
+    assert found, out[-2000:]
+    return float(found[1])
+
+
 def ok(proc: subprocess.CompletedProcess) -> str:
     """The stdout of a CLI run that must have succeeded."""
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -28,7 +28,16 @@ from pathlib import Path
 import pytest
 
 from mlflow_stack.sandbox import network
-from tests.e2e.helpers import ROOT, changed_steps, host, ok, provision_json, sh, wait_until
+from tests.e2e.helpers import (
+    ROOT,
+    changed_steps,
+    exposure,
+    host,
+    ok,
+    provision_json,
+    sh,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -161,9 +170,12 @@ def test_only_the_proxy_and_ssh_face_the_network(stack, ip_site):
             "/etc/mlflow-proxy/ca/root.key >/dev/null 2>&1; echo $?"
         )
         refused = sh(h, as_demo).split()
+        score = exposure(h, "mlflow-proxy.service")
     finally:
         h.close()
     assert refused == ["000", "7", "7", "1"], refused  # no socket access, no :2019, no files
+    print(f"systemd-analyze security mlflow-proxy.service: {score}")
+    assert score <= 3.0  # like every unit we write (test_least_privilege_e2e.py)
     exposed = set()
     for line in filter(None, listening):
         address, _, port = line.split()[3].rpartition(":")
