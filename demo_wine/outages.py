@@ -82,9 +82,12 @@ class OutageGuard:
         while True:
             with self._lock:
                 remaining = n_trials - (len(self._finished) - len(self.cut_off))
-            if remaining <= 0:
-                return
             try:
+                if remaining <= 0:
+                    # A creation the storage retried by itself (its first commit's answer
+                    # lost) left a trial of ours no outage reported: fail it (one query).
+                    self._fail_cut_off_trials()
+                    return
                 self._study.optimize(
                     objective,
                     n_trials=remaining,
@@ -92,7 +95,6 @@ class OutageGuard:
                     callbacks=[self._record],
                     gc_after_trial=False,
                 )
-                return
             except Exception as exc:
                 if not is_outage(exc):
                     raise

@@ -81,6 +81,32 @@ def test_a_trial_whose_creation_lost_its_answer_is_found_by_its_owner_mark():
     assert sorted(n for n, _ in recorded) == [n for n in states if n != stranger.number]
 
 
+def test_a_creation_the_storage_retried_leaves_no_trial_of_ours_running():
+    """Optuna's RDB storage retries a trial's creation itself when the commit's answer is
+    lost: the first trial exists (committed, ours) while the retry's trial is the one run, and
+    no outage ever reaches the guard. Seen in the e2e database restart: one trial left
+    RUNNING. The guard's last sweep finds it by its owner mark."""
+
+    class RetriesAfterLostAnswer(optuna.storages.InMemoryStorage):
+        def create_new_trial(self, study_id, template_trial=None):
+            trial_id = super().create_new_trial(study_id, template_trial)
+            if self.get_trial(trial_id).number == 2:  # committed, answer lost: try again
+                trial_id = super().create_new_trial(study_id, template_trial)
+            return trial_id
+
+    study = optuna.create_study(storage=RetriesAfterLostAnswer())
+    other = optuna.load_study(study_name=study.study_name, storage=study._storage)
+    stranger = other.ask()  # another worker's trial, running meanwhile: not ours to fail
+    recorded = Recorded()
+    guard = OutageGuard(study, recorded, patience_s=5)
+    guard.optimize(lambda t: t.suggest_float("x", -1, 1) ** 2, n_trials=4)
+    states = {t.number: t.state for t in study.trials}
+    assert [n for n, s in states.items() if s == TrialState.RUNNING] == [stranger.number]
+    assert states[2] == TrialState.FAIL and guard.cut_off == [2]
+    assert list(states.values()).count(TrialState.COMPLETE) == 4
+    assert sorted(n for n, _ in recorded) == [n for n in states if n != stranger.number]
+
+
 def test_other_errors_stop_the_search():
     study = optuna.create_study()
     guard = OutageGuard(study, Recorded())
