@@ -72,29 +72,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: item.get_closest_marker("host_restart") is not None)
 
 
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """With the session's last sandbox gone (and no other session's running), the private
-    network must be gone too: the bridge, the NAT table, the namespaces, forwarding."""
-    if (
-        skip_reason()
-        or not session.items
-        or not any(HERE in Path(str(item.path)).parents for item in session.items)
-    ):
-        return
-    running = [a for a in network.leases() if (h := network.holder(a)) and h.running]
-    if running:
-        return  # another session's sandboxes still use it
+def network_left_behind() -> str | None:
+    """With no sandbox running on the machine any more, what of the private network is left
+    (the bridge, the NAT table, the namespaces, forwarding), or None. Called once at the end
+    of the run, by tests/conftest.py (the xdist controller, after every worker is done)."""
+    if skip_reason():
+        return None
     from tests.e2e.test_sandbox_net import assert_network_gone
 
-    try:
-        assert_network_gone()
-    except AssertionError as exc:
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line(
-                f"FAILED after the last sandbox went: network left behind: {exc}", red=True
-            )
+    with network.lock():  # no sandbox is being booted or removed meanwhile
+        if any((h := network.holder(a)) and h.running for a in network.leases()):
+            return None  # another session's sandboxes still use it
+        try:
+            assert_network_gone()
+        except AssertionError as exc:
+            return str(exc) or "the bridge, NAT table, namespaces or forwarding state"
+    return None
 
 
 @pytest.fixture(scope="session")

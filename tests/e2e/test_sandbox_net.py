@@ -143,12 +143,13 @@ def test_bridge_and_nat_go_with_the_last_sandbox(pair):
     for index in indexes:
         assert not Path(f"/run/netns/{network.netns_name(index)}").exists()
         assert not Path(f"/sys/class/net/{network.veth_name(index)}").exists()
-    others = [a for a in network.leases() if (h := network.holder(a)) and h.running]
-    if others:  # still needed by the sandboxes that run
-        assert Path(f"/sys/class/net/{network.BRIDGE}").exists() and network.table_exists()
-        assert Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "1"
-        return
-    assert_network_gone()
+    with network.lock():  # no sandbox of another test process comes or goes meanwhile
+        others = [a for a in network.leases() if (h := network.holder(a)) and h.running]
+        if others:  # still needed by the sandboxes that run
+            assert Path(f"/sys/class/net/{network.BRIDGE}").exists() and network.table_exists()
+            assert Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "1"
+            return
+        assert_network_gone()
 
 
 def assert_network_gone() -> None:
