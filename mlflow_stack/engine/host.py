@@ -181,6 +181,33 @@ class Host:
             seconds=time.monotonic() - started,
         )
 
+    def stream(
+        self,
+        script: str,
+        *,
+        sink,
+        source=None,
+        sudo: bool = True,
+        user: str | None = None,
+        timeout: float | None = None,
+    ) -> RunResult:
+        """Run `script` like `run`, but hand its stdout to `sink(chunk)` as it arrives (the
+        result's stdout stays empty) and feed stdin from `source`, an iterable of byte chunks:
+        for data too large to hold in memory (`engine.streams`). `timeout`: stop the command
+        after that many seconds without data moving (`HostError`)."""
+        self.connect()
+        assert self._link is not None
+        command = self.wrap(script, sudo=sudo, user=user)
+        started = time.monotonic()
+        with self._lock:
+            self.commands += 1
+        output = self._link.stream(command, source, sink, timeout)
+        if output.rc is None:
+            raise HostError(
+                f"{self.name}: a transfer made no progress for {timeout:g} s and was stopped"
+            )
+        return RunResult(output.rc, "", output.stderr, time.monotonic() - started)
+
     def check(self, script: str, what: str, **kwargs) -> RunResult:
         """`run`, raising `CommandError` (naming `what`) on a non-zero exit."""
         result = self.run(script, **kwargs)
