@@ -1,0 +1,332 @@
+"""`invoke backup`: one consistent snapshot of a host, streamed to a directory here.
+
+The host runs `stackdata.py backup` (installed by the mlflow_server role), which holds the
+data lock (no migration or gc meanwhile), dumps both databases in one transaction (or takes
+SQLite's online backup), then the auth database, the artifact store and the Jupyter
+workspace, each through zstd, as one framed stream on stdout: nothing is staged on the host.
+Here each part is written to its own file as it arrives and hashed; the host's sha256 of what
+it sent must match. Everything goes into `.<name>.partial/`, which is renamed to `<name>/`
+only once the stream ended complete, every part matched and the manifest was written: a
+killed backup leaves a `.partial` directory that `invoke restore` refuses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import re
+import shlex
+import struct
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlflow_stack import hostside, layout
+from mlflow_stack.actions.progress import Progress, human
+from mlflow_stack.actions.remote import ActionError
+from mlflow_stack.engine.host import Host
+from mlflow_stack.layout import Layout
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+STALE_AGENT = 97  # exit code: stackdata.py on the host is missing or another version's
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def agent_digest() -> str:
+    return hashlib.sha256(hostside.read("stackdata.py").encode()).hexdigest()
+
+
+def agent_command(place: Layout, *args: str) -> str:
+    """Shell running `stackdata.py ARGS` on the host as root, if it is this version's."""
+    agent = layout.STACKDATA
+    check = (
+        f'[ "$(sha256sum < {agent} 2>/dev/null | cut -d" " -f1)" = {agent_digest()} ] || '
+        f"{{ echo {shlex.quote(agent)} is missing or from another version >&2; "
+        f"exit {STALE_AGENT}; }}"
+    )
+    argv = " ".join(shlex.quote(a) for a in args)
+    return f"{check}; cd / && {place.python(layout.MLFLOW_ENV)} -I {agent} {argv}"
+
+
+def agent_failure(host: Host, rc: int, stderr: str, what: str) -> ActionError:
+    """One line for a failed `stackdata.py` command."""
+    if rc == STALE_AGENT:
+        return ActionError(
+            f"{host.name}: the host's backup tools are missing or from another version; "
+            f"run: invoke provision --host {host.name}"
+        )
+    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
+    errors = [ln.removeprefix("error: ") for ln in lines if ln.startswith("error: ")]
+    detail = errors[-1] if errors else (lines[-1] if lines else f"exit {rc}")
+    return ActionError(f"{host.name}: {what}: {detail}")
+
+
+def tool_info() -> dict:
+    """This tool's name, version and commit (when run from a git checkout)."""
+    version = "?"
+    with contextlib.suppress(OSError):
+        found = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+        version = found[1] if found else "?"
+    info = {"name": "mlflow-stack", "version": version}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+        if commit:
+            info["commit"] = commit
+    return info
+
+
+class StreamError(ActionError):
+    """The backup stream broke its own rules (a part that arrived different, a bad frame)."""
+
+
+@dataclass
+class Receiver:
+    """Parses the host's frames as they arrive: each part into its own file, hashed."""
+
+    directory: Path
+    progress: Progress | None = None
+    header: dict = field(default_factory=dict)
+    manifest: dict = field(default_factory=dict)
+    parts: dict[str, dict] = field(default_factory=dict)  # file name -> what arrived
+    complete: bool = False
+    received: int = 0  # bytes of parts written here
+    raw_done: int = 0  # source bytes of the finished parts
+    _head: bytearray = field(default_factory=bytearray)
+    _kind: bytes = b""
+    _remaining: int = -1  # bytes of the current frame's payload still to come; -1: a header
+    _small: bytearray = field(default_factory=bytearray)
+    _file: object = None
+    _name: str = ""
+    _hash: object = None
+    _bytes: int = 0
+
+    def feed(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        pos, end = 0, len(view)
+        while pos < end:
+            if self._remaining < 0:
+                take = min(5 - len(self._head), end - pos)
+                self._head += view[pos : pos + take]
+                pos += take
+                if len(self._head) == 5:
+                    self._kind = bytes(self._head[:1])
+                    self._remaining = struct.unpack(">I", self._head[1:])[0]
+                    self._head.clear()
+                    if self._remaining == 0:
+                        self._frame(b"")
+            else:
+                take = min(self._remaining, end - pos)
+                piece = view[pos : pos + take]
+                pos += take
+                self._remaining -= take
+                if self._kind == b"D":
+                    self._data(piece)
+                else:
+                    self._small += piece
+                if self._remaining == 0:
+                    payload, self._small = bytes(self._small), bytearray()
+                    self._frame(payload)
+
+    def _frame(self, payload: bytes) -> None:
+        kind = self._kind
+        self._remaining = -1
+        if kind == b"D":
+            return
+        if self.complete:
+            raise StreamError("the backup stream went on after its end")
+        if kind == b"Z":
+            self.complete = True
+            return
+        value = json.loads(payload) if payload else {}
+        if kind == b"H":
+            self.header = value
+            if self.progress is not None:
+                self.progress.total = sum(value.get("estimate", {}).values())
+        elif kind == b"B":
+            self._begin(value["name"])
+        elif kind == b"E":
+            self._end(value)
+        elif kind == b"P":
+            if self.progress is not None:
+                self.progress.update(done=self.raw_done + int(value["raw"]), moved=self.received)
+        elif kind == b"M":
+            self.manifest = value
+        else:
+            raise StreamError(f"the backup stream has an unknown frame {kind!r}")
+
+    def _begin(self, name: str) -> None:
+        if self._file is not None or "/" in name or name.startswith(".") or name == MANIFEST:
+            raise StreamError(f"the backup stream has a bad part name {name!r}")
+        path = self.directory / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._file = os.fdopen(fd, "wb", buffering=0)
+        self._name, self._hash, self._bytes = name, hashlib.sha256(), 0
+        if self.progress is not None:
+            self.progress.update(phase=name)
+
+    def _data(self, piece: memoryview) -> None:
+        if self._file is None:
+            raise StreamError("the backup stream has data outside a part")
+        self._file.write(piece)
+        self._hash.update(piece)
+        self._bytes += len(piece)
+        self.received += len(piece)
+
+    def _end(self, info: dict) -> None:
+        if self._file is None or info.get("name") != self._name:
+            raise StreamError("the backup stream ends a part it did not begin")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        digest = self._hash.hexdigest()
+        if digest != info["sha256"] or self._bytes != info["bytes"]:
+            raise StreamError(
+                f"part {self._name} arrived different from what the host sent "
+                f"({self._bytes} of {info['bytes']} bytes, sha256 mismatch)"
+            )
+        self.parts[self._name] = {**info, "sha256": digest}
+        self.raw_done += int(info.get("raw_bytes", 0))
+        if self.progress is not None:
+            self.progress.update(done=self.raw_done, moved=self.received)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@dataclass
+class BackupResult:
+    path: Path
+    manifest: dict
+    seconds: float
+
+    @property
+    def sent(self) -> int:
+        return sum(p["bytes"] for p in self.manifest["parts"].values())
+
+    @property
+    def raw(self) -> int:
+        return sum(p.get("raw_bytes", 0) for p in self.manifest["parts"].values())
+
+
+def utc_stamp() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def backup(
+    host: Host,
+    place: Layout,
+    to: Path,
+    *,
+    with_secrets: bool = False,
+    level: int = 1,
+    progress: Progress | None = None,
+    name: str | None = None,
+) -> BackupResult:
+    """Stream a backup of `host` into a new directory under `to`; its path once complete."""
+    started = time.monotonic()
+    to.mkdir(parents=True, exist_ok=True)
+    final = to / (name or f"{host.name}-{utc_stamp()}")
+    if final.exists():
+        raise ActionError(f"{final} already exists; choose another --to")
+    partial = final.with_name(f".{final.name}.partial")
+    partial.mkdir(mode=0o700)
+    receiver = Receiver(partial, progress)
+    args = ["backup", "--level", str(level)] + (["--with-secrets"] if with_secrets else [])
+    ok = False
+    try:
+        result = host.stream(agent_command(place, *args), sink=receiver.feed, timeout=900)
+        receiver.close()
+        if result.rc != 0:
+            raise agent_failure(host, result.rc, result.stderr, "backup failed")
+        if not receiver.complete or not receiver.manifest:
+            raise ActionError(f"{host.name}: the backup stream ended early; nothing was kept")
+        manifest = {
+            "format": FORMAT,
+            "tool": tool_info(),
+            "host": host.name,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            **receiver.manifest,
+            "seconds": round(time.monotonic() - started, 2),
+        }
+        arrived = {p["name"] for p in receiver.parts.values()}
+        listed = {p["name"] for p in manifest["parts"].values()}
+        if arrived != listed:
+            raise StreamError(f"{host.name}: the manifest lists other parts than arrived")
+        manifest_path = partial / MANIFEST
+        manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        manifest_path.chmod(0o600)
+        fsync_dir(partial)
+        os.rename(partial, final)
+        fsync_dir(final.parent)
+        ok = True
+    finally:
+        receiver.close()
+        if progress is not None:
+            progress.finish()
+        if not ok:  # a failure we saw: nothing half-made stays (a SIGKILL leaves .partial)
+            for child in partial.glob("*"):
+                child.unlink()
+            with contextlib.suppress(OSError):
+                partial.rmdir()
+    return BackupResult(final, manifest, time.monotonic() - started)
+
+
+def summary(result: BackupResult) -> list[str]:
+    """What `invoke backup` prints."""
+    m = result.manifest
+    counts = m["counts"]["after"]
+    shown = ", ".join(
+        f"{counts[k]} {label}"
+        for k, label in (
+            ("experiments", "experiments"),
+            ("runs", "runs"),
+            ("registered_models", "registered models"),
+            ("optuna_trials", "trials"),
+            ("auth_users", "users"),
+        )
+        if k in counts
+    )
+    rate = result.raw / max(result.seconds, 1e-6)
+    lines = [
+        f"backup of {m['host']}: {result.path}",
+        f"  MLflow {m['mlflow_version']} (schema {m['schema']}, {m['backend']}); {shown}",
+    ]
+    for part in sorted(m["parts"].values(), key=lambda p: p["name"]):
+        files = f", {part['files']} files" if "files" in part else ""
+        lines.append(
+            f"  {part['name']:<24} {human(part['bytes']):>10}  (from {human(part['raw_bytes'])}"
+            f"{files})  sha256 {part['sha256'][:16]}…"
+        )
+    lines.append(
+        f"  {human(result.raw)} in {result.seconds:.1f} s ({human(rate)}/s), "
+        f"{human(result.sent)} transferred"
+    )
+    warned = [w for p in m["parts"].values() for w in p.get("warnings", ())]
+    lines += [f"  warning: {w}" for w in warned[:5]]
+    if m.get("with_secrets"):
+        lines.append(
+            "  it holds the host's secrets (--with-secrets): its directory is 0700, its files "
+            "0600; keep it as safe as the host"
+        )
+    return lines
