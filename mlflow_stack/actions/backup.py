@@ -61,9 +61,7 @@ def agent_failure(host: Host, rc: int, stderr: str, what: str) -> ActionError:
             f"run: invoke provision --host {host.name}"
         )
     lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
-    errors = [ln.removeprefix("error: ") for ln in lines if ln.startswith("error: ")]
-    detail = errors[-1] if errors else (lines[-1] if lines else f"exit {rc}")
-    return ActionError(f"{host.name}: {what}: {detail}")
+    return ActionError(f"{host.name}: {what}: {lines[-1] if lines else f'exit {rc}'}")
 
 
 def tool_info() -> dict:

@@ -1019,10 +1019,23 @@ def migrate_tracking(python: str, no_lock: bool = False) -> str:
     ]
     proc = subprocess.run(as_user(MLFLOW_USER, argv), capture_output=True)
     if proc.returncode != 0:
-        lines = proc.stderr.decode(errors="replace").strip().splitlines()
-        error = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), None)
-        raise Failure(f"schema migration failed: {(error or (lines or ['?'])[-1]).strip()}")
+        raise Failure(f"schema migration failed: {exception_line(proc.stderr)}")
     return proc.stdout.decode().strip().splitlines()[-1] if proc.stdout.strip() else ""
+
+
+EXCEPTION = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Exit))\b:?\s*(.*)$")
+
+
+def exception_line(stderr: bytes, limit: int = 240) -> str:
+    """The message of the last Python exception in a traceback (the line that names it),
+    without SQLAlchemy's wrapper prefixes; else the last line."""
+    lines = [ln.strip() for ln in stderr.decode(errors="replace").splitlines() if ln.strip()]
+    for line in reversed(lines):
+        found = EXCEPTION.match(line)
+        if found and not line.startswith("File "):
+            message = re.sub(r"^\([\w.]+\)\s*", "", found[2]) or found[1]
+            return message[:limit]
+    return (lines[-1] if lines else "no output")[:limit]
 
 
 def wait_health(port: int, seconds: int = 300) -> bool:
@@ -1190,7 +1203,10 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
             if migrate or migrate_auth:
                 directory = os.path.join(UPGRADE_BACKUPS, f"pre-upgrade-{stamp()}-{current}")
                 made = dump_to(kind, directory, level)
-                with open(os.path.join(directory, "manifest.json"), "w") as handle:
+                fd = os.open(
+                    os.path.join(directory, "manifest.json"), os.O_WRONLY | os.O_CREAT, 0o600
+                )
+                with os.fdopen(fd, "w") as handle:
                     json.dump({**report, "backend": kind, "files": sorted(made)}, handle)
                 report["backup"] = directory
                 touched = True
@@ -1460,7 +1476,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Failure as exc:
-        log(f"error: {exc}")
+        log(str(exc))
         return 2
 
 
