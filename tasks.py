@@ -135,13 +135,16 @@ def check_mysql(c, host=None, inventory=None):
 
 @task(help={"host": HOST_HELP, "inventory": INVENTORY_HELP})
 def status(c, host=None, inventory=None):
-    """Show every unit (database, MLflow, Jupyter, served models): state, health, version."""
+    """Show every unit (database, MLflow, Jupyter, served models), data sizes and free disk."""
     from mlflow_stack.actions import status as statuses
+    from mlflow_stack.actions import storage
     from mlflow_stack.layout import Layout
 
     with cli.on_host(host, inventory) as (resolved, h):
         rows = statuses.gather(h, Layout.of(resolved.vars))
+        usage = storage.gather(h, resolved.vars)  # sizes, free disk (issue #19)
     print(statuses.render_status(h.name, rows))
+    print("\n".join(storage.render(usage)))
     if not all(r.ok for r in rows):
         raise cli.fail(
             f"{h.name}: " + ", ".join(f"{r.unit} {r.state}/{r.health}" for r in rows if not r.ok)
