@@ -41,6 +41,12 @@ def provision(c, host=None, roles=None, check=False, diff=False, json=False, inv
 
     wanted = cli.parse_roles(roles)
     hosts = cli.hosts_for(host, inventory)
+    if any(h.vars.backup.before_upgrade == "controller" for h in hosts):  # issue #19
+        from mlflow_stack.actions.backup import before_upgrades
+
+        with cli.reporting():
+            for line in before_upgrades(hosts, check=check):
+                print(line, flush=True)
     with cli.reporting():
         recaps = provisioning.provision(
             hosts,

@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlflow_stack import layout
 from mlflow_stack.engine import facts as F
@@ -18,6 +19,9 @@ from mlflow_stack.engine.context import RoleContext
 from mlflow_stack.engine.role import Role
 from mlflow_stack.engine.steps import Apt, Directory, File, Run, Step, StepError, q
 from roles import mlflow_server
+
+if TYPE_CHECKING:
+    from mlflow_stack.host_vars import HostVars
 
 FILES = Path(__file__).parent / "files"
 # env → the unit restarted when it is synced again
@@ -61,9 +65,15 @@ def requirements(env: str, manager: str = "uv") -> str:
 def requirements_for(ctx: RoleContext, env: str) -> str:
     """The requirements an env is synced from: the pinned file, or (uv) the file the
     `python.requirements` variable names for it, read on the controller."""
-    given = ctx.vars.python.requirements.get(env) if ctx.vars.python.manager == "uv" else None
+    return requirements_of(ctx.vars, env)
+
+
+def requirements_of(host_vars: HostVars, env: str) -> str:
+    """`requirements_for`, from a host's variables."""
+    pv = host_vars.python
+    given = pv.requirements.get(env) if pv.manager == "uv" else None
     if not given:
-        return requirements(env, ctx.vars.python.manager)
+        return requirements(env, pv.manager)
     try:
         return Path(given).expanduser().read_text()
     except OSError as exc:

@@ -328,3 +328,47 @@ def summary(result: BackupResult) -> list[str]:
             "0600; keep it as safe as the host"
         )
     return lines
+
+
+# --- backup.before_upgrade: controller --------------------------------------------------
+
+
+def pending_upgrade(host: Host, host_vars) -> bool:
+    """Whether a converge would change the host's serving mlflow env (its recorded
+    requirements differ from the wanted ones), which migrates the schema."""
+    from roles import anaconda
+
+    wanted = anaconda.digest(anaconda.requirements_of(host_vars, layout.MLFLOW_ENV))
+    path = layout.env_dir(host_vars.python.prefix, layout.MLFLOW_ENV)
+    found = host.run(f"[ -f {path}/pyvenv.cfg ] && cat {path}/{anaconda.STAMP}")
+    return found.ok and found.stdout.strip() != wanted
+
+
+def before_upgrades(hosts: list, check: bool = False) -> list[str]:
+    """With `backup.before_upgrade: controller`, a whole backup of each host whose MLflow a
+    converge would change, into `backup.dir`, before anything changes (the converge still
+    takes its own dump on the host, to put back if the migration fails)."""
+    lines = []
+    for resolved in hosts:
+        bv = resolved.vars.backup
+        if bv.before_upgrade != "controller" or "mlflow_server" not in resolved.roles:
+            continue
+        host = Host(resolved.target)
+        try:
+            if not pending_upgrade(host, resolved.vars):
+                continue
+            if check:
+                lines.append(
+                    f"{resolved.name}: MLflow would be upgraded; a backup would go to {bv.dir}"
+                )
+                continue
+            result = backup(
+                host,
+                Layout.of(resolved.vars),
+                Path(bv.dir),
+                progress=Progress(f"backup of {resolved.name} before its MLflow upgrade"),
+            )
+            lines.append(f"{resolved.name}: MLflow upgrade ahead; backed up first to {result.path}")
+        finally:
+            host.close()
+    return lines

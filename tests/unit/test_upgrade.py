@@ -200,3 +200,28 @@ def test_bad_values_are_refused(vars, error):
 
     with pytest.raises(ValidationError, match=error.replace(".", r"\.")):
         validate(vars)
+
+
+class Recorded:
+    """A host that answers the stamp command with `stamp` (rc 1: no env)."""
+
+    def __init__(self, rc: int, stamp: str) -> None:
+        self.rc, self.stamp, self.scripts = rc, stamp, []
+
+    def run(self, script, **kwargs):
+        from mlflow_stack.engine.host import RunResult
+
+        self.scripts.append(script)
+        return RunResult(self.rc, self.stamp, "", 0.0)
+
+
+def test_a_controller_backup_is_taken_only_when_the_mlflow_env_would_change():
+    from mlflow_stack.actions.backup import pending_upgrade
+    from mlflow_stack.vars import defaults
+
+    v = defaults()
+    assert pending_upgrade(Recorded(0, "0" * 64 + "\n"), v)
+    assert not pending_upgrade(Recorded(0, anaconda.digest(TEXT) + "\n"), v)
+    host = Recorded(1, "")  # a bare host: its first env is no upgrade
+    assert not pending_upgrade(host, v)
+    assert "/opt/anaconda/envs/mlflow/pyvenv.cfg" in host.scripts[0]
