@@ -312,10 +312,10 @@ def zstd_step() -> Apt:
     return Apt(("zstd",), schedule=Schedule.BACKGROUND, exclusive="")
 
 
-def upgrade_script(env_prefix: str, beside: str | None) -> str:
+def upgrade_script(env_prefix: str, beside: str | None, port: int = 5000) -> str:
     """`stackdata.py upgrade`, as root: lock, back up, migrate with the MLflow that will
     serve, put the backup back if that fails, switch envs only if it worked."""
-    args = f"upgrade --env {q(env_prefix)} --warm {q(warm_code())}"
+    args = f"upgrade --env {q(env_prefix)} --port {port} --warm {q(warm_code())}"
     if beside:
         args += f" --next {q(beside)}"
     return f"cd / && {env_prefix}/bin/python -I {layout.STACKDATA} {args}"
@@ -350,7 +350,9 @@ def data_steps(ctx: RoleContext, env_prefix: str, schema: F.Shell, version: str)
         File(layout.STACKDATA, hostside.read("stackdata.py"), "root", "root", 0o644),
         Run(
             "MLflow schema and env: back up, migrate, switch",
-            lambda c: upgrade_script(env_prefix, beside if next_ready(c) else None),
+            lambda c: upgrade_script(
+                env_prefix, beside if next_ready(c) else None, ctx.vars.mlflow.port
+            ),
             when=wanted,
             needs=(schema, next_stamp),
             notify=notify,

@@ -1,7 +1,8 @@
 """A progress line for long transfers (backup, restore): bytes done of an estimate, the rate.
 
-On a terminal the line is redrawn in place (at most 5 times a second); otherwise a line is
-printed every `every` seconds and when the phase changes, so logs stay readable.
+On a terminal (stderr) the line is redrawn in place (at most 5 times a second); otherwise a
+line goes to stdout every `every` seconds and when the phase changes, so logs stay readable
+and stderr keeps to the one-line error of a failure.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ class Progress:
     ) -> None:
         self.what = what
         self.total = total
-        self.out = out if out is not None else sys.stderr
+        if out is None:
+            out = sys.stderr if sys.stderr.isatty() else sys.stdout
+        self.out = out
         self.tty = self.out.isatty()
         self.every = every
         self.started = time.monotonic()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,6 +171,7 @@ class RestoreResult:
     seconds: float
     kept: list[str] = field(default_factory=list)
     admin: str = ""
+    timings: dict[str, float] = field(default_factory=dict)  # step -> seconds
 
 
 def count_mismatches(manifest: dict, restored: dict) -> list[str]:
@@ -197,8 +199,6 @@ def restore(
 ) -> RestoreResult:
     """Put `backup` onto `host` (see the module's docstring); refusals raise `ActionError`
     before anything on the host changed."""
-    import time
-
     started = time.monotonic()
     m = backup.manifest
     inspected = host.run(agent_command(place, "inspect"))
@@ -214,6 +214,13 @@ def restore(
         )
 
     def step(what: str, args: list[str], key: str | None = None) -> dict:
+        begun = time.monotonic()
+        try:
+            return _step(what, args, key)
+        finally:
+            timings[key or args[0]] = round(time.monotonic() - begun, 2)
+
+    def _step(what: str, args: list[str], key: str | None = None) -> dict:
         if key is None:
             result = host.run(agent_command(place, *args), timeout=900)
             out = result.stdout
@@ -243,6 +250,7 @@ def restore(
         return last_json_line(out) or {}
 
     done: set[str] = set()
+    timings: dict[str, float] = {}
     if progress is not None:
         progress.total = backup.total
         progress.started = time.monotonic()
@@ -322,7 +330,7 @@ def restore(
             f"the backup holds {artifacts['files']}"
         )
     return RestoreResult(
-        host.name, backup.path, finish, mismatches, time.monotonic() - started, kept, admin
+        host.name, backup.path, finish, mismatches, time.monotonic() - started, kept, admin, timings
     )
 
 
@@ -332,6 +340,7 @@ def summary(result: RestoreResult, backup: Backup) -> list[str]:
     lines = [
         f"restored {backup.path} (from {m['host']}, {m['created']}) onto {result.host} "
         f"in {result.seconds:.1f} s",
+        "  " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()),
     ]
     if f.get("migrated"):
         lines.append(f"  schema migrated {f['schema_before']} -> {f['schema']}")

@@ -1219,9 +1219,16 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
                     restore_from(kind, made, level)
                     touched = False
                     if args.next:
+                        run(["systemctl", "start", *reversed(stopped)], check=False)
+                        serving = (
+                            "serves again"
+                            if wait_health(args.port, 180)
+                            else "was started again (no answer on /health yet)"
+                        )
+                        stopped = []
                         raise Failure(
                             f"{exc}; the database was restored from {directory} and MLflow "
-                            f"{old['version']} serves again (MLflow {wanted['version']} waits "
+                            f"{old['version']} {serving} (MLflow {wanted['version']} waits "
                             f"in {args.next} for the next try)"
                         ) from None
                     raise Failure(
@@ -1235,7 +1242,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
                     warm_in_background(f"{args.env}/bin/python", args.warm)
         except BaseException:
             # the previous MLflow serves again when its env and its database are as they were
-            if args.next and not report["switched"] and not touched:
+            if args.next and not report["switched"] and not touched and stopped:
                 run(["systemctl", "start", *reversed(stopped)], check=False)
             raise
         report["schema"] = schema_revision(kind)
@@ -1455,6 +1462,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--next", default="")
     p.add_argument("--keep", type=int, default=3)
     p.add_argument("--warm", default="")
+    p.add_argument("--port", type=int, default=5000)
     p.add_argument("--lock-wait", type=int, default=900)
     p.set_defaults(func=cmd_upgrade)
     p = sub.add_parser("auth-admin")
