@@ -21,6 +21,7 @@ import re
 import shlex
 import struct
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,8 +89,20 @@ class StreamError(ActionError):
 
 
 @dataclass
+class Incoming:
+    """A part being received: its file, hash and byte count."""
+
+    name: str
+    file: object
+    digest: object = field(default_factory=hashlib.sha256)
+    bytes: int = 0
+    raw: int = 0
+
+
+@dataclass
 class Receiver:
-    """Parses the host's frames as they arrive: each part into its own file, hashed."""
+    """Parses the host's frames as they arrive: each part (several at a time) into its own
+    file, hashed; a finished part is flushed to disk in the background."""
 
     directory: Path
     progress: Progress | None = None
@@ -99,14 +112,14 @@ class Receiver:
     complete: bool = False
     received: int = 0  # bytes of parts written here
     raw_done: int = 0  # source bytes of the finished parts
+    _open: dict[int, Incoming] = field(default_factory=dict)
     _head: bytearray = field(default_factory=bytearray)
     _kind: bytes = b""
     _remaining: int = -1  # bytes of the current frame's payload still to come; -1: a header
+    _target: Incoming | None = None  # the part a data frame's bytes go to (after its id byte)
     _small: bytearray = field(default_factory=bytearray)
-    _file: object = None
-    _name: str = ""
-    _hash: object = None
-    _bytes: int = 0
+    _syncing: list = field(default_factory=list)
+    _sync_errors: list = field(default_factory=list)
 
     def feed(self, chunk: bytes) -> None:
         view = memoryview(chunk)
@@ -120,29 +133,42 @@ class Receiver:
                     self._kind = bytes(self._head[:1])
                     self._remaining = struct.unpack(">I", self._head[1:])[0]
                     self._head.clear()
+                    self._target = None
                     if self._remaining == 0:
                         self._frame(b"")
+            elif self._kind == b"D" and self._target is None:
+                ident = view[pos]
+                pos += 1
+                self._remaining -= 1
+                self._target = self._open.get(ident)
+                if self._target is None:
+                    raise StreamError(f"the backup stream has data of an unknown part {ident}")
+                if self._remaining == 0:
+                    self._remaining = -1
             else:
                 take = min(self._remaining, end - pos)
                 piece = view[pos : pos + take]
                 pos += take
                 self._remaining -= take
                 if self._kind == b"D":
-                    self._data(piece)
+                    self._data(self._target, piece)
                 else:
                     self._small += piece
                 if self._remaining == 0:
-                    payload, self._small = bytes(self._small), bytearray()
-                    self._frame(payload)
+                    if self._kind == b"D":
+                        self._remaining = -1
+                    else:
+                        payload, self._small = bytes(self._small), bytearray()
+                        self._frame(payload)
 
     def _frame(self, payload: bytes) -> None:
         kind = self._kind
         self._remaining = -1
-        if kind == b"D":
-            return
         if self.complete:
             raise StreamError("the backup stream went on after its end")
         if kind == b"Z":
+            if self._open:
+                raise StreamError("the backup stream ended with parts still open")
             self.complete = True
             return
         value = json.loads(payload) if payload else {}
@@ -151,57 +177,78 @@ class Receiver:
             if self.progress is not None:
                 self.progress.total = sum(value.get("estimate", {}).values())
         elif kind == b"B":
-            self._begin(value["name"])
+            self._begin(int(value["id"]), value["name"])
         elif kind == b"E":
             self._end(value)
         elif kind == b"P":
-            if self.progress is not None:
-                self.progress.update(done=self.raw_done + int(value["raw"]), moved=self.received)
+            incoming = self._open.get(int(value["id"]))
+            if incoming is not None:
+                incoming.raw = int(value["raw"])
+            self._show()
         elif kind == b"M":
             self.manifest = value
         else:
             raise StreamError(f"the backup stream has an unknown frame {kind!r}")
 
-    def _begin(self, name: str) -> None:
-        if self._file is not None or "/" in name or name.startswith(".") or name == MANIFEST:
-            raise StreamError(f"the backup stream has a bad part name {name!r}")
-        path = self.directory / name
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._file = os.fdopen(fd, "wb", buffering=0)
-        self._name, self._hash, self._bytes = name, hashlib.sha256(), 0
+    def _show(self, phase: str = "") -> None:
         if self.progress is not None:
-            self.progress.update(phase=name)
+            done = self.raw_done + sum(p.raw for p in self._open.values())
+            self.progress.update(done=done, moved=self.received, phase=phase)
 
-    def _data(self, piece: memoryview) -> None:
-        if self._file is None:
-            raise StreamError("the backup stream has data outside a part")
-        self._file.write(piece)
-        self._hash.update(piece)
-        self._bytes += len(piece)
+    def _begin(self, ident: int, name: str) -> None:
+        taken = {p.name for p in self._open.values()} | set(self.parts)
+        if ident in self._open or name in taken or "/" in name or name.startswith("."):
+            raise StreamError(f"the backup stream has a bad part {name!r}")
+        if name == MANIFEST:
+            raise StreamError(f"the backup stream has a bad part name {name!r}")
+        fd = os.open(self.directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._open[ident] = Incoming(name, os.fdopen(fd, "wb", buffering=0))
+        self._show(phase=", ".join(p.name for p in self._open.values()))
+
+    def _data(self, incoming: Incoming, piece: memoryview) -> None:
+        incoming.file.write(piece)
+        incoming.digest.update(piece)
+        incoming.bytes += len(piece)
         self.received += len(piece)
 
     def _end(self, info: dict) -> None:
-        if self._file is None or info.get("name") != self._name:
+        incoming = self._open.pop(int(info.get("id", -1)), None)
+        if incoming is None or info.get("name") != incoming.name:
             raise StreamError("the backup stream ends a part it did not begin")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
-        digest = self._hash.hexdigest()
-        if digest != info["sha256"] or self._bytes != info["bytes"]:
+        digest = incoming.digest.hexdigest()
+        if digest != info["sha256"] or incoming.bytes != info["bytes"]:
+            incoming.file.close()
             raise StreamError(
-                f"part {self._name} arrived different from what the host sent "
-                f"({self._bytes} of {info['bytes']} bytes, sha256 mismatch)"
+                f"part {incoming.name} arrived different from what the host sent "
+                f"({incoming.bytes} of {info['bytes']} bytes, sha256 mismatch)"
             )
-        self.parts[self._name] = {**info, "sha256": digest}
+        # to disk in the background while the other parts go on arriving
+        syncing = threading.Thread(target=self._sync_and_close, args=(incoming,), daemon=True)
+        syncing.start()
+        self._syncing.append(syncing)
+        self.parts[incoming.name] = {**info, "sha256": digest}
         self.raw_done += int(info.get("raw_bytes", 0))
-        if self.progress is not None:
-            self.progress.update(done=self.raw_done, moved=self.received)
+        phase = ", ".join(p.name for p in self._open.values()) or "finishing"
+        self._show(phase=phase)
+
+    def _sync_and_close(self, incoming: Incoming) -> None:
+        try:
+            os.fsync(incoming.file.fileno())
+        except OSError as exc:
+            self._sync_errors.append(f"{incoming.name}: {exc.strerror}")
+        finally:
+            incoming.file.close()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Every received part on disk (fsync'd) and closed; `OSError` if one could not be."""
+        for incoming in self._open.values():
+            incoming.file.close()
+        self._open.clear()
+        for syncing in self._syncing:
+            syncing.join()
+        self._syncing.clear()
+        if self._sync_errors:
+            raise OSError(f"could not write the backup to disk: {self._sync_errors[0]}")
 
 
 @dataclass
@@ -254,7 +301,10 @@ def backup(
     ok = False
     try:
         result = host.stream(agent_command(place, *args), sink=receiver.feed, timeout=900)
-        receiver.close()
+        try:
+            receiver.close()
+        except OSError as exc:
+            raise ActionError(f"{host.name}: {exc}") from None
         if result.rc != 0:
             raise agent_failure(host, result.rc, result.stderr, "backup failed")
         if not receiver.complete or not receiver.manifest:
@@ -279,7 +329,8 @@ def backup(
         fsync_dir(final.parent)
         ok = True
     finally:
-        receiver.close()
+        with contextlib.suppress(OSError):
+            receiver.close()
         if progress is not None:
             progress.finish()
         if not ok:  # a failure we saw: nothing half-made stays (a SIGKILL leaves .partial)

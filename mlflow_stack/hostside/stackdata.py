@@ -378,15 +378,19 @@ def counts(kind: str) -> dict[str, int]:
         }
         values = sqlite_values(SQLITE_DB, queries)
         return {k: int(v) for k, v in values.items() if v is not None}
+    query = count_union()
+    return {name: int(value) for name, value in mysql_rows(query)} if query else {}
+
+
+def count_union() -> str:
+    """One MySQL query of every count whose table exists ("" when none does)."""
     present = {db: mysql_tables(db) for db in DATABASES}
     parts = [
         f"SELECT '{name}', ({count_query(table, cond, db + '.')})"
         for name, (db, table, cond) in COUNTS.items()
         if table in present.get(db, set())
     ]
-    if not parts:
-        return {}
-    return {name: int(value) for name, value in mysql_rows(" UNION ALL ".join(parts))}
+    return " UNION ALL ".join(parts)
 
 
 def auth_counts() -> dict[str, int]:
@@ -443,29 +447,34 @@ def describe(kind: str) -> dict:
 
 # --- the backup stream -------------------------------------------------------------------
 #
-# A sequence of frames: one kind byte, a 4-byte big-endian length, the payload.
-#   H  JSON: what comes (parts in order, estimated raw sizes)     once, first
-#   B  JSON: a part begins {"name"}
-#   D  bytes of the current part
-#   P  JSON: progress {"raw": bytes read at the source so far}
-#   E  JSON: the part ends {"name", "sha256", "bytes", "raw_bytes", ...}
+# A sequence of frames: one kind byte, a 4-byte big-endian length, the payload. Parts are
+# sent at the same time (the databases' dump beside the trees' tars), so each has an id:
+#   H  JSON: what comes (parts, estimated raw sizes)                      once, first
+#   B  JSON: a part begins {"id", "name"}
+#   D  one byte (the part's id), then bytes of that part
+#   P  JSON: progress {"id", "raw": bytes read at that part's source so far}
+#   E  JSON: a part ends {"id", "name", "sha256", "bytes", "raw_bytes", ...}
 #   M  JSON: the host's manifest (versions, counts before and after, parts)
 #   Z  empty: the stream is complete (a stream without it is not a backup)
 
 
 class Frames:
+    """Frames onto a file descriptor; one frame at a time across threads."""
+
     def __init__(self, fd: int = 1) -> None:
         self.fd = fd
+        self.lock = threading.Lock()
 
     def _write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(self.fd, view) :]
 
-    def put(self, kind: bytes, payload: bytes = b"") -> None:
-        self._write(kind + struct.pack(">I", len(payload)))
-        if payload:
-            self._write(payload)
+    def put(self, kind: bytes, payload: bytes = b"", prefix: bytes = b"") -> None:
+        with self.lock:
+            self._write(kind + struct.pack(">I", len(prefix) + len(payload)) + prefix)
+            if payload:
+                self._write(payload)
 
     def json(self, kind: bytes, value: dict) -> None:
         self.put(kind, json.dumps(value, sort_keys=True).encode())
@@ -482,105 +491,132 @@ def parse_listing(line: str) -> tuple[str, int] | None:
 
 
 class Relay:
-    """source process stdout -> (counted) -> compressor stdin, on a thread."""
+    """source process stdout -> (counted) -> compressor stdin, on a thread. `seen` is set once
+    `marker` went by (or the source ended): for the dump, its snapshot exists by then."""
 
-    def __init__(self, src, dst) -> None:
+    def __init__(self, src, dst, marker: bytes = b"", seen: threading.Event | None = None):
         self.raw = 0
         self.error: BaseException | None = None
+        self.marker, self.seen = marker, seen
         self.thread = threading.Thread(target=self._run, args=(src, dst), daemon=True)
         self.thread.start()
 
     def _run(self, src, dst) -> None:
+        tail = b""
         try:
             while True:
                 chunk = os.read(src.fileno(), CHUNK)
                 if not chunk:
                     break
                 self.raw += len(chunk)
+                if self.seen is not None and not self.seen.is_set():
+                    if self.marker in tail + chunk:
+                        self.seen.set()
+                    tail = chunk[-len(self.marker) :]
                 dst.write(chunk)
         except BaseException as exc:
             self.error = exc
         finally:
+            if self.seen is not None:
+                self.seen.set()
             with contextlib.suppress(OSError):
                 dst.close()
 
 
-def send_part(
-    frames: Frames,
-    name: str,
-    argv: list[str],
-    *,
-    level: int | None,
-    listing: bool = False,
-    tolerated: tuple[int, ...] = (0,),
-) -> dict:
-    """Run `argv`, compress its stdout with zstd (`level` None: as is), frame it as part
-    `name`; its sha256 and sizes (and with `listing`, the files tar listed on stderr)."""
-    frames.json(b"B", {"name": name})
-    producer = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    files = {"files": 0, "file_bytes": 0}
-    notes: list[str] = []
+class Part(threading.Thread):
+    """One part of the stream: `argv`'s stdout, counted, through zstd (`level` None: as it
+    is), framed under the part's id; `end` (its sha256 and sizes) or `error` once done. With
+    `listing`, the regular files tar listed on stderr are counted."""
 
-    def read_errors() -> None:
-        for raw_line in producer.stderr:
-            line = raw_line.decode(errors="replace").rstrip("\n")
-            entry = parse_listing(line) if listing else None
-            if entry is None:
-                if len(notes) < 20:
-                    notes.append(line)
-            elif entry[0] == "-":
-                files["files"] += 1
-                files["file_bytes"] += entry[1]
+    def __init__(self, frames: Frames, ident: int, name: str, argv: list[str], *,
+                 level: int | None, listing: bool = False, tolerated: tuple[int, ...] = (0,),
+                 marker: bytes = b"", seen: threading.Event | None = None) -> None:  # fmt: skip
+        super().__init__(daemon=True, name=f"part {name}")
+        self.frames, self.number, self.name, self.argv = frames, ident, name, argv
+        self.level, self.listing, self.tolerated = level, listing, tolerated
+        self.marker, self.seen = marker, seen
+        self.end: dict = {}
+        self.error: BaseException | None = None
 
-    errors = threading.Thread(target=read_errors, daemon=True)
-    errors.start()
-    compressor = relay = None
-    if level is not None:
-        compressor = subprocess.Popen(
-            ["zstd", "-q", f"-{level}", "-T0", "-c"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-        relay = Relay(producer.stdout, compressor.stdin)
-        source = compressor.stdout
-    else:
-        source = producer.stdout
-    digest, sent, raw_direct = hashlib.sha256(), 0, 0
-    shown = time.monotonic()
-    fd = source.fileno()
-    while True:
-        chunk = os.read(fd, CHUNK)
-        if not chunk:
-            break
-        digest.update(chunk)
-        sent += len(chunk)
-        raw_direct += len(chunk)
-        frames.put(b"D", chunk)
-        if time.monotonic() - shown > 0.5:
-            shown = time.monotonic()
-            frames.json(b"P", {"raw": relay.raw if relay else raw_direct})
-    rc = producer.wait()
-    errors.join()
-    if compressor is not None:
-        relay.thread.join()
-        if compressor.wait() != 0 or relay.error is not None:
-            raise Failure(f"part {name}: compression failed ({relay.error or 'zstd'})")
-    if rc not in tolerated:
-        detail = notes[-1] if notes else "no output"
-        raise Failure(f"part {name}: {argv[0]} failed (exit {rc}): {detail}")
-    end = {
-        "name": name,
-        "sha256": digest.hexdigest(),
-        "bytes": sent,
-        "raw_bytes": relay.raw if relay else raw_direct,
-        "compression": "zstd" if level is not None else "none",
-    }
-    if listing:
-        end.update(files)
-    if notes and rc != 0:
-        end["warnings"] = notes  # e.g. tar: a file changed while it was read
-    frames.json(b"E", end)
-    return end
+    def run(self) -> None:
+        try:
+            self.end = self.send()
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            if self.seen is not None:
+                self.seen.set()
+
+    def send(self) -> dict:
+        frames, name, prefix = self.frames, self.name, bytes([self.number])
+        frames.json(b"B", {"id": self.number, "name": name})
+        producer = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        files = {"files": 0, "file_bytes": 0}
+        notes: list[str] = []
+
+        def read_errors() -> None:
+            for raw_line in producer.stderr:
+                line = raw_line.decode(errors="replace").rstrip("\n")
+                entry = parse_listing(line) if self.listing else None
+                if entry is None:
+                    if len(notes) < 20:
+                        notes.append(line)
+                elif entry[0] == "-":
+                    files["files"] += 1
+                    files["file_bytes"] += entry[1]
+
+        errors = threading.Thread(target=read_errors, daemon=True)
+        errors.start()
+        compressor = relay = None
+        if self.level is not None:
+            compressor = subprocess.Popen(
+                ["zstd", "-q", f"-{self.level}", "-T0", "-c"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
+            relay = Relay(producer.stdout, compressor.stdin, self.marker, self.seen)
+            source = compressor.stdout
+        else:  # as it is: read here, counted and watched for the marker here
+            source = producer.stdout
+        digest, sent, shown, tail = hashlib.sha256(), 0, time.monotonic(), b""
+        fd = source.fileno()
+        while True:
+            chunk = os.read(fd, CHUNK)
+            if not chunk:
+                break
+            digest.update(chunk)
+            sent += len(chunk)
+            if relay is None and self.seen is not None and not self.seen.is_set():
+                if self.marker in tail + chunk:
+                    self.seen.set()
+                tail = chunk[-len(self.marker) :]
+            frames.put(b"D", chunk, prefix)
+            if time.monotonic() - shown > 0.5:
+                shown = time.monotonic()
+                frames.json(b"P", {"id": self.number, "raw": relay.raw if relay else sent})
+        rc = producer.wait()
+        errors.join()
+        if relay is not None:
+            relay.thread.join()
+            if compressor.wait() != 0 or relay.error is not None:
+                raise Failure(f"part {name}: compression failed ({relay.error or 'zstd'})")
+        if rc not in self.tolerated:
+            detail = notes[-1] if notes else "no output"
+            raise Failure(f"part {name}: {self.argv[0]} failed (exit {rc}): {detail}")
+        end = {
+            "id": self.number,
+            "name": name,
+            "sha256": digest.hexdigest(),
+            "bytes": sent,
+            "raw_bytes": relay.raw if relay else sent,
+            "compression": "zstd" if self.level is not None else "none",
+        }
+        if self.listing:
+            end.update(files)
+        if notes and rc != 0:
+            end["warnings"] = notes  # e.g. tar: a file changed while it was read
+        frames.json(b"E", end)
+        return end
 
 
 def part_name(base: str, level: int | None) -> str:
@@ -639,50 +675,103 @@ def estimate(kind: str) -> dict[str, int]:
     return sizes
 
 
+class Snapshot:
+    """A MySQL read view opened now (`START TRANSACTION WITH CONSISTENT SNAPSHOT`) whose
+    counts can be read later, while a dump that started after it runs: they are then a lower
+    bound of the dump's own (what it holds was appended after, never before)."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            ["mysql", "-N", "-B", "--unbuffered"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._say("START TRANSACTION WITH CONSISTENT SNAPSHOT; SELECT 'ready';")
+        if self.proc.stdout.readline().strip() != "ready":
+            raise Failure("could not open a read snapshot of the databases")
+
+    def _say(self, sql: str) -> None:
+        self.proc.stdin.write(sql + "\n")
+        self.proc.stdin.flush()
+
+    def counts(self) -> dict[str, int]:
+        query = count_union()
+        values: dict[str, int] = {}
+        if query:
+            self._say(f"{query}; SELECT 'end', 0;")
+            for line in self.proc.stdout:
+                name, _, value = line.rstrip("\n").partition("\t")
+                if name == "end":
+                    break
+                values[name] = int(value)
+        self._say("COMMIT;")
+        self.proc.stdin.close()
+        self.proc.wait()
+        return values
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
+    """The backup stream (see the frames above). The databases' dump starts first; the trees
+    start once its snapshot exists, and run beside it: every run the dump holds was there
+    before any tree was read. Counts come from a snapshot opened just before the dump and
+    from the databases just after it."""
     frames = Frames()
     kind = backend()
     level = args.level if have_zstd() and args.level > 0 else None
     with data_lock(kind, args.lock_wait):
         info = describe(kind)
         sizes = estimate(kind)
-        names = ["databases"]
-        if exists(AUTH_DB):
-            names.append("auth")
+        names = ["databases"] + (["auth"] if exists(AUTH_DB) else [])
         names += [base for base, (directory, _) in TREES.items() if os.path.isdir(directory)]
-        if args.with_secrets:
-            names.append("secrets")
+        names += ["secrets"] if args.with_secrets else []
         frames.json(b"H", {"format": FORMAT, "parts": names, "estimate": sizes})
-        parts = {}
-        before = counts(kind)
+        snapshot_made = threading.Event()
+        before: dict[str, int] = {}
         if kind == "mysql":
-            end = send_part(frames, part_name("databases.sql", level), dump_argv(), level=level)
+            snapshot = Snapshot()
+            database = Part(frames, 1, part_name("databases.sql", level), dump_argv(),
+                            level=level, marker=b"CREATE DATABASE", seen=snapshot_made)  # fmt: skip
+            database.start()
+            counting = threading.Thread(target=lambda: before.update(snapshot.counts()))
+            counting.start()
         else:
+            before.update(counts(kind))
             argv = as_user(MLFLOW_USER, [sys.executable, "-I", "-c", SQLITE_DUMP, SQLITE_DB])
-            end = send_part(frames, part_name("mlflow.db", level), argv, level=level)
-        parts["databases"] = end
-        after = counts(kind)
+            database = Part(frames, 1, part_name("mlflow.db", level), argv, level=level,
+                            seen=snapshot_made)  # fmt: skip
+            database.start()
+            counting = None
+        snapshot_made.wait()
+        others: dict[str, Part] = {}
         if exists(AUTH_DB):
             argv = as_user(MLFLOW_USER, [sys.executable, "-I", "-c", SQLITE_DUMP, AUTH_DB])
-            parts["auth"] = send_part(frames, part_name("basic_auth.db", level), argv, level=level)
-        auth = auth_counts() if exists(AUTH_DB) else {}
-        for base, (directory, user) in TREES.items():
+            others["auth"] = Part(frames, 2, part_name("basic_auth.db", level), argv, level=level)
+        for ident, (base, (directory, user)) in enumerate(TREES.items(), 3):
             if os.path.isdir(directory):
-                parts[base] = send_part(
-                    frames,
-                    part_name(f"{base}.tar", level),
-                    tar_argv(directory, user),
-                    level=level,
-                    listing=True,
-                    tolerated=(0, 1),  # 1: a file changed while it was read (a live upload)
-                )
+                # tar's exit 1: a file changed while it was read (a live upload)
+                others[base] = Part(frames, ident, part_name(f"{base}.tar", level),
+                                    tar_argv(directory, user), level=level, listing=True,
+                                    tolerated=(0, 1))  # fmt: skip
         if args.with_secrets:
             argv = ["tar", "--create", "--file=-", f"--directory={SECRETS_DIR}", "."]
-            parts["secrets"] = send_part(frames, part_name("secrets.tar", level), argv, level=level)
+            others["secrets"] = Part(frames, 9, part_name("secrets.tar", level), argv, level=level)
+        for part in others.values():
+            part.start()
+        database.join()
+        if counting is not None:
+            counting.join()
+        after = counts(kind) if database.error is None else {}
+        auth = auth_counts() if exists(AUTH_DB) else {}
+        for part in others.values():
+            part.join()
+        for part in (database, *others.values()):
+            if part.error is not None:
+                raise part.error
         manifest = {
             **info,
             "counts": {"before": {**before, **auth}, "after": {**after, **auth}},
-            "parts": parts,
+            "parts": {"databases": database.end} | {k: p.end for k, p in others.items()},
             "with_secrets": bool(args.with_secrets),
         }
         frames.json(b"M", manifest)

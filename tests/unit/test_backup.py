@@ -19,21 +19,27 @@ from mlflow_stack.hostside import stackdata as S
 
 
 def framed(tmp_path: Path, parts: dict[str, bytes], *, end: bool = True, lie: str = "") -> bytes:
-    """A stream as `stackdata.py backup` writes it."""
+    """A stream as `stackdata.py backup` writes it: the parts' data frames interleaved."""
     path = tmp_path / "stream"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     frames = S.Frames(fd)
     frames.json(b"H", {"format": 1, "parts": list(parts), "estimate": {"x": 10}})
     manifest_parts = {}
-    for name, data in parts.items():
-        frames.json(b"B", {"name": name})
-        for i in range(0, len(data), 70_000):
-            frames.put(b"D", data[i : i + 70_000])
-            frames.json(b"P", {"raw": i})
+    chunks = {}
+    for ident, (name, data) in enumerate(parts.items(), 1):
+        frames.json(b"B", {"id": ident, "name": name})
+        chunks[ident] = [data[i : i + 70_000] for i in range(0, len(data), 70_000)]
+    while any(chunks.values()):
+        for ident, pending in chunks.items():
+            if pending:
+                frames.put(b"D", pending.pop(0), bytes([ident]))
+                frames.json(b"P", {"id": ident, "raw": 1})
+    for ident, (name, data) in enumerate(parts.items(), 1):
         digest = hashlib.sha256(data).hexdigest() if name != lie else "0" * 64
-        end_info = {"name": name, "sha256": digest, "bytes": len(data), "raw_bytes": len(data)}
-        frames.json(b"E", end_info)
-        manifest_parts[name.split(".")[0]] = end_info
+        info = {"id": ident, "name": name, "sha256": digest, "bytes": len(data),
+                "raw_bytes": len(data)}  # fmt: skip
+        frames.json(b"E", info)
+        manifest_parts[name.split(".")[0]] = info
     frames.json(b"M", {"parts": manifest_parts, "mlflow_version": "3.17.2"})
     if end:
         frames.put(b"Z")
@@ -51,13 +57,18 @@ def feed_in_pieces(receiver: B.Receiver, stream: bytes, seed: int = 7) -> None:
 
 
 def test_the_receiver_writes_each_part_and_checks_its_hash(tmp_path):
-    parts = {"databases.sql.zst": os.urandom(300_000), "artifacts.tar.zst": b"a" * 1_000_001}
+    parts = {
+        "databases.sql.zst": os.urandom(300_000),
+        "artifacts.tar.zst": b"a" * 1_000_001,
+        "workspace.tar.zst": b"",
+    }
     stream = framed(tmp_path, parts)
     out = tmp_path / "out"
     out.mkdir()
     receiver = B.Receiver(out)
     feed_in_pieces(receiver, stream)
     assert receiver.complete
+    receiver.close()
     for name, data in parts.items():
         assert (out / name).read_bytes() == data
         assert (out / name).stat().st_mode & 0o777 == 0o600
@@ -86,9 +97,9 @@ def test_a_part_that_arrives_different_is_refused(tmp_path):
 def test_a_part_name_cannot_escape_or_replace_the_manifest(tmp_path, name):
     path = tmp_path / "s"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    S.Frames(fd).json(b"B", {"name": name})
+    S.Frames(fd).json(b"B", {"id": 1, "name": name})
     os.close(fd)
-    with pytest.raises(B.StreamError, match="bad part name"):
+    with pytest.raises(B.StreamError, match="bad part"):
         B.Receiver(tmp_path).feed(path.read_bytes())
 
 
