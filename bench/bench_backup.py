@@ -144,7 +144,7 @@ def main() -> None:
     if info is None:
         info = sandbox.up(args.name)
     try:
-        with tempfile.TemporaryDirectory(dir=REPO) as tmp:
+        with tempfile.TemporaryDirectory(prefix="bench-backup-") as tmp:
             work = Path(tmp)
             inv = inventory(work, args.name)
             provision(inv)
