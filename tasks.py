@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 from invoke import Collection, task
 
-from mlflow_stack import cli, inputs
+from mlflow_stack import cli, inputs, secrets
+from mlflow_stack.secrets import mask
 
 HOST_HELP = "host (default: the 'server' group)"
 INVENTORY_HELP = "inventory file (default: inventory.yaml, or $MLFLOW_STACK_INVENTORY)"
@@ -40,13 +41,15 @@ def provision(c, host=None, roles=None, check=False, diff=False, json=False, inv
     from mlflow_stack.engine.runner import Options
 
     wanted = cli.parse_roles(roles)
+    with cli.reporting(code=2):
+        secrets.check_given()  # a secret given too short is refused before anything connects
     hosts = cli.hosts_for(host, inventory)
     if any(h.vars.backup.before_upgrade == "controller" for h in hosts):  # issue #19
         from mlflow_stack.actions.backup import before_upgrades
 
         with cli.reporting():
             for line in before_upgrades(hosts, check=check):
-                print(line, flush=True)
+                cli.say(line)
     with cli.reporting():
         recaps = provisioning.provision(
             hosts,
@@ -78,13 +81,15 @@ def serve(c, run=None, model=None, name="wine", port=54321, workers=0, stop=Fals
     from mlflow_stack.actions import serve as serving
 
     with cli.reporting(code=2):
+        name = inputs.instance_name(name)  # on every path, --stop too: it names a unit
         if not stop and bool(run) == bool(model):
             raise inputs.InputError(
                 "give exactly one of --run RUN_ID or --model models:/NAME@ALIAS"
             )
+        ref = inputs.run_id(run) if run else inputs.model_uri(model) if model else ""
         req = serving.ServeRequest(
             name,
-            run or model or "",
+            ref,
             inputs.port(port),
             inputs.whole_number(workers, "--workers", 0, 16),
         )
@@ -92,14 +97,16 @@ def serve(c, run=None, model=None, name="wine", port=54321, workers=0, stop=Fals
     with cli.on_host(host, inventory) as (resolved, h):
         if stop:
             done = serving.stop(h, name)
-            print(f"{'stopped' if done else 'nothing to stop:'} mlflow-model@{name} on {h.name}")
+            cli.say(f"{'stopped' if done else 'nothing to stop:'} mlflow-model@{name} on {h.name}")
             return
         result = serving.serve(h, resolved.vars, req)
     state = "started/updated" if result.changed else "already serving (no change)"
-    print(f"mlflow-model@{name} on {h.name}: {state} in {result.seconds:.1f}s")
-    print(f"model: {result.uri}" + (f" (version {result.version})" if result.version else ""))
-    print(f"url:   {result.url}  (on the host; `invoke tunnel` forwards it)")
-    print(serving.curl_example(req.port))
+    cli.say(
+        f"mlflow-model@{name} on {h.name}: {state} in {result.seconds:.1f}s",
+        f"model: {result.uri}" + (f" (version {result.version})" if result.version else ""),
+        f"url:   {result.url}  (on the host; `invoke tunnel` forwards it)",
+        serving.curl_example(req.port),
+    )
 
 
 @task(
@@ -116,12 +123,14 @@ def predict(c, name="wine", port=None, data=None, host=None, inventory=None):
     from mlflow_stack.actions import predict as scoring
 
     with cli.reporting(code=2):
+        name = inputs.instance_name(name)
+        if data is not None:
+            inputs.local_path(data, "--data")
         payload = scoring.load_payload(data)  # bad input fails before anything connects
         wanted_port = inputs.port(port) if port is not None else None
     with cli.on_host(host, inventory) as (_, h):
         predictions = scoring.predict_served(h, name, wanted_port, payload)
-    for value in predictions:
-        print(f"{value:.4f}")
+    cli.say(*(f"{value:.4f}" for value in predictions))
 
 
 @task(name="check-mysql", help={"host": HOST_HELP, "inventory": INVENTORY_HELP})
@@ -132,7 +141,7 @@ def check_mysql(c, host=None, inventory=None):
 
     with cli.on_host(host, inventory) as (resolved, h):
         checks, counts = checking.check_mysql(h, Layout.of(resolved.vars))
-    print(checking.render_table(checks, counts))
+    cli.say(checking.render_table(checks, counts))
     failed = [chk for chk in checks if not chk.ok]
     if failed:
         first = failed[0]
@@ -149,8 +158,7 @@ def status(c, host=None, inventory=None):
     with cli.on_host(host, inventory) as (resolved, h):
         rows = statuses.gather(h, Layout.of(resolved.vars))
         usage = storage.gather(h, resolved.vars)  # sizes, free disk (issue #19)
-    print(statuses.render_status(h.name, rows))
-    print("\n".join(storage.render(usage)))
+    cli.say(statuses.render_status(h.name, rows), *storage.render(usage))
     if not all(r.ok for r in rows):
         raise cli.fail(
             f"{h.name}: " + ", ".join(f"{r.unit} {r.state}/{r.health}" for r in rows if not r.ok)
@@ -170,7 +178,8 @@ def urls(c, reveal=False, host=None, inventory=None):
 
     with cli.on_host(host, inventory) as (resolved, h):
         lines = statuses.login_lines(h, resolved, reveal)
-    print("\n".join(lines))
+    text = "\n".join(lines)
+    print(text if reveal else mask(text))  # --reveal: the user asked for the token itself
 
 
 @task(
@@ -190,11 +199,11 @@ def tunnel(c, mysql=False, offset=0, host=None, inventory=None):
     with cli.on_host(host, inventory) as (resolved, h):
         pairs = tunnels.port_pairs(h, resolved.vars, shift, mysql)
         try:
-            with tunnels.tunnel(h, pairs):
+            with tunnels.tunnel(h, pairs) as forwarding:
                 for local, remote in pairs:
                     print(f"127.0.0.1:{local} -> {h.name}:127.0.0.1:{remote}", flush=True)
                 print("forwarding; Ctrl-C to stop", flush=True)
-                tunnels.wait_forever()
+                tunnels.wait_forever(forwarding)
         except KeyboardInterrupt:
             print("tunnel closed")
 
@@ -219,14 +228,17 @@ def train(c, alpha="0.5", l1_ratio="0.1", experiment="wine", no_artifacts=False,
     with cli.reporting(code=2):
         a = inputs.number(alpha, "--alpha", 0.0)
         l1 = inputs.number(l1_ratio, "--l1-ratio", 0.0, 1.0)
-    printer = (lambda line: None) if quiet else (lambda line: print(f"  | {line}", flush=True))
+        experiment = inputs.experiment(experiment)
+    printer = (lambda line: None) if quiet else (lambda line: cli.say(f"  | {line}"))
     with cli.on_host(host, inventory) as (resolved, h):
         place = Layout.of(resolved.vars)
         result = training.train(h, place, a, l1, experiment, printer, not no_artifacts)
     metrics = "  ".join(f"{k}={v:.4f}" for k, v in sorted(result["metrics"].items()))
-    print(f"run {result['run_id']}  {metrics}")
-    print(f"model: {result.get('model_uri', '-')}")
-    print(f"view:  {training.run_url(place, result)}  (through `invoke tunnel`)")
+    cli.say(
+        f"run {result['run_id']}  {metrics}",
+        f"model: {result.get('model_uri', '-')}",
+        f"view:  {training.run_url(place, result)}  (through `invoke tunnel`)",
+    )
 
 
 @task(
@@ -249,17 +261,18 @@ def tune(c, n_trials="100", study=None, hosts=None, group=None, jobs_per_host="1
     with cli.reporting(code=2):
         total = inputs.whole_number(n_trials, "--n-trials", 1, 1_000_000)
         per_host = inputs.whole_number(jobs_per_host, "--jobs-per-host", 1, 64)
+        experiment = inputs.experiment(experiment)
+        if study is not None:
+            study = inputs.study(study)
     with cli.reporting():
         server, chosen = tuning.choose_hosts(cli.load_inventory(inventory), hosts, group)
     printer = (
-        (lambda who, line: None)
-        if quiet
-        else (lambda who, line: print(f"  {who} | {line}", flush=True))
+        (lambda who, line: None) if quiet else (lambda who, line: cli.say(f"  {who} | {line}"))
     )
     name = study or tuning.default_study(len(chosen) * per_host > 1)
     with cli.connected([server, *chosen]) as links:
         outcome = tuning.tune(server, chosen, links, total, name, experiment, per_host, printer)
-    print("\n".join(tuning.render_outcome(outcome)))
+    cli.say(*tuning.render_outcome(outcome))
 
 
 @task(
@@ -270,27 +283,39 @@ def tune(c, n_trials="100", study=None, hosts=None, group=None, jobs_per_host="1
         "host": "inventory host to run it on (default: sandbox, started if needed)",
         "port": "port of the served champion (default: 54321)",
         "inventory": INVENTORY_HELP,
+        "cpus": "a new sandbox's CPUs, e.g. 1 (the original t2.micro: --cpus 1 --memory 1G)",
+        "memory": "a new sandbox's memory limit, e.g. 1G",
     }
 )
-def demo(c, fresh=False, keep=True, trials="300", host="sandbox", port=54321, inventory=None):
+def demo(c, fresh=False, keep=True, trials="300", host="sandbox", port=54321, inventory=None,
+         cpus=None, memory=None):  # fmt: skip
     """The whole walkthrough on the local sandbox: provision, train, tune, serve, predict, check."""
     from mlflow_stack import demo as walkthrough
 
     with cli.reporting(code=2):
         n = inputs.whole_number(trials, "--trials", 1, 100_000)
         serve_port = inputs.port(port)
+        cpus = inputs.whole_number(cpus, "--cpus", 1, 256) if cpus is not None else None
+        host = inputs.name(host, "--host")
+        secrets.check_given()
     inv = cli.load_inventory(inventory)
     try:
         with cli.reporting():
             walkthrough.run_demo(
-                inv, role_catalog, fresh=fresh, trials=n, host_name=host, serve_port=serve_port
+                inv,
+                role_catalog,
+                fresh=fresh,
+                trials=n,
+                host_name=host,
+                serve_port=serve_port,
+                size={"cpus": cpus, "memory": memory},  # memory: checked by the sandbox
             )
     finally:
         if not keep:
             with cli.reporting():
                 stopped = walkthrough.stop_sandbox(inv, host)
             if stopped:
-                print(f"sandbox {stopped} stopped (--no-keep)")
+                cli.say(f"sandbox {stopped} stopped (--no-keep)")
 
 
 # --- backup and restore (issue #19) ------------------------------------------------------
@@ -317,6 +342,7 @@ def backup(c, to="backups", with_secrets=False, level="1", quiet=False, host=Non
 
     with cli.reporting(code=2):
         zstd_level = inputs.whole_number(level, "--level", 0, 19)
+        to = inputs.local_path(to, "--to")
     with cli.on_host(host, inventory) as (resolved, h):
         progress = None if quiet else Progress(f"backup of {h.name}")
         with cli.reporting():
@@ -328,7 +354,7 @@ def backup(c, to="backups", with_secrets=False, level="1", quiet=False, host=Non
                 level=zstd_level,
                 progress=progress,
             )
-    print("\n".join(backups.summary(result)))
+    cli.say(*backups.summary(result))
 
 
 @task(
@@ -356,6 +382,7 @@ def restore(c, from_=None, host=None, force=False, with_secrets=False, quiet=Fal
             raise inputs.InputError("--from: give the backup directory to restore")
         if not host:
             raise inputs.InputError("--host: name the host to restore onto")
+        from_ = inputs.local_path(from_, "--from")
     with cli.reporting():
         checking = None if quiet else Progress(f"backup {from_}")
         loaded = restoring.load(Path(from_), checking)
@@ -372,9 +399,9 @@ def restore(c, from_=None, host=None, force=False, with_secrets=False, quiet=Fal
                 with_secrets=with_secrets,
                 progress=progress,
             )
-    print("\n".join(restoring.summary(result, loaded)))
+    cli.say(*restoring.summary(result, loaded))
     if with_secrets:
-        print(f"secrets restored: run `invoke provision --host {h.name}` to apply them")
+        cli.say(f"secrets restored: run `invoke provision --host {h.name}` to apply them")
     if result.mismatches:
         raise cli.fail(f"{h.name}: restored, but " + "; ".join(result.mismatches))
 

@@ -33,6 +33,7 @@ import threading
 import time
 from typing import Any
 
+from demo_wine.activation import systemd_socket
 from demo_wine.recorder import DatabaseStore, StoreMismatch, TrialRecord
 
 STORE_ENV = "MLFLOW_BACKEND_STORE_URI"
@@ -205,8 +206,9 @@ def _finite(value: object) -> object:
 
 def listening_socket(path: str | None) -> socket.socket:
     """The socket systemd handed over (socket activation), else a new one bound at `path`."""
-    if os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS") == "1":
-        return socket.socket(fileno=3)
+    handed = systemd_socket()
+    if handed is not None:
+        return handed
     if not path:
         raise SystemExit("no socket: give --socket PATH (or start it by socket activation)")
     if os.path.exists(path):

@@ -23,13 +23,14 @@ The last stdout line is one JSON object (see :func:`tune`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from demo_wine import CHAMPION_ALIAS, MODEL_NAME
@@ -62,19 +63,58 @@ def _make_sampler(name: str, seed: int | None) -> Any:
     return optuna.samplers.TPESampler(seed=seed)
 
 
-def _open_study(name: str, storage: str | None, sampler: Any, attempts: int = 3) -> Any:
+# Processes opening a new shared study at once take turns (a named lock of the database
+# server), so one creates Optuna's schema and the study while the others wait. Without it
+# they race: a table created meanwhile, a duplicate row, MySQL's atomic DDL refusing a table
+# another session is creating (error 1684), MariaDB's "Record has changed since last read"
+# (1020) on alembic_version. Those are still retried, should a process not take the lock.
+SCHEMA_LOCK = "demo_wine_optuna_schema"
+RACES = ("already exists", "concurrent DDL", "IntegrityError", "Duplicate entry",
+         "try restarting transaction")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _schema_lock(storage: str | None, timeout_s: int = 120) -> Iterator[None]:
+    """Hold the database server's named lock SCHEMA_LOCK (MySQL and MariaDB) meanwhile; a
+    no-op for other storages, and when the database cannot be reached (opening the study
+    then says why)."""
+    if not storage or not storage.startswith("mysql"):
+        yield
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(storage, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        conn = engine.connect()
+    except sqlalchemy.exc.SQLAlchemyError:
+        engine.dispose()
+        yield
+        return
+    try:
+        query = sqlalchemy.text("SELECT GET_LOCK(:name, :timeout)")
+        conn.execute(query, {"name": SCHEMA_LOCK, "timeout": timeout_s})
+        yield
+    finally:
+        with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):
+            conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:name)"), {"name": SCHEMA_LOCK})
+        conn.close()
+        engine.dispose()
+
+
+def _open_study(name: str, storage: str | None, sampler: Any, attempts: int = 5) -> Any:
     """Create or join the study; retry a lost race between workers creating the schema."""
     import optuna
 
     for attempt in range(1, attempts + 1):
         try:
-            study = optuna.create_study(
-                study_name=name,
-                storage=storage,
-                sampler=sampler,
-                direction="minimize",
-                load_if_exists=True,
-            )
+            with _schema_lock(storage):
+                study = optuna.create_study(
+                    study_name=name,
+                    storage=storage,
+                    sampler=sampler,
+                    direction="minimize",
+                    load_if_exists=True,
+                )
             break
         except (ImportError, ValueError) as exc:
             raise InputError(
@@ -83,7 +123,7 @@ def _open_study(name: str, storage: str | None, sampler: Any, attempts: int = 3)
         except Exception as exc:  # sqlalchemy errors: bad URL, unreachable database, races
             if not type(exc).__module__.startswith("sqlalchemy"):
                 raise
-            racing = "already exists" in str(exc) or "IntegrityError" in type(exc).__name__
+            racing = any(race in f"{type(exc).__name__}: {exc}" for race in RACES)
             if not racing or attempt == attempts:
                 raise InputError(
                     f"cannot open Optuna storage {redact(storage)}: {_first(exc)}"

@@ -28,10 +28,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from demo_wine.activation import systemd_socket
+
 DEFAULT_SOCKET = "/run/demo-wine/warm.sock"
 SOCKET_ENV = "DEMO_WINE_WARM_SOCKET"
 MARK_ENV = "DEMO_WINE_PROCESS"  # "warm" in a forked run; a cold run leaves it unset
-SERVED = ("demo_wine.train",)
+SERVED = ("demo_wine.train", "demo_wine.tune")
 WARM_IMPORTS = (
     "numpy",
     "pandas",
@@ -47,6 +49,7 @@ WARM_IMPORTS = (
     "mlflow.models.signature",
     "mlflow.models.display_utils",
     "mlflow.pyfunc",
+    "optuna",
     "mlflow.tracing.export",
     "mlflow.tracking.request_header.registry",
     "opentelemetry.sdk.metrics",
@@ -142,9 +145,15 @@ def serve(
     served: Sequence[str] = SERVED,
     imports: Sequence[str] = WARM_IMPORTS,
     watched: Sequence[Path] | None = None,
+    idle: float = 0,
 ) -> dict | None:
-    """Accept runs until stale (then None); returns a request only in a forked run child."""
-    listener = _bind(path)
+    """Accept runs until stale, or (`idle` > 0) until no run for `idle` seconds (then None);
+    returns a request only in a forked run child. Started by its socket (systemd passes the
+    listener), it exits when idle and the next run starts it again."""
+    listener = systemd_socket() or _bind(path)
+    listener.settimeout(min(5.0, idle) if idle else 5.0)  # wake up to reap, to notice idleness
+    runs: set[int] = set()
+    last_run = time.monotonic()
     watched = list(watched) if watched is not None else _watched_paths()
     started = _fingerprint(watched)
     _warm_up(imports)
@@ -153,10 +162,14 @@ def serve(
         _log(f"warning: threads after the warm-up ({names}); runs may hang")
     _log(f"ready on {path} (warm-up {time.process_time():.1f} s CPU)")
     while True:
-        _reap()
+        if _reap(runs):
+            last_run = time.monotonic()
         try:
             conn, _ = listener.accept()
         except TimeoutError:
+            if idle and not runs and time.monotonic() - last_run > idle:
+                _log(f"no run for {idle:.0f} s: exiting (the next run starts it again)")
+                return None
             continue
         request, fds = _receive(conn)
         if request is None:
@@ -170,9 +183,11 @@ def serve(
                 _log("the demo code or its env changed: exiting for a fresh start")
                 return None
             continue
-        if os.fork() == 0:
+        pid = os.fork()
+        if pid == 0:
             listener.close()
             return _supervise(conn, request, fds)
+        runs.add(pid)
         _close(conn, fds)
 
 
@@ -187,7 +202,6 @@ def _bind(path: str) -> socket.socket:
     finally:
         os.umask(old)
     listener.listen(16)
-    listener.settimeout(5.0)  # wake up now and then to reap finished supervisors
     return listener
 
 
@@ -284,12 +298,16 @@ def _close(conn: socket.socket | None, fds: Sequence[int]) -> None:
         conn.close()
 
 
-def _reap() -> None:
+def _reap(runs: set[int]) -> bool:
+    """Collect finished run supervisors (forgotten in `runs`); True if any finished."""
+    done = False
     try:
-        while os.waitpid(-1, os.WNOHANG)[0] > 0:
-            pass
+        while (pid := os.waitpid(-1, os.WNOHANG)[0]) > 0:
+            runs.discard(pid)
+            done = True
     except ChildProcessError:
-        pass
+        runs.clear()
+    return done
 
 
 def _supervise(conn: socket.socket, request: dict, fds: list[int]) -> dict | None:
@@ -335,6 +353,7 @@ def become_run(request: dict) -> None:
     os.environ.clear()
     os.environ.update(request["env"])
     os.environ[MARK_ENV] = "warm"
+    _name_process(request["module"])
     os.chdir(request["cwd"])
     sys.path[0] = request["cwd"]  # as `python -m` puts it first
     os.umask(request["umask"])
@@ -346,6 +365,14 @@ def become_run(request: dict) -> None:
         numpy.random.seed()
 
 
+def _name_process(module: str) -> None:
+    """Name this run after its module (``ps``, ``top`` and ``pkill -x`` see it, not another
+    warm server): the module if it fits the kernel's 15 bytes, else its last part."""
+    name = module if len(module) <= 15 else module.rsplit(".", 1)[-1]
+    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
+        comm.write(name[:15])
+
+
 def _log(message: str) -> None:
     print(f"demo_wine.warm: {message}", file=sys.stderr, flush=True)
 
@@ -355,9 +382,10 @@ def serve_forever(
     served: Sequence[str] = SERVED,
     imports: Sequence[str] = WARM_IMPORTS,
     watched: Sequence[Path] | None = None,
+    idle: float = 0,
 ) -> int:
     """`serve`, and in each forked run child: run the requested module as ``__main__``."""
-    request = serve(path, served, imports, watched)
+    request = serve(path, served, imports, watched, idle)
     if request is None:
         return 0
     become_run(request)
@@ -406,9 +434,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) >= 2 and args[0] == "run":
         return run(args[1], args[2:])
-    if args[:1] == ["serve"] and len(args) <= 2:
-        return serve_forever(args[1] if len(args) == 2 else DEFAULT_SOCKET)
-    sys.stderr.write("usage: python -m demo_wine.warm serve [SOCKET] | run MODULE [ARGS...]\n")
+    idle = 0.0
+    if len(args) >= 3 and args[-2] == "--idle":
+        try:
+            idle = float(args[-1])
+        except ValueError:
+            idle = -1.0
+        args = args[:-2]
+    if args[:1] == ["serve"] and len(args) <= 2 and idle >= 0:
+        return serve_forever(args[1] if len(args) == 2 else DEFAULT_SOCKET, idle=idle)
+    sys.stderr.write(
+        "usage: python -m demo_wine.warm serve [SOCKET] [--idle SECONDS] | run MODULE [ARGS...]\n"
+    )
     return 2
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from invoke.exceptions import Exit
 
 from mlflow_stack.errors import UserError
+from mlflow_stack.secrets import mask
 
 if TYPE_CHECKING:
     from mlflow_stack.engine.host import Host
@@ -34,7 +35,13 @@ def reporting(code: int = 1) -> Iterator[None]:
     try:
         yield
     except UserError as exc:
-        raise fail(str(exc), code) from None
+        raise fail(mask(str(exc)), code) from None
+
+
+def say(*lines: str) -> None:
+    """Print lines for the user, masked (`secrets.mask`): what the tool prints, it masks."""
+    for line in lines:
+        print(mask(line), flush=True)
 
 
 def inventory_path(path: str | None) -> Path:

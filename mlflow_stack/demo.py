@@ -23,6 +23,7 @@ from mlflow_stack.errors import UserError
 from mlflow_stack.inventory import Inventory, ResolvedHost, resolve
 from mlflow_stack.layout import Layout
 from mlflow_stack.provision import RoleCatalog, first_failure, provision
+from mlflow_stack.secrets import mask
 
 SANDBOX = "sandbox"
 ALPHAS = (0.42, 0.1)
@@ -82,9 +83,15 @@ def stop_sandbox(inventory: Inventory, host_name: str) -> str | None:
     return name
 
 
-def ensure_sandbox(name: str | None, fresh: bool, say: Callable[[str], None]) -> None:
-    """Start the sandbox behind the demo host unless it runs (or stop it first if fresh)."""
+def ensure_sandbox(
+    name: str | None, fresh: bool, say: Callable[[str], None], size: dict | None = None
+) -> None:
+    """Start the sandbox behind the demo host unless it runs (or stop it first if fresh);
+    `size` ({cpus, memory}) confines a new one."""
+    size = {k: v for k, v in (size or {}).items() if v}
     if name is None:
+        if size:
+            raise DemoError("--cpus and --memory size a sandbox: this host is not one")
         return
     from mlflow_stack import sandbox
 
@@ -92,9 +99,12 @@ def ensure_sandbox(name: str | None, fresh: bool, say: Callable[[str], None]) ->
         say(f"stopping sandbox {name} (--fresh)")
         sandbox.down(name)
     if sandbox.load(name) is None:
-        say(f"starting sandbox {name} (Debian 12, systemd, on the sandboxes' private network)")
-        info = sandbox.up(name)
+        limits = ", ".join(f"{k} {v}" for k, v in size.items()) or "no limits"
+        say(f"starting sandbox {name} (Debian 12, systemd, private network, {limits})")
+        info = sandbox.up(name, **size)
         say(f"sandbox {name} is up: ssh {info.host_string}")
+    elif size:
+        raise DemoError(f"sandbox {name} is running with its own size: add --fresh to resize it")
     else:
         say(f"sandbox {name} is running")
 
@@ -108,11 +118,12 @@ def run_demo(
     host_name: str = SANDBOX,
     serve_port: int = SERVE_PORT,
     out: TextIO = sys.stdout,
+    size: dict | None = None,
 ) -> Summary:
     summary = Summary()
 
     def say(text: str) -> None:
-        print(text, file=out, flush=True)
+        print(mask(text), file=out, flush=True)
 
     def step(name: str, action: Callable[[], object]):
         say(f"\n== {name}")
@@ -124,7 +135,7 @@ def run_demo(
         summary.steps[name] = time.monotonic() - started
         return value
 
-    step("sandbox", lambda: ensure_sandbox(sandbox_of(inventory, host_name), fresh, say))
+    step("sandbox", lambda: ensure_sandbox(sandbox_of(inventory, host_name), fresh, say, size))
     (resolved,) = resolve(host_name, inventory)
     place = Layout.of(resolved.vars)
     host = Host(resolved.target)

@@ -8,12 +8,23 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from mlflow_stack import inputs
 from mlflow_stack import vars as schema
+from mlflow_stack.engine import hostkeys
 from mlflow_stack.engine.host import Target
 from mlflow_stack.host_vars import HostVars
 from mlflow_stack.layout import ROLES, WORKER_ROLES
@@ -29,19 +40,63 @@ def _role_name(name: str) -> str:
     return name
 
 
+def _pins(value: str | list[str]) -> tuple[str, ...]:
+    values = [value] if isinstance(value, str) else value
+    if not values:
+        raise ValueError("give at least one key (a known_hosts line or a SHA256: fingerprint)")
+    return tuple(dict.fromkeys(hostkeys.pin_text(v) for v in values))
+
+
+def _file(value: Path) -> Path:
+    inputs.local_path(str(value), None)
+    return value
+
+
+def _sandbox_name(value: str) -> str:
+    return inputs.name(value, None)
+
+
 RoleName = Annotated[str, AfterValidator(_role_name)]
+Address = Annotated[str, AfterValidator(lambda v: inputs.host_address(v, None))]
+LoginUser = Annotated[str, AfterValidator(lambda v: inputs.login_user(v, None))]
+LocalFile = Annotated[Path, AfterValidator(_file)]
+HostKeys = Annotated[str | list[str], AfterValidator(_pins)]
+
+
+def _policy(value: Any) -> Any:
+    """YAML reads an unquoted `off` (or `no`) as false: that is the policy `off` too."""
+    return "off" if value is False else value
+
+
+Policy = Annotated[Literal["strict", "accept-new", "off"], BeforeValidator(_policy)]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class HostEntry(_Strict):
-    address: str | None = None
+class _HostKeyFields(_Strict):
+    # Pinned host keys (known_hosts/.pub lines or SHA256: fingerprints): only these accepted.
+    host_key: HostKeys | None = None
+    known_hosts: LocalFile | None = None  # the known_hosts file to check (and accept-new into)
+    host_key_policy: Policy | None = None  # unset: ~/.ssh/config decides, else accept-new
+
+    @model_validator(mode="after")
+    def _pins_need_checking(self):
+        if self.host_key and self.host_key_policy == "off":
+            raise ValueError("host_key pins a key; host_key_policy off would ignore it")
+        return self
+
+
+class HostEntry(_HostKeyFields):
+    address: Address | None = None
+    # the address the other hosts reach it at, when not `address` (e.g. an EC2 host reached
+    # over SSH on its public IP talks to its workers on the VPC's private one)
+    private_address: Address | None = None
     port: int | None = Field(default=None, ge=1, le=65535)
-    user: str | None = None
-    key: Path | None = None
-    sandbox: str | None = None
+    user: LoginUser | None = None
+    key: LocalFile | None = None
+    sandbox: Annotated[str, AfterValidator(_sandbox_name)] | None = None
     roles: list[RoleName] | None = None
     vars: dict[str, Any] = Field(default_factory=dict)
 
@@ -51,10 +106,10 @@ class GroupEntry(_Strict):
     vars: dict[str, Any] = Field(default_factory=dict)
 
 
-class Defaults(_Strict):
-    user: str = "ubuntu"
+class Defaults(_HostKeyFields):
+    user: LoginUser = "ubuntu"
     port: int = Field(default=22, ge=1, le=65535)
-    key: Path | None = None
+    key: LocalFile | None = None
     roles: list[RoleName] | None = None
     vars: dict[str, Any] = Field(default_factory=dict)
 
@@ -63,6 +118,13 @@ class InventoryModel(_Strict):
     defaults: Defaults = Field(default_factory=Defaults)
     groups: dict[str, GroupEntry] = Field(default_factory=dict)
     hosts: dict[str, HostEntry] = Field(default_factory=dict)
+
+    @field_validator("groups", "hosts")
+    @classmethod
+    def _names(cls, entries: dict) -> dict:
+        for key in entries:
+            inputs.name(key, None)
+        return entries
 
 
 # --- loading ---------------------------------------------------------------------------
@@ -192,6 +254,14 @@ class Inventory:
         except ValidationError as exc:
             raise InventoryError(validation_message(self.path, self.text, exc, prefix)) from None
 
+    def workers_of(self, name: str) -> tuple[str, ...]:
+        """For a host of the `server` group, the addresses its tuning workers reach it from
+        (the `workers` group's hosts, but itself); () for any other host."""
+        if "server" not in self.groups_of(name) or "workers" not in self.model.groups:
+            return ()
+        members = [w for w in self.model.groups["workers"].hosts if w != name]
+        return tuple(dict.fromkeys(_peer_address(self, w) for w in members))
+
     def roles_for(self, name: str, entry: HostEntry | None) -> tuple[str, ...]:
         if entry is not None and entry.roles is not None:
             return tuple(entry.roles)
@@ -201,6 +271,14 @@ class Inventory:
         if "workers" in groups and "server" not in groups:
             return WORKER_ROLES
         return ROLES
+
+
+def _peer_address(inv: Inventory, name: str) -> str:
+    """How the other hosts reach inventory host `name` (its private address, else its own)."""
+    entry = inv.model.hosts[name]
+    if entry.private_address:
+        return entry.private_address
+    return _entry_target(inv, name, entry).address
 
 
 def default_host_spec(inv: Inventory) -> str:
@@ -230,14 +308,16 @@ _ADDRESS = re.compile(
 def parse_address(spec: str) -> tuple[str | None, str, int | None]:
     """`user@address:port` → (user, address, port); user and port optional."""
     match = _ADDRESS.match(spec)
-    if not match:
+    if not match or inputs.has_control(spec):
         raise InventoryError(
-            f"--host {spec!r}: not an inventory name, ssh_config alias or user@address[:port]"
+            f"--host {inputs.show(spec)}: not an inventory name, ssh_config alias or "
+            "user@address[:port]"
         )
     port = int(match["port"]) if match["port"] else None
     if port is not None and not 1 <= port <= 65535:
         raise InventoryError(f"--host {spec!r}: port {port} is out of range (1-65535)")
-    return match["user"], match["address"].strip("[]"), port
+    user = inputs.login_user(match["user"], "--host user") if match["user"] else None
+    return user, inputs.host_address(match["address"], "--host address"), port
 
 
 def _looks_like_address(spec: str) -> bool:
@@ -255,6 +335,21 @@ def _ssh_config_alias(name: str, config_path: Path) -> dict | None:
     return config.lookup(name)
 
 
+def host_key_settings(entry: HostEntry | None, defaults: Defaults) -> dict[str, Any]:
+    """The Target fields about host keys: the host's own, else the defaults'."""
+
+    def pick(field: str):
+        value = getattr(entry, field) if entry is not None else None
+        return value if value is not None else getattr(defaults, field)
+
+    known = pick("known_hosts")
+    return {
+        "known_hosts": known.expanduser() if known else None,
+        "host_keys": tuple(pick("host_key") or ()),
+        "host_key_policy": pick("host_key_policy"),
+    }
+
+
 def _entry_target(inv: Inventory, name: str, entry: HostEntry) -> Target:
     if entry.sandbox:
         return sandbox_target(name, entry.sandbox)
@@ -268,6 +363,7 @@ def _entry_target(inv: Inventory, name: str, entry: HostEntry) -> Target:
         entry.port or d.port,
         entry.user or d.user,
         key.expanduser() if key else None,
+        **host_key_settings(entry, d),
     )
 
 
@@ -292,25 +388,33 @@ def _resolve_one(part: str, inv: Inventory, ssh_config: Path) -> list[ResolvedHo
         return [h for member in m.groups[part].hosts for h in _resolve_one(member, inv, ssh_config)]
     if part in m.hosts:
         entry = m.hosts[part]
+        target = _entry_target(inv, part, entry)
         return [
             ResolvedHost(
                 part,
-                _entry_target(inv, part, entry),
+                target,
                 inv.roles_for(part, entry),
                 inv.vars_for(part),
                 inv.groups_of(part),
+                entry.private_address or "",
+                inv.workers_of(part),
             )
         ]
     adhoc_roles = inv.roles_for(part, None)
+    if not _looks_like_address(part):
+        inputs.name(part, "--host")
     alias = _ssh_config_alias(part, ssh_config)
     if alias is not None:
         keys = alias.get("identityfile") or []
+        where = f"~/.ssh/config Host {part}"
         target = Target(
             part,
-            alias.get("hostname", part),
-            int(alias.get("port", m.defaults.port)),
-            alias.get("user", m.defaults.user),
+            inputs.host_address(alias.get("hostname", part), f"{where}: HostName"),
+            inputs.whole_number(alias.get("port", m.defaults.port), f"{where}: Port", 1, 65535),
+            inputs.login_user(alias.get("user", m.defaults.user), f"{where}: User"),
             Path(keys[0]).expanduser() if keys else None,
+            ssh_host=part,
+            **host_key_settings(None, m.defaults),
         )
         return [ResolvedHost(part, target, adhoc_roles, inv.vars_for(None))]
     if not _looks_like_address(part):
@@ -326,6 +430,11 @@ def _resolve_one(part: str, inv: Inventory, ssh_config: Path) -> list[ResolvedHo
     user, address, port = parse_address(part)
     d = m.defaults
     target = Target(
-        part, address, port or d.port, user or d.user, d.key.expanduser() if d.key else None
+        part,
+        address,
+        port or d.port,
+        user or d.user,
+        d.key.expanduser() if d.key else None,
+        **host_key_settings(None, d),
     )
     return [ResolvedHost(part, target, adhoc_roles, inv.vars_for(None))]

@@ -2,22 +2,26 @@
 pydantic (≈ 0.15 s of every `invoke` start).
 
 An entry is keyed by the inventory file's bytes, its path, the `--host` value and the source
-of the validating code (`inventory.py`, `vars.py`): any edit is a miss. Only specs naming
+of the validating code (`SCHEMA_SOURCES`: every module the inventory's validation runs, which
+a unit test keeps complete): any edit is a miss, so an entry is only used if it was validated
+by this very code, and it records that code's digest, checked again on use. Only specs naming
 inventory hosts and groups are kept (not `~/.ssh/config` aliases or ad-hoc addresses), with
-each host's validated vars and how to reach it; a sandbox's address is read from its state on
-every run, as without the cache. Entries live in `$XDG_CACHE_HOME/mlflow-stack/inventory`
-(0700; files 0600).
+each host's validated vars, how to reach it and its host key settings; a sandbox's address is
+read from its state on every run, as without the cache. The connection fields are checked
+once more on use (`inputs`, no pydantic), and the entries live in
+`$XDG_CACHE_HOME/mlflow-stack/inventory` (0700, files 0600, used only while nobody else can
+write them: `engine.user_cache`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mlflow_stack.engine import user_cache
+from mlflow_stack import inputs
+from mlflow_stack.engine import hostkeys, user_cache
 from mlflow_stack.engine.link import Target
 from mlflow_stack.host_vars import HostVars
 from mlflow_stack.targets import ResolvedHost, sandbox_target
@@ -27,7 +31,9 @@ if TYPE_CHECKING:
 
 HERE = Path(__file__).resolve().parent
 SCHEMA_SOURCES = (
-    "inventory.py", "vars.py", "host_vars.py", "inventory_cache.py", "layout.py", "targets.py"
+    "inventory.py", "vars.py", "host_vars.py", "inventory_cache.py", "layout.py", "targets.py",
+    "inputs.py", "errors.py", "engine/hostkeys.py", "engine/link.py", "engine/host.py",
+    "secrets.py",
 )  # fmt: skip
 KEEP = 64  # entries kept; the oldest go first
 
@@ -36,21 +42,30 @@ def cache_dir() -> Path:
     return user_cache.cache_dir("inventory")
 
 
-def entry_path(path: Path, text: bytes, spec: str) -> Path:
+def code_digest() -> str:
+    """The digest of the validating code (`SCHEMA_SOURCES`)."""
     digest = hashlib.sha256()
     for name in SCHEMA_SOURCES:
         digest.update((HERE / name).read_bytes())
+    return digest.hexdigest()
+
+
+def entry_path(path: Path, text: bytes, spec: str, code: str | None = None) -> Path:
+    digest = hashlib.sha256((code or code_digest()).encode())
     for part in (str(path.resolve()).encode(), text, spec.encode()):
         digest.update(len(part).to_bytes(8, "big") + part)
     return cache_dir() / f"{digest.hexdigest()[:32]}.json"
 
 
 def lookup(path: Path, spec: str) -> list[ResolvedHost] | None:
-    """The hosts `spec` resolved to in this very inventory before, or None."""
+    """The hosts `spec` resolved to in this very inventory, validated by this very code,
+    before; else None."""
     try:
-        entry = entry_path(path, path.read_bytes(), spec)
-        data = json.loads(entry.read_text())
-    except (OSError, ValueError):
+        code = code_digest()
+        data = user_cache.read_json(entry_path(path, path.read_bytes(), spec, code))
+    except OSError:
+        return None
+    if not isinstance(data, dict) or data.get("code") != code:
         return None
     try:
         return [_host(item, data["sections"]) for item in data["hosts"]] or None
@@ -59,21 +74,33 @@ def lookup(path: Path, spec: str) -> list[ResolvedHost] | None:
 
 
 def _host(item: dict[str, Any], sections: list[str]) -> ResolvedHost:
-    name = item["name"]
+    name = inputs.name(item["name"], "cached host")
     if item.get("sandbox"):
-        target = sandbox_target(name, item["sandbox"])
+        target = sandbox_target(name, inputs.name(item["sandbox"], "cached sandbox"))
     else:
-        key = item.get("key")
+        key, known = item.get("key"), item.get("known_hosts")
+        policy = item.get("host_key_policy")
+        if policy not in (None, *hostkeys.POLICIES):
+            raise ValueError(f"cached host key policy {policy!r}")
         target = Target(
-            name, item["address"], int(item["port"]), item["user"],
-            Path(key).expanduser() if key else None,
-        )  # fmt: skip
+            name,
+            inputs.host_address(item["address"], "cached address"),
+            inputs.whole_number(item["port"], "cached port", 1, 65535),
+            inputs.login_user(item["user"], "cached user"),
+            Path(inputs.local_path(key, "cached key")).expanduser() if key else None,
+            Path(inputs.local_path(known, "cached known_hosts")) if known else None,
+            tuple(hostkeys.pin_text(p) for p in item.get("host_keys", [])),
+            policy,
+        )
+    inputs.no_control(item["vars"])
     return ResolvedHost(
         name,
         target,
         tuple(item["roles"]),
         HostVars(item["vars"], tuple(sections)),
         tuple(item["groups"]),
+        str(item.get("private_address", "")),
+        tuple(item.get("workers", ())),
     )
 
 
@@ -95,15 +122,25 @@ def store(
     with contextlib.suppress(OSError):
         if path.read_bytes() != text or not cacheable(effective, inv):
             return
+    workers = inv.model.groups.get("workers")
+    if (
+        any(h.workers for h in hosts)
+        and workers
+        and any(inv.model.hosts[w].sandbox for w in workers.hosts)
+    ):
+        return  # a worker sandbox's address is read live, like the host's own
     items = []
     for h in hosts:
         entry = inv.model.hosts[h.name]
         key = entry.key or inv.model.defaults.key
+        t = h.target
         reach = (
             {"sandbox": entry.sandbox}
             if entry.sandbox
-            else {"address": h.target.address, "port": h.target.port, "user": h.target.user,
-                  "key": str(key) if key else None}
+            else {"address": t.address, "port": t.port, "user": t.user,
+                  "key": str(key) if key else None,
+                  "known_hosts": str(t.known_hosts) if t.known_hosts else None,
+                  "host_keys": list(t.host_keys), "host_key_policy": t.host_key_policy}
         )  # fmt: skip
         dump = h.vars.as_dict()
         items.append(
@@ -111,10 +148,13 @@ def store(
                 "name": h.name,
                 "roles": list(h.roles),
                 "groups": list(h.groups),
+                "private_address": h.private_address,
+                "workers": list(h.workers),
                 "vars": dump,
                 **reach,
             }
         )
-    data = {"sections": list(sections()), "hosts": items}
+    code = code_digest()
+    data = {"code": code, "sections": list(sections()), "hosts": items}
     with contextlib.suppress(OSError, TypeError, ValueError):
-        user_cache.write_json(entry_path(path, text, spec), data, KEEP)
+        user_cache.write_json(entry_path(path, text, spec, code), data, KEEP)

@@ -90,31 +90,47 @@ NEXT_SUFFIX = ".next"
 DATABASES = ("mlflow", "optuna")  # MLflow's tracking store, Optuna's shared studies
 DB_USER = "mlflow"  # the tracking server's account: database `mlflow` only
 TUNING_DB_USER = "optuna"  # the tuning processes' account: database `optuna` only
+# TLS for the tuning workers' connections from other hosts: a CA and a server certificate
+# made on the server; the workers get the CA (and check the server's address against it).
+DB_TLS_DIR = "/etc/mysql/mlflow-stack-tls"
+DB_CA = f"{DB_TLS_DIR}/ca.pem"
+DB_CA_ON_WORKERS = "/etc/mlflow-stack/db-ca.pem"
 
 
 @dataclass(frozen=True)
 class DbServer:
-    """The database server a distribution ships: package, unit and config directory."""
+    """A database server as a distribution ships it: package, unit, config file, dump tool."""
 
+    name: str  # the `mysql.server` choice naming it
     package: str
     service: str
-    conf_dir: str
+    conf_file: str  # ours, read after the package's own (the last value wins)
+    dump: str
     sockets: tuple[str, ...] = ()  # socket-activation units that bypass port and bind address
-
-    @property
-    def conf_file(self) -> str:
-        return f"{self.conf_dir}/60-mlflow-stack.cnf"
 
 
 MARIADB = DbServer(
-    "mariadb-server", "mariadb.service", "/etc/mysql/mariadb.conf.d", ("mariadb.socket",)
+    "mariadb",
+    "mariadb-server",
+    "mariadb.service",
+    "/etc/mysql/mariadb.conf.d/60-mlflow-stack.cnf",
+    "mariadb-dump",
+    ("mariadb.socket",),
 )
-MYSQL = DbServer("mysql-server", "mysql.service", "/etc/mysql/mysql.conf.d")
+MYSQL = DbServer(
+    "mysql",
+    "mysql-server",
+    "mysql.service",
+    "/etc/mysql/mysql.conf.d/zz-mlflow-stack.cnf",  # after the package's mysqld.cnf
+    "mysqldump",
+)
 
 
-def db_server(os_info: OsInfo) -> DbServer:
-    """Ubuntu gets MySQL, Debian (and the rest) MariaDB."""
-    return MYSQL if os_info.family == "ubuntu" else MARIADB
+def db_server(os_info: OsInfo, choice: str = "auto") -> DbServer:
+    """The `mysql.server` choice; `auto`: Ubuntu gets MySQL, Debian (and the rest) MariaDB."""
+    if choice == "auto":
+        return MYSQL if os_info.family == "ubuntu" else MARIADB
+    return MYSQL if choice == "mysql" else MARIADB
 
 
 def tracking_db_uri(backend: str, password: str, db_port: int) -> str:
@@ -140,6 +156,7 @@ JUPYTER_CONFIG = f"{JUPYTER_CONF_DIR}/jupyter_server_config.json"
 JUPYTER_UNIT = "jupyter.service"
 WARM_UNIT = "demo-wine-warm.service"  # the warm runner `invoke train` forks its runs from
 WARM_SOCKET = "/run/demo-wine/warm.sock"
+WARM_SOCKET_UNIT = "demo-wine-warm.socket"  # listens for it; starts it when not running
 
 # --- model servers (`invoke serve`) ------------------------------------------------------
 
@@ -170,11 +187,14 @@ class Layout:
     jupyter_port: int = 8888
     db_port: int = 3306
     tracking_host: str = "127.0.0.1"  # where the MLflow server is, seen from this host
+    db_choice: str = "auto"  # the `mysql.server` variable
 
     @classmethod
     def of(cls, host_vars: HostVars) -> Layout:
         v = host_vars
-        return cls(v.python.prefix, v.mlflow.port, v.jupyter.port, v.mysql.port)
+        return cls(
+            v.python.prefix, v.mlflow.port, v.jupyter.port, v.mysql.port, db_choice=v.mysql.server
+        )
 
     def env(self, name: str) -> str:
         """The directory of the Python env `name`."""

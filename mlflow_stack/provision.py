@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from mlflow_stack import role_facts
 from mlflow_stack.engine.host import Host
 from mlflow_stack.engine.probing import Prefetch, plan_path
 from mlflow_stack.engine.report import HostRecap, Reporter
@@ -28,6 +29,7 @@ def provision(
     options: Options | None = None,
 ) -> list[HostRecap]:
     """Converge `hosts` with `roles` (default: each host's own) in parallel; their recaps."""
+    assert role_facts.KINDS  # the roles' fact kinds are known before plans are rebuilt
     links = [Host(h.target) for h in hosts]
     for link in links:
         link.connect_soon()  # SSH handshakes overlap the imports below
@@ -37,7 +39,14 @@ def provision(
     ]
     try:
         jobs = [
-            HostJob(link, catalog(roles or h.roles), h.vars, prefetch)
+            HostJob(
+                link,
+                catalog(roles or h.roles),
+                h.vars,
+                prefetch,
+                private_address=h.peer_address,
+                workers=h.workers,
+            )
             for link, h, prefetch in zip(links, hosts, prefetches, strict=True)
         ]
         return converge(jobs, options or Options(), reporter)

@@ -21,13 +21,21 @@ class InventoryError(UserError):
 
 @dataclass(frozen=True)
 class ResolvedHost:
-    """A host ready to converge: how to reach it, which roles, which variables."""
+    """A host ready to converge: how to reach it, which roles, which variables, and where it
+    sits among the inventory's hosts."""
 
     name: str
     target: Target
     roles: tuple[str, ...]
     vars: HostVars
     groups: tuple[str, ...] = ()
+    private_address: str = ""  # how the other hosts reach it ("" = the SSH address)
+    workers: tuple[str, ...] = ()  # a server's tuning workers, by their private addresses
+
+    @property
+    def peer_address(self) -> str:
+        """The address the inventory's other hosts reach this one at."""
+        return self.private_address or self.target.address
 
 
 def sandbox_target(host_name: str, sandbox_name: str) -> Target:
@@ -40,4 +48,12 @@ def sandbox_target(host_name: str, sandbox_name: str) -> Target:
             f"host {host_name!r}: sandbox {sandbox_name!r} is not running; "
             f"start it with: invoke sandbox.up --name {sandbox_name}"
         )
-    return Target(host_name, info.address, info.port, info.user, info.key_file, info.known_hosts)
+    return Target(
+        host_name,
+        info.address,
+        info.port,
+        info.user,
+        info.key_file,
+        info.known_hosts,  # the sandbox's own key, pinned when it was made
+        host_key_policy="strict",
+    )

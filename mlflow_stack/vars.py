@@ -1,14 +1,25 @@
 """The schema of the role variables (the `vars:` of inventory.yaml), with their defaults.
 
-Validated once on load; roles and actions then read the result as `HostVars`.
+Validated once on load; roles and actions then read the result as `HostVars`. Every string
+that reaches the host (a shell, a unit file, a config or env file, SQL, a URL) has a strict
+pattern where one exists (paths, hosts, checksums) and is checked by `inputs`; no string
+anywhere in `vars:` may hold a control character (newline, NUL, …).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    model_validator,
+)
 
+from mlflow_stack import inputs
 from mlflow_stack.host_vars import HostVars
 
 WINE_SHA256 = "76c3f809815c17c07212622f776311faeb31e87610d52c26d87d6e361b169836"
@@ -18,21 +29,40 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+HostPath = Annotated[str, AfterValidator(lambda v: inputs.safe_path(v, None))]
+Url = Annotated[str, AfterValidator(lambda v: inputs.url(v, None))]
+Sha256 = Annotated[str, AfterValidator(lambda v: inputs.sha256(v, None))]
+Arch = Annotated[str, Field(pattern=r"^[a-z0-9_]{1,20}$")]
+BindAddress = Annotated[str, AfterValidator(lambda v: inputs.bind_address(v, None))]
+MysqlHost = Annotated[str, AfterValidator(lambda v: inputs.mysql_host(v, None))]
+HostPattern = Annotated[str, AfterValidator(lambda v: inputs.host_pattern(v, None))]
+LocalPath = Annotated[str, AfterValidator(lambda v: inputs.local_path(v, None))]
+
+
+def _url_template(value: str) -> str:
+    """A URL that may hold `{arch}` (replaced on the host by `uname -m`)."""
+    inputs.url(value.replace("{arch}", "arch"), None)
+    return value
+
+
+TemplateUrl = Annotated[str, AfterValidator(_url_template)]
+
+
 MINIFORGE_VERSION = "24.11.3-0"
 
 
 class PythonVars(_Section):
     manager: Literal["uv", "conda"] = "uv"
-    prefix: str = Field(default="/opt/anaconda", pattern=r"^/[\w./-]+$")
+    prefix: HostPath = "/opt/anaconda"
     # conda only: the Miniforge installer ({arch} is `uname -m`) and its sha256 (required).
-    miniforge_url: str = (
+    miniforge_url: TemplateUrl = (
         "https://github.com/conda-forge/miniforge/releases/download/"
         f"{MINIFORGE_VERSION}/Miniforge3-{MINIFORGE_VERSION}-Linux-{{arch}}.sh"
     )
-    miniforge_sha256: dict[str, str] = Field(default_factory=dict)  # {x86_64: …, aarch64: …}
+    miniforge_sha256: dict[Arch, Sha256] = Field(default_factory=dict)  # {x86_64: …, aarch64: …}
     # uv only: an env's hashed requirements file on the controller instead of the pinned one
     # (roles/files/requirements/<env>.txt), e.g. an older MLflow to test upgrades from.
-    requirements: dict[Literal["mlflow", "demo"], str] = Field(default_factory=dict)
+    requirements: dict[Literal["mlflow", "demo"], LocalPath] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _conda_needs_checksums(self, info: ValidationInfo) -> PythonVars:
@@ -46,17 +76,23 @@ class PythonVars(_Section):
 
 
 class MysqlVars(_Section):
-    bind_address: str = "127.0.0.1"
+    server: Literal["auto", "mariadb", "mysql"] = "auto"  # auto: MySQL on Ubuntu, else MariaDB
+    bind_address: BindAddress = "127.0.0.1"
     port: int = Field(default=3306, ge=1, le=65535)
-    allow_from: list[str] = Field(default_factory=list)  # extra client hosts for the mlflow user
+    allow_from: list[MysqlHost] = Field(default_factory=list)  # extra clients of user mlflow
+
+
+class SizingVars(_Section):
+    # auto: small below 2 GiB of memory (the 1 vCPU / 1 GiB instance), else standard
+    profile: Literal["auto", "small", "standard"] = "auto"
 
 
 class MlflowVars(_Section):
     backend: Literal["mysql", "sqlite"] = "mysql"
     port: int = Field(default=5000, ge=1, le=65535)
-    workers: int = Field(default=1, ge=1, le=64)
+    workers: int | None = Field(default=None, ge=1, le=64)  # None: by the sizing profile
     public: bool = False
-    allowed_hosts: list[str] = Field(default_factory=list)
+    allowed_hosts: list[HostPattern] = Field(default_factory=list)
 
 
 class JupyterVars(_Section):
@@ -67,12 +103,13 @@ class JupyterVars(_Section):
 
 class DemoVars(_Section):
     # The wine data: the copy shipped in demo_wine/data unless one of these replaces it.
-    data_url: str | None = None  # downloaded on the host
-    data_file: str | None = None  # a local file uploaded
-    data_sha256: str = Field(default=WINE_SHA256, pattern=r"^[0-9a-f]{64}$")
+    data_url: Url | None = None  # downloaded on the host
+    data_file: LocalPath | None = None  # a local file uploaded
+    data_sha256: Sha256 = WINE_SHA256
     # A process with MLflow and scikit-learn imported, from which `invoke train` forks its
-    # runs; off: every run starts Python cold.
-    warm_runner: bool = True
+    # runs. true: always running; false: every run starts Python cold; unset: by the sizing
+    # profile (small: started by the first run, stopped when idle).
+    warm_runner: bool | None = None
 
     @model_validator(mode="after")
     def _one_data_source(self) -> DemoVars:
@@ -93,7 +130,7 @@ class BackupVars(_Section):
     # tracking and auth databases on the host (the newest 3, /var/backups/mlflow-stack), put
     # back if the migration fails; `controller` also streams a whole `invoke backup` into `dir`.
     before_upgrade: Literal["host", "controller"] = "host"
-    dir: str = "backups"  # on the controller (relative to where invoke runs)
+    dir: LocalPath = "backups"  # on the controller (relative to where invoke runs)
 
 
 class GcVars(_Section):
@@ -108,6 +145,7 @@ class DiskVars(_Section):
 
 
 class StackVars(_Section):
+    sizing: SizingVars = Field(default_factory=SizingVars)
     python: PythonVars = Field(default_factory=PythonVars)
     mysql: MysqlVars = Field(default_factory=MysqlVars)
     mlflow: MlflowVars = Field(default_factory=MlflowVars)
@@ -117,6 +155,12 @@ class StackVars(_Section):
     gc: GcVars = Field(default_factory=GcVars)
     disk: DiskVars = Field(default_factory=DiskVars)
     test: dict = Field(default_factory=dict)  # free-form, for engine tests only
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_control_characters(cls, data: Any) -> Any:
+        inputs.no_control(data)
+        return data
 
 
 def sections() -> tuple[str, ...]:

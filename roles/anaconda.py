@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mlflow_stack import layout
+from mlflow_stack import layout, role_facts
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
 from mlflow_stack.engine.role import Role
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 FILES = Path(__file__).parent / "files"
 # env → the unit restarted when it is synced again
 ENVS = {layout.MLFLOW_ENV: layout.MLFLOW_UNIT, layout.DEMO_ENV: layout.JUPYTER_UNIT}
-STAMP = ".mlflow-stack-requirements.sha256"
+STAMP = role_facts.STAMP
 UV_VERSION = "0.13.9"
 UV_WHEELS = {
     "x86_64": (
@@ -98,10 +98,9 @@ def env_step_id(env: str) -> str:
     return f"anaconda:env:{env}"
 
 
-def stamp_fact(prefix: str, env: str) -> F.Shell:
+def stamp_fact(prefix: str, env: str) -> F.Fact:
     """The requirements hash recorded in an env after its last successful sync."""
-    path = layout.env_dir(prefix, env)
-    return F.Shell(f"env {env} stamp", f"[ -x {q(path)}/bin/python ] && cat {q(path)}/{STAMP}")
+    return role_facts.EnvStamp(layout.env_dir(prefix, env))
 
 
 def env_is_current(result: F.ShellResult, text: str) -> bool:
@@ -144,7 +143,7 @@ def sync_env_script(prefix: str, env: str, into: str = "") -> str:
 
 
 def uv_steps(ctx: RoleContext, prefix: str) -> list[Step]:
-    version = F.Shell("uv version", f"{q(prefix)}/bin/uv --version")
+    version = role_facts.UvVersion(prefix)
     steps: list[Step] = [
         Apt(("python3", "ca-certificates", "curl")),
         *(Directory(f"{prefix}{sub}") for sub in ("", "/bin", "/requirements", "/envs")),
@@ -198,13 +197,12 @@ def next_env(prefix: str) -> str:
 NEXT_ENV_ID = env_step_id(layout.MLFLOW_ENV + layout.NEXT_SUFFIX)
 
 
-def next_stamp_fact(prefix: str) -> F.Shell:
+def next_stamp_fact(prefix: str) -> F.Fact:
     """The requirements hash of the env built beside the serving one (after its sync)."""
-    path = next_env(prefix)
-    return F.Shell("env mlflow.next stamp", f"[ -x {q(path)}/bin/python ] && cat {q(path)}/{STAMP}")
+    return role_facts.EnvStamp(next_env(prefix))
 
 
-def mlflow_env_steps(prefix: str, text: str, stamp: F.Shell) -> list[Step]:
+def mlflow_env_steps(prefix: str, text: str, stamp: F.Fact) -> list[Step]:
     """The tracking server's env. A first one is synced in place. A changed one is synced
     beside it (`mlflow.next`) while the server goes on serving; the mlflow_server role backs
     up, migrates and switches to it once that worked (`stackdata.py upgrade`), so a failed
@@ -284,7 +282,7 @@ def sync_conda_env_script(prefix: str, env: str, exists: bool) -> str:
 def conda_steps(ctx: RoleContext, prefix: str) -> list[Step]:
     pv = ctx.vars.python
     conda = F.PathState(f"{prefix}/bin/conda")
-    envs = F.Shell("conda envs", f"{q(prefix)}/bin/conda env list --json")
+    envs = role_facts.CondaEnvs(prefix)
     steps: list[Step] = [
         Apt(("ca-certificates", "curl", "bzip2")),
         Run(

@@ -13,6 +13,7 @@ from mlflow_stack.engine.context import RoleContext
 from mlflow_stack.engine.role import Role
 from mlflow_stack.engine.steps import (
     File,
+    PlanContext,
     Run,
     Service,
     Step,
@@ -22,7 +23,15 @@ from mlflow_stack.engine.steps import (
 )
 from mlflow_stack.engine.templating import render
 from mlflow_stack.engine.trees import tree_steps
-from mlflow_stack.layout import DEMO_CODE, DEMO_DATA, DEMO_ROOT, DEMO_USER, WARM_UNIT
+from mlflow_stack.layout import (
+    DEMO_CODE,
+    DEMO_DATA,
+    DEMO_ROOT,
+    DEMO_USER,
+    WARM_SOCKET_UNIT,
+    WARM_UNIT,
+)
+from mlflow_stack.sizing import WARM_IDLE_S
 from roles.accounts import demo_account
 
 DEMO_SOURCE = Path(__file__).resolve().parents[1] / "demo_wine"
@@ -34,9 +43,9 @@ def download_script(url: str, sha256: str, path: str, owner: str) -> str:
     return (
         f'{root_only(path)}; set -e; tmp=$(mktemp "$(dirname {q(path)})/.download.XXXXXX"); '
         "trap 'rm -f \"$tmp\"' EXIT; "
-        f'curl -fsSL --retry 3 -o "$tmp" {q(url)}; '
+        f'url={q(url)}; curl -fsSL --retry 3 -o "$tmp" "$url"; '
         'got=$(sha256sum "$tmp" | cut -d" " -f1); '
-        f'if [ "$got" != {sha256} ]; then echo "checksum mismatch for {url}: '
+        f'if [ "$got" != {q(sha256)} ]; then echo "checksum mismatch for $url: '
         f'got $got, expected {sha256}; the old file is kept" >&2; exit 1; fi; '
         f'chown {q(owner)}:{q(owner)} "$tmp"; chmod 644 "$tmp"; mv -f "$tmp" {q(path)}; '
         "trap - EXIT"
@@ -79,7 +88,7 @@ def build(ctx: RoleContext) -> list[Step]:
         raise StepError(f"{DEMO_SOURCE} is missing: the demo code ships with mlflow-stack")
     v = ctx.vars
     place = layout.Layout.of(v)
-    server = layout.db_server(ctx.os)
+    server = layout.db_server(ctx.os, v.mysql.server)
     readme = render(
         "demo/README.j2",
         host=ctx.host,
@@ -100,22 +109,22 @@ def build(ctx: RoleContext) -> list[Step]:
         data_path=DEMO_DATA,
         env_prefix=place.env(layout.DEMO_ENV),
     )
-    warm = v.demo.warm_runner
+    warm = ctx.sizing.warm_runner(v.demo.warm_runner)
     return [
-        *demo_account(ctx.vars.demo.warm_runner),
+        *demo_account(warm == "always"),
         *tree_steps(
             DEMO_SOURCE,
             DEMO_CODE,
             "root",
             "root",
-            (WARM_UNIT,) if warm else (),
+            (WARM_UNIT,) if warm == "always" else (),  # on demand: it sees the change itself
             elsewhere=frozenset({DATA_IN_TREE}),
         ),
         *data_steps(ctx),
         notebooks_step(place.python(layout.DEMO_ENV)),
         File(layout.DEMO_SETENV, setenv),
         File(layout.DEMO_README, readme),
-        *warm_runner_steps(place.env(layout.DEMO_ENV), warm),
+        *warm_runner_steps(place.env(layout.DEMO_ENV), warm, ctx.sizing.malloc_arenas),
     ]
 
 
@@ -135,8 +144,10 @@ def notebooks_step(python: str) -> Run:
     )
 
 
-def warm_runner_steps(env_prefix: str, enabled: bool) -> list[Step]:
-    """The warm runner's unit, enabled and running (stopped and disabled when turned off)."""
+def warm_runner_steps(env_prefix: str, mode: str, malloc_arenas: int | None) -> list[Step]:
+    """The warm runner and its socket. `always`: both enabled and running; `on-demand`: the
+    socket alone (the first run starts the runner, which exits when idle); `off`: neither."""
+    on, always = mode != "off", mode == "always"
     unit = render(
         "systemd/demo-wine-warm.service.j2",
         user=DEMO_USER,
@@ -146,12 +157,33 @@ def warm_runner_steps(env_prefix: str, enabled: bool) -> list[Step]:
         pycache=layout.DEMO_PYCACHE,
         env_prefix=env_prefix,
         socket=layout.WARM_SOCKET,
+        socket_unit=WARM_SOCKET_UNIT,
+        idle=0 if always else WARM_IDLE_S,
+        malloc_arenas=malloc_arenas,
     )
-    notify = (WARM_UNIT,) if enabled else ()
+    socket_unit = render(
+        "systemd/demo-wine-warm.socket.j2", socket=layout.WARM_SOCKET, user=DEMO_USER
+    )
+    service, socket = F.Unit(WARM_UNIT), F.Unit(WARM_SOCKET_UNIT)
+    unit_file = File(layout.unit_file(WARM_UNIT), unit, notify=(WARM_UNIT,) if always else (),
+                     unit_file=True)  # fmt: skip
+
+    def stop_script(c: PlanContext) -> str:
+        # A runner from before the socket unit bound the socket itself: it lets go of it. On
+        # demand, a changed unit applies at the next start.
+        leftover = "" if c[socket].active else f" && rm -f {layout.WARM_SOCKET}"
+        return f"systemctl stop {WARM_UNIT}{leftover}"
+
     return [
-        File(layout.unit_file(WARM_UNIT), unit, notify=notify, unit_file=True),
-        Service(WARM_UNIT, enabled=enabled, running=enabled),
-    ]
+        unit_file,
+        File(layout.unit_file(WARM_SOCKET_UNIT), socket_unit, unit_file=True),
+        Run("warm runner stopped (it starts again on demand)", stop_script,
+            when=lambda c: on and c[service].active and (not c[socket].active or (
+                not always and unit_file.id in c.changed)),
+            needs=(service, socket)),
+        Service(WARM_SOCKET_UNIT, enabled=on, running=on),
+        Service(WARM_UNIT, enabled=always, running=always if always or not on else None),
+    ]  # fmt: skip
 
 
 role = Role("demo_files", build)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from mlflow_stack import layout
+from mlflow_stack import layout, role_facts
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
 from mlflow_stack.engine.role import Role
@@ -122,8 +122,8 @@ class PasswordConfig(Step):
         return config_file(server_config("password", "", hashed)).plan(ctx)
 
 
-def config_fact() -> F.Shell:
-    return F.Shell("jupyter config", f"cat {JUPYTER_CONFIG}")
+def config_fact() -> F.Fact:
+    return role_facts.JupyterConfig()
 
 
 def build(ctx: RoleContext) -> list[Step]:
@@ -141,6 +141,7 @@ def build(ctx: RoleContext) -> list[Step]:
     unit = render(
         "systemd/jupyter.service.j2",
         user=DEMO_USER,
+        malloc_arenas=ctx.sizing.malloc_arenas,
         state=layout.DEMO_STATE,
         state_name=layout.DEMO_STATE.removeprefix("/var/lib/"),
         workspace=layout.DEMO_WORKSPACE,
@@ -155,7 +156,7 @@ def build(ctx: RoleContext) -> list[Step]:
     )
     overrides = json.dumps(LAB_OVERRIDES, indent=2, sort_keys=True) + "\n"
     return [
-        *demo_account(ctx.vars.demo.warm_runner),
+        *demo_account(ctx.sizing.warm_runner(ctx.vars.demo.warm_runner) == "always"),
         Directory(layout.JUPYTER_CONF_DIR, "root", DEMO_USER, 0o750),
         *ctx.secret_steps(secret_name, env={secret_name: secret_name.upper()}),
         config,

@@ -10,7 +10,7 @@ answers (a wait left to the end of the run, so the next roles proceed while MLfl
 
 from __future__ import annotations
 
-from mlflow_stack import hostside, layout
+from mlflow_stack import hostside, layout, role_facts
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
 from mlflow_stack.engine.role import Role
@@ -31,10 +31,10 @@ from mlflow_stack.layout import (
     MLFLOW_CONF_DIR,
     MLFLOW_ENV_FILE,
     MLFLOW_PYCACHE,
-    MLFLOW_SQLITE,
     MLFLOW_UNIT,
     MLFLOW_USER,
 )
+from mlflow_stack.sizing import Sizing
 from roles import mysql
 from roles.accounts import mlflow_account
 
@@ -52,6 +52,7 @@ SCHEMA_HEADS = {
 SNAPSHOT = hostside.HERE / "schema-mariadb.sql"  # that head, as MLflow builds it
 LOADING = "mlflow_stack_schema_loading"  # table marking a snapshot load not finished yet
 WARM_ID = "mlflow_server:bytecode"
+RECORDER_IDLE_S, RECORDER_IDLE_S_SMALL = 120, 15
 # What the launcher imports before it serves (anything else still compiles at the first start).
 WARM_IMPORTS = (
     "uvicorn",
@@ -63,27 +64,18 @@ WARM_IMPORTS = (
     "mlflow.store.model_registry.sqlalchemy_store",
 )
 ADMIN_SECRET = "mlflow_admin_password"
-TABLES_QUERY = "SELECT table_name FROM information_schema.tables WHERE table_schema='mlflow'"
+TABLES_QUERY = role_facts.TABLES_QUERY
 
 
-def schema_fact(backend: str) -> F.Shell:
+def schema_fact(backend: str) -> F.Fact:
     """The schema revision recorded in the tracking database (empty when none); live, so a
     database the run has just started or created is read again before the schema step."""
-    if backend == "sqlite":
-        read = (
-            "import sqlite3; c = sqlite3.connect('file:" + MLFLOW_SQLITE + "?mode=ro', uri=True); "
-            "print(c.execute('select version_num from alembic_version').fetchone()[0])"
-        )
-        # as the server's account: root reads nothing in a tree another account can write
-        return F.LiveShell("mlflow schema", f"runuser -u {MLFLOW_USER} -- python3 -c {q(read)}")
-    return F.LiveShell(
-        "mlflow schema", 'mysql -N -B -e "SELECT version_num FROM mlflow.alembic_version"'
-    )
+    return role_facts.MlflowSchema(backend)
 
 
-def tables_fact() -> F.Shell:
+def tables_fact() -> F.Fact:
     """Tables of the tracking database (live: the mysql role creates it in the same run)."""
-    return F.LiveShell("mlflow tables", f'mysql -N -B -e "{TABLES_QUERY}"')
+    return role_facts.MlflowTables()
 
 
 def loads_snapshot(tables: F.ShellResult) -> bool:
@@ -150,17 +142,29 @@ def needs_migration(version: str, head: str = SCHEMA_HEAD) -> bool:
 
 
 def allowed_hosts(ctx: RoleContext) -> list[str]:
+    """The Host headers MLflow answers (else 403). Unset, MLflow allows loopback and the
+    private ranges (its tuning workers too); opened to the network, the host's names, and
+    loopback on any port (`invoke tunnel`'s local ports)."""
     mv = ctx.vars.mlflow
     if not mv.public:
         return list(mv.allowed_hosts)
     names = mv.allowed_hosts or [n for n in (ctx.address, ctx.host) if n]
-    names = [*names, "localhost", "127.0.0.1"]
-    return list(dict.fromkeys(h for n in names for h in (n, f"{n}:{mv.port}")))
+    named = [h for n in names for h in (n, f"{n}:{mv.port}")]
+    return list(dict.fromkeys([*named, "localhost", "localhost:*", "127.0.0.1", "127.0.0.1:*"]))
 
 
-def recorder_steps(env_prefix: str) -> list[Step]:
+def listen_on(ctx: RoleContext) -> list[str]:
+    """Loopback; every address when public; and the private address its tuning workers
+    reach it at (they record their trial runs through its REST API)."""
+    if ctx.vars.mlflow.public:
+        return ["0.0.0.0"]
+    return ["127.0.0.1", *([ctx.private_address] if ctx.workers else [])]
+
+
+def recorder_steps(env_prefix: str, sizing: Sizing) -> list[Step]:
     """The record service tuning writes its trial runs through (as this account, which holds
-    the database's credential), started by its socket when a client connects."""
+    the database's credential), started by its socket when a client connects; it exits when
+    idle (soon on the small profile, where its memory is wanted back)."""
     socket_unit = render("systemd/mlflow-recorder.socket.j2", socket=layout.RECORDER_SOCKET)
     service_unit = render(
         "systemd/mlflow-recorder.service.j2",
@@ -171,6 +175,8 @@ def recorder_steps(env_prefix: str) -> list[Step]:
         code_root=layout.DEMO_ROOT,
         pycache=MLFLOW_PYCACHE,
         allow=layout.DEMO_USER,
+        idle=RECORDER_IDLE_S_SMALL if sizing.small else RECORDER_IDLE_S,
+        malloc_arenas=sizing.malloc_arenas,
     )
     units = (layout.RECORDER_SOCKET_UNIT, layout.RECORDER_UNIT)
     return [
@@ -233,6 +239,9 @@ def build(ctx: RoleContext) -> list[Step]:
             )
         )
     schema = schema_fact(mv.backend)
+    binds = listen_on(ctx)
+    if not pinned and len(binds) > 1:  # `mlflow server` takes one --host (the unit's
+        binds = ["0.0.0.0"]  # IPAddressAllow= still admits only loopback and the workers)
     unit = render(
         "systemd/mlflow-server.service.j2",
         user=user,
@@ -242,16 +251,18 @@ def build(ctx: RoleContext) -> list[Step]:
         env_prefix=env_prefix,
         # another MLflow than the pinned one (an upgrade test's) runs as `mlflow server`
         launcher=layout.MLFLOW_LAUNCHER if pinned else "-m mlflow server",
-        bind="0.0.0.0" if mv.public else "127.0.0.1",
+        binds=binds,
+        workers=ctx.workers,
         port=mv.port,
-        workers=mv.workers,
+        uvicorn_workers=ctx.sizing.tracking_workers(mv.workers),
         artifacts=MLFLOW_ARTIFACTS,
         allowed_hosts=allowed_hosts(ctx),
         public=mv.public,
-        db_unit=layout.db_server(ctx.os).service if uses_mysql else "",
+        malloc_arenas=ctx.sizing.malloc_arenas,
+        db_unit=layout.db_server(ctx.os, ctx.vars.mysql.server).service if uses_mysql else "",
     )
     snapshot: list[Step] = []
-    if uses_mysql and layout.db_server(ctx.os) == layout.MARIADB and pinned:
+    if uses_mysql and layout.db_server(ctx.os, ctx.vars.mysql.server) == layout.MARIADB and pinned:
         tables = tables_fact()
         snapshot.append(
             Run(
@@ -288,7 +299,7 @@ def build(ctx: RoleContext) -> list[Step]:
         *admin_checked,
         File(layout.unit_file(MLFLOW_UNIT), unit, notify=(MLFLOW_UNIT,), unit_file=True),
         Service(MLFLOW_UNIT),
-        *recorder_steps(env_prefix),
+        *recorder_steps(env_prefix, ctx.sizing),
         *gc_steps(ctx, env_prefix),
         WaitHttp(
             "mlflow answers /health",
@@ -321,7 +332,7 @@ def upgrade_script(env_prefix: str, beside: str | None, port: int = 5000) -> str
     return f"cd / && {env_prefix}/bin/python -I {layout.STACKDATA} {args}"
 
 
-def data_steps(ctx: RoleContext, env_prefix: str, schema: F.Shell, version: str) -> list[Step]:
+def data_steps(ctx: RoleContext, env_prefix: str, schema: F.Fact, version: str) -> list[Step]:
     """The host program of backup, restore, upgrade and gc; the schema brought to the MLflow
     that serves: a new mlflow env (built beside by the anaconda role) is switched to only
     once the database was backed up and migrated with it, so a failed migration puts the
@@ -394,12 +405,11 @@ def gc_steps(ctx: RoleContext, env_prefix: str) -> list[Step]:
 def admin_steps(env_prefix: str, secret_step: str) -> list[Step]:
     """Public mode: the auth database's admin password is the host's secret, also after a
     restore brought another host's users (or the secret was changed)."""
-    program = f"cd / && {env_prefix}/bin/python -I {layout.STACKDATA} auth-admin"
-    state = F.Shell("mlflow admin password", f"{program} --check")
+    state = role_facts.AuthAdmin(env_prefix)
     return [
         Run(
             "MLflow admin password is the secret's",
-            f"{program} --set",
+            f"cd / && {q(env_prefix)}/bin/python -I {layout.STACKDATA} auth-admin --set",
             when=lambda c: (
                 (c[state].ok and c[state].output.strip() == "differs") or secret_step in c.changed
             ),

@@ -6,10 +6,9 @@ state by pure functions; only the missing SQL is sent, on stdin (never on a comm
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
-from mlflow_stack import layout
+from mlflow_stack import layout, role_facts
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
 from mlflow_stack.engine.role import Role
@@ -20,30 +19,55 @@ from mlflow_stack.engine.steps import (
     File,
     MaskedUnit,
     PlanContext,
+    Run,
     Schedule,
     Service,
     Step,
+    q,
+    root_only,
 )
 from mlflow_stack.engine.templating import render
 from mlflow_stack.layout import DATABASES, DB_USER, TUNING_DB_USER, DbServer
+from roles.db_passwords import stored_password_matches
 
 CHARSET, COLLATION = "utf8mb4", "utf8mb4_bin"
 REQUIRED_PRIVILEGES = frozenset(
     {"SELECT", "INSERT", "UPDATE", "DELETE", "CREATE", "DROP", "ALTER", "INDEX", "REFERENCES"}
 )
+# Every profile. MySQL: no binary log (a single server; with it MLflow's trigger migration
+# fails for a non-SUPER account, error 1419) and no X protocol listener.
+SERVER_SETTINGS = {
+    "mysql": {"skip-log-bin": "", "mysqlx": "OFF"},
+    "mariadb": {},
+}
+# The small profile (1 GiB): measured, MySQL 9.7 starts at ≈ 234 MB instead of 544 MB,
+# MariaDB at ≈ 85 MB instead of 115 MB (BENCHMARKS.md). Sizes are explicit: MySQL ignores a
+# container's limit unless told, MariaDB never reads it.
+SMALL_COMMON = {
+    "performance_schema": "OFF",
+    "innodb_buffer_pool_size": "64M",
+    "innodb_log_buffer_size": "8M",
+    "max_connections": "50",
+    "thread_cache_size": "8",
+    "key_buffer_size": "8M",
+    "tmp_table_size": "16M",
+    "max_heap_table_size": "16M",
+    "table_open_cache": "256",
+    "table_definition_cache": "400",
+}
+SMALL_SETTINGS = {
+    "mysql": {**SMALL_COMMON, "innodb_redo_log_capacity": "64M", "temptable_max_ram": "32M"},
+    "mariadb": {
+        **SMALL_COMMON,
+        "innodb_log_file_size": "64M",
+        "aria_pagecache_buffer_size": "8M",
+        "query_cache_size": "0",
+        "query_cache_type": "OFF",
+    },
+}
+OLD_CONF_NAME = "60-mlflow-stack.cnf"  # our file's name in either directory before
 PASSWORD_ENV = "MLFLOW_DB_PASSWORD"
 TUNING_PASSWORD_ENV = "MLFLOW_TUNING_DB_PASSWORD"
-
-
-def native_clause(server: DbServer) -> str:
-    """How CREATE/ALTER USER asks for mysql_native_password on `server`."""
-    return " WITH mysql_native_password" if server == layout.MYSQL else ""
-
-
-def native_password_hash(password: str) -> str:
-    """The `mysql_native_password` hash: '*' + SHA1(SHA1(password)), upper-case hex."""
-    inner = hashlib.sha1(password.encode()).digest()
-    return "*" + hashlib.sha1(inner).hexdigest().upper()
 
 
 def sql_string(value: str) -> str:
@@ -56,22 +80,16 @@ def account(user: str, host: str) -> str:
 
 # --- state of the database server ------------------------------------------------------
 
-STATE_QUERY = (
-    "SELECT 'user', User, Host, IFNULL(authentication_string, '') FROM mysql.user; "
-    "SELECT 'db', schema_name, default_character_set_name, default_collation_name "
-    "FROM information_schema.schemata; "
-    "SELECT 'dbpriv', grantee, table_schema, privilege_type "
-    "FROM information_schema.schema_privileges; "
-    "SELECT 'globalpriv', grantee, privilege_type FROM information_schema.user_privileges "
-    "WHERE privilege_type <> 'USAGE';"
-)
+STATE_QUERY = role_facts.STATE_QUERY
 
 
 @dataclass
 class DbState:
     """Users, databases and privileges as the server reports them."""
 
-    users: dict[tuple[str, str], str] = field(default_factory=dict)  # (user, host) → auth
+    # (user, host) → (plugin, HEX(authentication_string))
+    users: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+    tls: set[tuple[str, str]] = field(default_factory=set)  # accounts that must use TLS
     databases: dict[str, tuple[str, str]] = field(default_factory=dict)  # name → (cs, coll)
     db_privileges: dict[tuple[str, str], set[str]] = field(default_factory=dict)
     global_privileges: dict[str, set[str]] = field(default_factory=dict)  # grantee → privs
@@ -87,8 +105,10 @@ def parse_state(output: str) -> DbState:
     for line in output.splitlines():
         row = line.split("\t")
         kind = row[0]
-        if kind == "user" and len(row) == 4:
-            state.users[(row[1], row[2])] = row[3]
+        if kind == "user" and len(row) == 6:
+            state.users[(row[1], row[2])] = (row[3], row[4])
+            if row[5] not in ("", "NONE"):
+                state.tls.add((row[1], row[2]))
         elif kind == "db" and len(row) == 4:
             state.databases[row[1]] = (row[2], row[3])
         elif kind == "dbpriv" and len(row) == 4:
@@ -98,10 +118,10 @@ def parse_state(output: str) -> DbState:
     return state
 
 
-def state_fact() -> F.Shell:
+def state_fact() -> F.Fact:
     """Users, databases and grants, read from the running server (again after a change: the
     server may have been stopped, or reinstalled over old data, when the run began)."""
-    return F.LiveShell("mysql state", f'mysql -N -B -e "{STATE_QUERY}"')
+    return role_facts.MysqlState()
 
 
 @dataclass(frozen=True)
@@ -113,12 +133,12 @@ class Account:
     password: str
     hosts: tuple[str, ...]
     databases: tuple[str, ...]
+    tls_hosts: tuple[str, ...] = ()  # of `hosts`, those whose connections must use TLS
 
 
 @dataclass(frozen=True)
 class Wanted:
     accounts: tuple[Account, ...]
-    server: DbServer
 
 
 def _privileges_ok(state: DbState, who: str, databases: tuple[str, ...]) -> bool:
@@ -154,23 +174,31 @@ def plan_sql(state: DbState, wanted: Wanted) -> list[tuple[str, str]]:
         elif state.databases[db] != (CHARSET, COLLATION):
             out.append((f"set {db} to {CHARSET}", f"ALTER DATABASE `{db}` {spec};"))
     for acct in wanted.accounts:
-        out += _account_sql(state, acct, wanted.server)
+        out += _account_sql(state, acct)
     if out:
         out.append(("flush privileges", "FLUSH PRIVILEGES;"))
     return out
 
 
-def _account_sql(state: DbState, acct: Account, server: DbServer) -> list[tuple[str, str]]:
+def _account_sql(state: DbState, acct: Account) -> list[tuple[str, str]]:
+    """The server's default authentication plugin is kept (MariaDB's native password,
+    MySQL's caching_sha2_password): no deprecated plugin to ask for, none to enable."""
     out = []
-    digest = native_password_hash(acct.password)
-    identified = f"IDENTIFIED{native_clause(server)} BY {sql_string(acct.password)}"
+    identified = f"IDENTIFIED BY {sql_string(acct.password)}"
     for host in acct.hosts:
         who = account(acct.user, host)
         name = f"{acct.user}@{host}"
+        tls = host in acct.tls_hosts
+        require = "REQUIRE SSL" if tls else "REQUIRE NONE"
         if (acct.user, host) not in state.users:
-            out.append((f"create user {name}", f"CREATE USER {who} {identified};"))
-        elif state.users[(acct.user, host)] != digest:
-            out.append((f"set password of {name}", f"ALTER USER {who} {identified};"))
+            out.append((f"create user {name}", f"CREATE USER {who} {identified} {require};"))
+        else:
+            plugin, stored = state.users[(acct.user, host)]
+            if not stored_password_matches(plugin, stored, acct.password):
+                out.append((f"set password of {name}", f"ALTER USER {who} {identified};"))
+            if tls != ((acct.user, host) in state.tls):
+                what = "require TLS of" if tls else "no TLS for"
+                out.append((f"{what} {name}", f"ALTER USER {who} {require};"))
         if not _privileges_ok(state, grantee(acct.user, host), acct.databases):
             out.append(
                 (
@@ -209,26 +237,78 @@ class SecureDatabase(Step):
         return Change(summary, [Cmd("mysql --batch", stdin=sql)], secret=True)
 
 
+def tls_certificate_step(address: str, service: str) -> Run:
+    """A CA and a server certificate for `address`, made on the host (the CA's key never
+    leaves it); made again when the address changed. The tuning workers pin the CA."""
+    d = layout.DB_TLS_DIR
+    fact = role_facts.DbCertificate()
+    subject = "/CN=mlflow-stack database"
+    script = (
+        f"{root_only(d)}; set -e; install -d -m 0750 -o root -g mysql {d}; cd {d}; "
+        "[ -s ca.key ] && [ -s ca.pem ] || { "
+        "openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -keyout ca.key -out ca.pem "
+        f"-subj {q(subject + ' CA')} 2>/dev/null; }}; "
+        "openssl req -newkey rsa:2048 -nodes -keyout server-key.pem -out server.csr "
+        f"-subj {q(subject)} 2>/dev/null; "
+        f"printf 'subjectAltName=IP:%s\n' {q(address)} > san.cnf; "
+        "openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 "
+        "-extfile san.cnf -out server-cert.pem 2>/dev/null; rm -f server.csr san.cnf; "
+        "chmod 0600 ca.key; chmod 0644 ca.pem server-cert.pem; "
+        "chown root:mysql server-key.pem; chmod 0640 server-key.pem"
+    )
+    return Run(
+        "database TLS certificate",
+        script,
+        when=lambda c: f"IP Address:{address}" not in c[fact].output,
+        needs=(fact,),
+        notify=(service,),
+    )
+
+
+def server_settings(server: DbServer, small: bool) -> dict[str, str]:
+    """The `[mysqld]` settings for `server` beyond address, port, charset and TLS."""
+    return {**SERVER_SETTINGS[server.name], **(SMALL_SETTINGS[server.name] if small else {})}
+
+
 def build(ctx: RoleContext) -> list[Step]:
     mv = ctx.vars.mysql
-    server = layout.db_server(ctx.os)
+    server = layout.db_server(ctx.os, mv.server)
     password = ctx.secret("db_password", env=PASSWORD_ENV)
     tuning = ctx.secret("db_tuning_password", env=TUNING_PASSWORD_ENV)
     local = ("localhost", "127.0.0.1")
+    remote = tuple(dict.fromkeys((*ctx.workers, *mv.allow_from)))  # over TLS only
     accounts = (
         Account(DB_USER, password.reveal(), local, ("mlflow",)),
-        # tuning processes (the demo account's, workers on other hosts): Optuna's studies only
-        Account(
-            TUNING_DB_USER,
-            tuning.reveal(),
-            tuple(dict.fromkeys((*local, *mv.allow_from))),
-            ("optuna",),
-        ),
+        # tuning processes (the demo account's here, each worker's from its address): Optuna's
+        # studies only
+        Account(TUNING_DB_USER, tuning.reveal(), (*local, *remote), ("optuna",), remote),
     )
-    conf = render("mysql/60-mlflow-stack.cnf.j2", bind_address=mv.bind_address, port=mv.port)
+    # Reached from the workers: on its private address too (never all), with TLS.
+    bind = mv.bind_address
+    if ctx.workers and bind == "127.0.0.1":
+        bind = f"127.0.0.1,{ctx.private_address}"
+    conf = render(
+        "mysql/60-mlflow-stack.cnf.j2",
+        bind_address=bind,
+        port=mv.port,
+        tls_dir=layout.DB_TLS_DIR if remote else "",
+        settings=server_settings(server, ctx.sizing.small),
+        profile=ctx.sizing.describe(),
+    )
+    tls = [tls_certificate_step(ctx.private_address, server.service)] if remote else []
+    old = f"{server.conf_file.rsplit('/', 1)[0]}/{OLD_CONF_NAME}"
+    old_conf = F.PathState(old)
+    cleanup = [] if old == server.conf_file else [
+        # before zz-…, ours sorted ahead of MySQL's mysqld.cnf, whose bind-address won
+        Run(f"older {old} gone", f"{root_only(old)}; rm -f {q(old)}",
+            when=lambda c: c[old_conf] is not None, needs=(old_conf,),
+            notify=(server.service,)),
+    ]  # fmt: skip
     return [
         Apt((server.package,), schedule=Schedule.EARLY),  # installs while anaconda runs
         *(MaskedUnit(unit, notify=(server.service,)) for unit in server.sockets),
+        *tls,
+        *cleanup,
         File(server.conf_file, conf, notify=(server.service,)),
         Service(server.service),
         *ctx.secret_steps(
@@ -236,7 +316,7 @@ def build(ctx: RoleContext) -> list[Step]:
             "db_tuning_password",
             env={"db_password": PASSWORD_ENV, "db_tuning_password": TUNING_PASSWORD_ENV},
         ),
-        SecureDatabase(Wanted(accounts, server)),
+        SecureDatabase(Wanted(accounts)),
     ]
 
 

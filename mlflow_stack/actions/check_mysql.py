@@ -15,7 +15,7 @@ import pymysql
 from mlflow_stack import layout
 from mlflow_stack.actions.remote import ActionError, read_secret
 from mlflow_stack.engine import facts as F
-from mlflow_stack.engine.forward import forward
+from mlflow_stack.engine.forward import forward_unix
 from mlflow_stack.engine.host import Host
 from mlflow_stack.engine.probing import probe
 from mlflow_stack.layout import Layout
@@ -144,10 +144,9 @@ def client_login(host: Host, db_port: int) -> Check:
     """Log in as `mlflow` with its password through an SSH tunnel, as a remote client."""
     password = read_secret(host, "db_password")
     try:
-        with forward(host, 0, db_port) as local:
+        with forward_unix(host, db_port) as local:  # a private socket, not a local TCP port
             conn = pymysql.connect(
-                host="127.0.0.1",
-                port=local,
+                unix_socket=str(local),
                 user=layout.DB_USER,
                 password=password.reveal(),
                 database="mlflow",
@@ -170,7 +169,7 @@ def client_login(host: Host, db_port: int) -> Check:
 def check_mysql(host: Host, place: Layout) -> tuple[list[Check], dict]:
     facts = host_facts(place)
     values = {name: v for name, v in zip(facts, _probe_values(host, facts), strict=True)}
-    server = layout.db_server(values["os"])
+    server = layout.db_server(values["os"], place.db_choice)
     unit = values[f"unit {server.service}"]
     checks, counts = evaluate(values, unit, server.service)
     if unit.active:

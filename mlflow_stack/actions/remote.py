@@ -10,7 +10,7 @@ from mlflow_stack import layout
 from mlflow_stack.engine.host import Host
 from mlflow_stack.errors import UserError
 from mlflow_stack.layout import Layout
-from mlflow_stack.secrets import Secret
+from mlflow_stack.secrets import Secret, problem
 
 
 class ActionError(UserError):
@@ -64,11 +64,18 @@ def require_provisioned(host: Host, place: Layout) -> None:
 
 def read_secret(host: Host, name: str) -> Secret:
     result = host.run(f"cat {layout.secret_path(name)}")
-    if not result.ok or not result.stdout.strip():
+    value = result.stdout.strip()
+    if not result.ok or not value:
         raise ActionError(
             f"{host.name}: secret {name} not found; run: invoke provision --host {host.name}"
         )
-    return Secret(result.stdout.strip())
+    why = problem(value)
+    if why:  # an older version accepted it; provision replaces it
+        raise ActionError(
+            f"{host.name}: secret {name} is unusable ({why}); "
+            f"run: invoke provision --host {host.name}"
+        )
+    return Secret(value)
 
 
 def last_json_line(output: str) -> dict | None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-import re
+import shlex
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mlflow_stack import hostside, layout
+from mlflow_stack import hostside, inputs, layout
 from mlflow_stack.actions.remote import ActionError, require_provisioned
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.host import Host
@@ -24,7 +24,7 @@ from mlflow_stack.layout import MODELS_CONF_DIR, Layout, model_env_file, model_u
 if TYPE_CHECKING:
     from mlflow_stack.host_vars import HostVars
 
-NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,40}$")
+NAME = inputs.INSTANCE  # a served instance's name: it names a unit and an env file
 # The unit's program (MLflow's scoring app under uvicorn, one Python start) and its fast path
 # for the common /invocations request, which it imports from the same directory.
 PROGRAMS = ("model_server.py", "fast_scoring.py")
@@ -58,8 +58,11 @@ class ServeRequest:
     workers: int
 
     def validate(self) -> None:
-        if not NAME.match(self.name):
-            raise ActionError(f"--name {self.name!r}: use lower-case letters, digits, - and _")
+        inputs.instance_name(self.name)
+        if self.model_ref.startswith("models:/"):
+            inputs.model_uri(self.model_ref)
+        elif self.model_ref:
+            inputs.run_id(self.model_ref)
         if not 1024 <= self.port <= 65535:
             raise ActionError(f"--port {self.port}: choose a port between 1024 and 65535")
         if not 0 <= self.workers <= 16:
@@ -67,15 +70,28 @@ class ServeRequest:
 
 
 def resolve_model(host: Host, place: Layout, ref: str) -> dict:
-    """Resolve a run id or models:/ URI on the host (the tracking server is local there)."""
+    """Resolve a run id or models:/ URI on the host (the tracking server is local there).
+
+    A registered model's name may hold quotes, `$()` or `;` (MLflow allows them): the
+    reference is one quoted argument, and the URI that comes back must be text without
+    control characters (it goes into the instance's env file, quoted there too)."""
     result = host.run(
-        f"python3 - {place.tracking_uri} '{ref}'",
+        f"python3 - {shlex.quote(place.tracking_uri)} {shlex.quote(ref)}",
         stdin=hostside.read("resolve_model.py"),
         sudo=False,
     )
-    answer = json.loads(result.stdout.strip().splitlines()[-1]) if result.stdout.strip() else {}
-    if "error" in answer or not answer:
-        raise ActionError(answer.get("error") or f"resolving {ref} failed: {result.tail()}")
+    try:
+        answer = json.loads(result.stdout.strip().splitlines()[-1]) if result.stdout.strip() else {}
+    except json.JSONDecodeError:
+        answer = {}
+    if not isinstance(answer, dict) or "error" in answer or not answer.get("uri"):
+        error = answer.get("error") if isinstance(answer, dict) else None
+        raise ActionError(
+            inputs.one_line(str(error))
+            if error
+            else f"resolving {inputs.show(ref)} failed: {inputs.one_line(result.tail())}"
+        )
+    inputs.text(answer["uri"], "the resolved model URI", max_len=1024)
     return answer
 
 
@@ -177,8 +193,7 @@ def serve(host: Host, host_vars: HostVars, req: ServeRequest) -> ServeResult:
 
 def stop(host: Host, name: str) -> bool:
     """Stop and remove a served model; False when there was none of that name."""
-    if not NAME.match(name):
-        raise ActionError(f"--name {name!r}: use lower-case letters, digits, - and _")
+    inputs.instance_name(name)  # it names a unit and a file in a root shell
     unit = model_unit(name)
     env = model_env_file(name)
     script = (

@@ -27,7 +27,7 @@ class ServiceStatus:
 
     @property
     def ok(self) -> bool:
-        return self.state == "active" and self.health.startswith("ok")
+        return self.state in ("active", "on demand") and self.health.startswith("ok")
 
 
 def _get(url: str) -> F.Shell:
@@ -49,7 +49,7 @@ def gather(host: Host, place: Layout) -> list[ServiceStatus]:
     models = serving.served_fact()
     first = probe(host, [F.OsRelease(), models])
     served = serving.parse_served(first[models.key]).items()
-    db_unit = layout.db_server(first[F.OsRelease().key]).service
+    db_unit = layout.db_server(first[F.OsRelease().key], place.db_choice).service
     mlflow_url = f"http://127.0.0.1:{place.mlflow_port}"
     jupyter_url = place.jupyter_url
     units: dict[str, tuple[F.Fact, F.Fact | None]] = {
@@ -62,17 +62,21 @@ def gather(host: Host, place: Layout) -> list[ServiceStatus]:
     for name, port in served:
         url = f"http://127.0.0.1:{port}"
         units[layout.model_unit(name)] = (_get(f"{url}/ping"), _get(f"{url}/version"))
-    facts = [F.Unit(u) for u in units] + [f for pair in units.values() for f in pair if f]
+    facts = [F.Unit(u) for u in (*units, layout.WARM_SOCKET_UNIT)]
+    facts += [f for pair in units.values() for f in pair if f]
     values = probe(host, facts)
     out = []
     for unit, (health_fact, version_fact) in units.items():
         info = values[F.Unit(unit).key]
         state = info.active_state if info.exists else "not installed"
         if unit == warm_unit:
-            if not (info.enabled or info.active):  # turned off (demo.warm_runner: false)
+            socket = values[F.Unit(layout.WARM_SOCKET_UNIT).key]
+            if not (info.enabled or info.active or socket.active):  # turned off
                 continue
             health = "ok (socket)" if values[health_fact.key].ok else "no socket"
             version = ""
+            if not info.active and socket.active:  # small profile: the first run starts it
+                state, health = "on demand", "ok (socket)"
         elif unit == db_unit:
             alive = values[health_fact.key]
             health = "ok (ping)" if alive.ok else "no answer"

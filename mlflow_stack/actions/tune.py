@@ -47,17 +47,37 @@ def split_trials(total: int, slots: int) -> list[int]:
 
 
 def storage_url(password: Secret, db_host: str, port: int) -> Secret:
-    """The shared study's storage, as the tuning account (database `optuna` only)."""
+    """The shared study's storage, as the tuning account (database `optuna` only); from
+    another host over TLS, the server's certificate checked against its pinned CA."""
     user = layout.TUNING_DB_USER
+    tls = "" if db_host == "127.0.0.1" else f"?ssl_ca={layout.DB_CA_ON_WORKERS}"
     return Secret(
-        f"mysql+pymysql://{user}:{quote(password.reveal(), safe='')}@{db_host}:{port}/optuna"
+        f"mysql+pymysql://{user}:{quote(password.reveal(), safe='')}@{db_host}:{port}/optuna{tls}"
     )
 
 
 def reach(server: ResolvedHost, worker: ResolvedHost) -> str:
-    """How a worker reaches the server's services: loopback when they share a machine."""
+    """How a worker reaches the server's services: loopback when they share a machine, else
+    the server's private address."""
     same = worker.target.address == server.target.address
-    return "127.0.0.1" if same else server.target.address
+    return "127.0.0.1" if same else server.peer_address
+
+
+def pin_database_ca(server: Host, workers: list[Host]) -> None:
+    """Give the workers the CA of the server's database certificate (read from the server
+    over SSH, written as root where only root writes): their connections check it."""
+    from mlflow_stack.engine.steps import install_file_script
+
+    ca = server.run(f"cat {layout.DB_CA}")
+    if not ca.ok or "BEGIN CERTIFICATE" not in ca.stdout:
+        raise ActionError(
+            f"{server.name}: no database CA for workers ({layout.DB_CA}); the server has no "
+            f"workers in the inventory: add them to the `workers` group and provision it"
+        )
+    for worker in workers:
+        script = install_file_script(layout.DB_CA_ON_WORKERS, "root", "root", 0o644)
+        worker.check(f"mkdir -p {layout.DB_CA_ON_WORKERS.rsplit('/', 1)[0]} && {script}",
+                     f"the database CA on {worker.name}", stdin=ca.stdout)  # fmt: skip
 
 
 def process_secrets(
@@ -90,12 +110,17 @@ class TuneOutcome:
     recorded_via: dict[str, str] = field(default_factory=dict)  # host#process -> how
     failures: list[str] = field(default_factory=list)
     final: dict = field(default_factory=dict)
+    requested: int = 0
     seconds: float = 0.0
 
 
 def tune_args(n_trials: int, study: str, experiment: str, register: bool) -> list[str]:
+    """demo_wine.tune, forked from the host's warm runner when it has one (its pages shared,
+    MLflow, scikit-learn and Optuna already imported), else started cold."""
     args = [
         "-m",
+        "demo_wine.warm",
+        "run",
         "demo_wine.tune",
         "--n-trials",
         str(n_trials),
@@ -147,9 +172,12 @@ def tune(
     slots = [(h, i) for h in hosts for i in range(per_host)]
     shares = split_trials(n_trials, len(slots))
     shared = len(slots) > 1
-    outcome = TuneOutcome(study)
+    outcome = TuneOutcome(study, requested=n_trials)
     server_host = connections[server.name]
     password = read_secret(server_host, "db_tuning_password") if shared else None
+    elsewhere = [h for h in hosts if reach(server, h) != "127.0.0.1"]
+    if elsewhere:
+        pin_database_ca(server_host, [connections[h.name] for h in elsewhere])
     lock = threading.Lock()
 
     def secrets_for(h: ResolvedHost) -> dict[str, Secret]:
@@ -241,4 +269,12 @@ def render_outcome(outcome: TuneOutcome) -> list[str]:
         if version
         else "champion: not changed (the best trial was registered before)",
     ]
-    return lines + [f"warning: {failure}" for failure in outcome.failures]
+    lines += [f"warning: {failure}" for failure in outcome.failures]
+    done = sum(outcome.trials_per_host.values())
+    if outcome.failures and done < outcome.requested:
+        lines.append(
+            f"warning: {done} of {outcome.requested} trials done; the study keeps them: "
+            f"invoke tune --study {outcome.study} --n-trials {outcome.requested - done} "
+            "adds the rest"
+        )
+    return lines

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import threading
+import time
 from typing import TYPE_CHECKING
 
 from mlflow_stack.actions.remote import ActionError
-from mlflow_stack.engine.forward import forward
-from mlflow_stack.engine.host import Host
+from mlflow_stack.engine import forward
+from mlflow_stack.engine.host import Host, HostError
 
 if TYPE_CHECKING:
     from mlflow_stack.host_vars import HostVars
@@ -37,13 +37,15 @@ def port_pairs(
 
 @contextlib.contextmanager
 def tunnel(host: Host, pairs: list[tuple[int, int]]):
-    """Forward each local port to 127.0.0.1:remote on the host while the context is open."""
-    with contextlib.ExitStack() as stack:
-        for local, remote in pairs:
-            stack.enter_context(forward(host, local, remote))
-        yield
+    """Forward each local port to 127.0.0.1:remote on the host while the context is open
+    (over one SSH connection whose host key is checked like every other)."""
+    with forward.forwards(host, pairs) as forwarding:
+        yield forwarding
 
 
-def wait_forever() -> None:
-    """Block until interrupted (Ctrl-C raises KeyboardInterrupt)."""
-    threading.Event().wait()
+def wait_forever(forwarding: forward.Forwarding | None = None) -> None:
+    """Block until interrupted (Ctrl-C raises KeyboardInterrupt) or the forwards end."""
+    while True:
+        time.sleep(0.5)
+        if forwarding is not None and (why := forwarding.ended()):
+            raise HostError(why)

@@ -2,9 +2,11 @@
 
 The link is OpenSSH's client multiplexed over a master connection that persists between
 runs (`engine.openssh`), or Paramiko when `ssh` is missing or `MLFLOW_STACK_SSH=paramiko`
-(`engine.paramiko_link`). Port forwards always use Paramiko (`paramiko_transport()`).
-`connect_soon()` opens the link in the background, so the controller does other work
-meanwhile; the first command waits for it.
+(`engine.paramiko_link`); either checks the host key before anything is sent
+(`engine.hostkeys`). Port forwards (`engine.forward`) use an `ssh -L` process, or Paramiko
+channels (`paramiko_transport()`) when Paramiko is the link. `connect_soon()` opens the link
+in the background, so the controller does other work meanwhile; the first command waits for
+it. Streamed output (`on_output`) is masked (`secrets.mask`) line by line.
 """
 
 from __future__ import annotations
@@ -169,7 +171,8 @@ class Host:
         with self._lock:
             self.commands += 1
         data = stdin.encode() if isinstance(stdin, str) else stdin
-        output = self._link.run(command, data, timeout, on_output)
+        stream = None if on_output is None else (lambda line: on_output(mask(line)))
+        output = self._link.run(command, data, timeout, stream)
         if output.rc is None:
             raise HostError(
                 f"{self.name}: a command gave no output for {timeout:g} s and was stopped"

@@ -24,7 +24,10 @@ class Target:
     port: int = 22
     user: str = "root"
     key_file: Path | None = None
-    known_hosts: Path | None = None  # pin host keys from this file (strict)
+    known_hosts: Path | None = None  # the known_hosts file to check (and accept-new into)
+    host_keys: tuple[str, ...] = ()  # pinned keys (`[type ]SHA256:…`): only these accepted
+    host_key_policy: str | None = None  # strict | accept-new | off; None: ~/.ssh/config's
+    ssh_host: str | None = None  # the ~/.ssh/config alias given to ssh (else the address)
 
     @property
     def label(self) -> str:

@@ -2,17 +2,20 @@
 
 A run reads every fact its steps need from the host; which facts those are is only known
 once the roles have built their steps (from the base facts). `Prefetch` starts the probe
-early with the facts the last run on this host read (their keys and commands, kept in
-`plan_dir()`): the host works while the controller imports and builds. The values are
-always read in this run; the plan only chooses what to read. A fact whose command is not in
-the plan (or changed) is probed as before, so a wrong plan costs one more probe, no more.
+early with the facts the last run on this host read (their keys, kept in `plan_dir()`): the
+host works while the controller imports and builds. A plan holds keys only, never command
+text: each key is rebuilt into its fact by this code (`facts.from_key`, which refuses unknown
+kinds, ad-hoc `Shell` snippets and arguments the code would not produce), so a tampered plan
+can at worst make the prefetch read something needless, and the cache directory is used only
+while it is this user's alone (`user_cache`). The values are always read in this run; the plan
+only chooses what to read. A fact not in the plan (or not rebuildable) is probed after the
+build, so a wrong plan costs one more probe, no more.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import threading
 import time
 from pathlib import Path
@@ -26,6 +29,8 @@ if TYPE_CHECKING:
     from mlflow_stack.engine.host import Host
 
 KEEP_PLANS = 64
+PLAN_VERSION = 2  # a plan of fact keys (version 1 kept command text: never read)
+MAX_PLAN = 512  # facts per plan at most
 SUDO_PASSWORD_HINTS = ("a password is required", "a terminal is required")
 # key -> (command, output, exit code) of facts already read in this run
 Known = dict[str, tuple[str, str, int]]
@@ -103,19 +108,29 @@ def plan_path(host: Host, roles: tuple[str, ...] | list[str]) -> Path:
     return plan_dir() / f"{hashlib.sha256(ident.encode()).hexdigest()[:24]}.json"
 
 
-def load_plan(path: Path) -> list[tuple[str, str]]:
-    """(key, command) of each planned fact; empty when there is no usable plan."""
-    try:
-        data = json.loads(path.read_text())
-        return [(str(key), str(command)) for key, command in data["facts"]]
-    except (OSError, ValueError, KeyError, TypeError):
+def plan_keys(facts: list[F.Fact]) -> list[str]:
+    """The keys a plan keeps: each rebuildable fact once, in order."""
+    return list(dict.fromkeys(f.key for f in facts if f.rebuildable))[:MAX_PLAN]
+
+
+def load_plan(path: Path) -> list[F.Fact]:
+    """The planned facts, rebuilt from their keys by this code (a key it cannot rebuild is
+    dropped); empty when there is no usable plan."""
+    from mlflow_stack.engine import facts as F
+
+    data = user_cache.read_json(path)
+    if not isinstance(data, dict) or data.get("version") != PLAN_VERSION:
         return []
+    keys = data.get("facts")
+    if not isinstance(keys, list):
+        return []
+    rebuilt = (F.from_key(key) for key in keys[:MAX_PLAN])
+    return list({f.key: f for f in rebuilt if f is not None}.values())
 
 
 def save_plan(path: Path, facts: list[F.Fact]) -> None:
-    """Keep the keys and commands of `facts` for the next run (private, written atomically)."""
-    unique = list({f.key: f for f in facts}.values())
-    data = {"facts": [[f.key, f.command()] for f in unique]}
+    """Keep the keys of `facts` for the next run (private, written atomically)."""
+    data = {"version": PLAN_VERSION, "facts": plan_keys(facts)}
     with contextlib.suppress(OSError):  # hosts not run for long (e.g. test sandboxes) drop out
         user_cache.write_json(path, data, KEEP_PLANS)
 
@@ -139,10 +154,11 @@ class Prefetch:
 
     def _run(self) -> None:
         try:
-            outputs = raw_probe(self.host, self.planned)
+            pairs = [(f.key, f.command()) for f in self.planned]
+            outputs = raw_probe(self.host, pairs)
             self._known = {
                 key: (command, text, rc)
-                for (key, command), (text, rc) in zip(self.planned, outputs, strict=True)
+                for (key, command), (text, rc) in zip(pairs, outputs, strict=True)
             }
         except Exception as exc:  # raised again by `result()`, in the run's thread
             self._error = exc
@@ -157,8 +173,7 @@ class Prefetch:
 
     def remember(self, facts: list[F.Fact]) -> None:
         """Save `facts` as the plan of the next run, if they differ from this run's plan."""
-        wanted = list({f.key: (f.key, f.command()) for f in facts}.values())
-        if wanted != self.planned:
+        if plan_keys(facts) != [f.key for f in self.planned]:
             save_plan(self.path, facts)
 
 

@@ -47,6 +47,8 @@ class HostJob:
     roles: Sequence[Role]
     vars: HostVars | None
     prefetch: Prefetch | None = None  # facts probed before the roles were built
+    private_address: str = ""  # how the other hosts reach it ("" = its SSH address)
+    workers: tuple[str, ...] = ()  # a server's tuning workers
 
 
 @dataclass
@@ -317,9 +319,16 @@ def converge_host(job: HostJob, options: Options, reporter: Reporter) -> HostRec
     try:
         run.facts.known = job.prefetch.result() if job.prefetch else {}
         base = probe(job.host, base_facts(), run.facts.known)
-        os_info, pending, host_secrets = (base[f.key] for f in base_facts())
+        os_info, size, pending, host_secrets = (base[f.key] for f in base_facts())
         ctx = RoleContext(
-            job.host.name, os_info, job.vars, host_secrets, address=job.host.target.address
+            job.host.name,
+            os_info,
+            job.vars,
+            size,
+            host_secrets,
+            address=job.host.target.address,
+            private_address=job.private_address or job.host.target.address,
+            workers=job.workers,
         )
         run.handlers.pending = list(pending)
         # A run that died after changing a unit file may not have reloaded systemd either.

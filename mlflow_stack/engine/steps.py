@@ -322,11 +322,12 @@ class File(Step):
 
 @dataclass
 class Service(Step):
-    """A systemd unit enabled at boot and running."""
+    """A systemd unit enabled at boot and running (`running` None: started and stopped by
+    others, a socket or its idle exit; left as it is)."""
 
     unit: str
     enabled: bool = True
-    running: bool = True
+    running: bool | None = True
 
     def __post_init__(self) -> None:
         self.id = f"service:{self.unit}"
@@ -348,7 +349,7 @@ class Service(Step):
         if self.running and not info.active:
             actions.append("start")
             starts = (self.unit,)
-        if not self.running and info.active:
+        if self.running is False and info.active:
             actions.append("stop")
         if not actions:
             return None

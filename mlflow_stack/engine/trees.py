@@ -38,12 +38,8 @@ class PruneExtra(Step):
         self.id = f"prune:{self.remote}"
         self.label = f"prune {self.remote}"
 
-    def fact(self) -> F.Shell:
-        r = shlex.quote(self.remote)
-        return F.Shell(
-            f"files under {self.remote}",
-            f"[ -d {r} ] && cd {r} && find . -type f | sed 's|^\\./||' | sort",
-        )
+    def fact(self) -> F.Fact:
+        return F.FilesUnder(self.remote)
 
     def facts(self) -> list[F.Fact]:
         return [self.fact()]

@@ -28,7 +28,7 @@ APPS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", action="append", help="an address to listen on (repeatable)")
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--artifacts-destination", required=True)
@@ -84,14 +84,35 @@ def main() -> None:
     initialize_backend_stores(backend_uri, backend_uri, artifact_root)
     validate_sql_trace_rollup_startup(backend_uri)
     app, factory = APPS[args.app_name]
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        factory=factory,
-        log_config=str(_UVICORN_LOG_CONFIG),
+    hosts = args.host or ["127.0.0.1"]
+    settings = {"port": args.port, "workers": args.workers, "factory": factory}
+    if len(hosts) == 1:
+        uvicorn.run(app, host=hosts[0], log_config=str(_UVICORN_LOG_CONFIG), **settings)
+        return
+    serve_on(
+        hosts, uvicorn.Config(app, host=hosts[0], log_config=str(_UVICORN_LOG_CONFIG), **settings)
     )
+
+
+def serve_on(hosts: list[str], config) -> None:
+    """What `uvicorn.run` does, on one socket per address (it binds one address only)."""
+    import socket
+
+    from uvicorn import Server
+    from uvicorn.supervisors import Multiprocess
+
+    sockets = []
+    for host in hosts:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, config.port))
+        sock.set_inheritable(True)
+        sockets.append(sock)
+    if config.workers > 1:
+        Multiprocess(config, sockets=sockets).run()
+    else:
+        config.load_app()
+        Server(config=config).run(sockets=sockets)
 
 
 if __name__ == "__main__":

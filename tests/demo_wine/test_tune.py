@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -254,3 +255,54 @@ def test_finalising_records_trials_a_dead_worker_left_without_a_run(store: Path)
     again = tune(0, storage=storage, study_name="dead", experiment="dead", register=False)
     assert again["trials_recovered"] == 0
     assert len(children(final["experiment_id"])) == 7
+
+
+@pytest.mark.parametrize(
+    "lost_race",
+    [
+        # MySQL 9.7, two processes creating Optuna's schema at once (seen on Debian sid)
+        "(pymysql.err.OperationalError) (1684, \"Table 'optuna'.'trials' was skipped since "
+        'its definition is being modified by concurrent DDL statement")',
+        "(pymysql.err.OperationalError) (1050, \"Table 'studies' already exists\")",
+    ],
+)
+def test_a_lost_schema_race_is_retried(monkeypatch, lost_race: str) -> None:
+    import optuna
+    import sqlalchemy.exc
+
+    from demo_wine import tune
+
+    calls, real = [], optuna.create_study
+
+    def create_study(**kwargs):
+        calls.append(kwargs)
+        if len(calls) < 3:
+            raise sqlalchemy.exc.OperationalError("CREATE TABLE …", {}, Exception(lost_race))
+        return real(direction="minimize")
+
+    monkeypatch.setattr(optuna, "create_study", create_study)
+    monkeypatch.setattr(tune.time, "sleep", lambda s: None)
+    study = tune._open_study("s", "mysql+pymysql://optuna:pw@127.0.0.1:9/optuna", None)
+    assert len(calls) == 3 and study.direction.name == "MINIMIZE"
+
+
+def test_an_unreachable_storage_is_not_retried(monkeypatch) -> None:
+    import optuna
+    import sqlalchemy.exc
+
+    from demo_wine import tune
+    from demo_wine.errors import InputError
+
+    calls = []
+
+    def create_study(**kwargs):
+        calls.append(kwargs)
+        raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception('(2003, "Can\'t connect")'))
+
+    monkeypatch.setattr(optuna, "create_study", create_study)
+    with pytest.raises(
+        InputError,
+        match=re.escape("cannot open Optuna storage mysql+pymysql://optuna:***@127.0.0.1:9/"),
+    ):
+        tune._open_study("s", "mysql+pymysql://optuna:pw@127.0.0.1:9/optuna", None)
+    assert len(calls) == 1

@@ -75,6 +75,7 @@ def test_a_run_is_forked_from_the_server_with_the_clients_stdio_env_cwd_and_exit
         "probe=p1",
         "stdin=hello",
         f"umask={os.umask(0o22):o}",
+        "comm=warm_probe",  # what ps and pkill -x see: the run, not the server
         "thread done",
         "atexit ran",
     ]
@@ -178,3 +179,71 @@ def test_a_malformed_request_is_dropped_with_its_descriptors(server, tmp_path):
             assert bad.recv(1) == b""  # no answer: the server just closes
     assert "mark=warm" in client(sock, PROBE, "0", cwd=tmp_path).stdout  # still serving
     assert len(os.listdir(f"/proc/{proc.pid}/fd")) == open_fds
+
+
+def activated_server(tmp_path: Path, idle: float):
+    """A warm server started as systemd starts it on demand: the listening socket is handed
+    over (systemd-socket-activate, LISTEN_FDS) at the first connection, with `--idle`."""
+    sock = tmp_path / "activated.sock"
+    launcher = (
+        "import sys\nfrom demo_wine.warm import serve_forever\n"
+        f"sys.exit(serve_forever({str(tmp_path / 'never-bound.sock')!r}, "
+        f"served=({PROBE!r},), imports=('json',), watched=[], idle={idle}))"
+    )
+    proc = subprocess.Popen(
+        # the activator passes its children no environment but what -E names
+        [
+            "systemd-socket-activate",
+            "-l",
+            str(sock),
+            "-E",
+            f"PYTHONPATH={REPO}",
+            sys.executable,
+            "-c",
+            launcher,
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(sock.exists)
+    return sock, proc
+
+
+def test_started_by_its_socket_it_serves_then_exits_when_idle(tmp_path):
+    sock, proc = activated_server(tmp_path, idle=1.0)
+    try:
+        first = client(sock, PROBE, "3", cwd=tmp_path)
+        assert first.returncode == 3 and "mark=warm" in first.stdout  # the handed socket
+        assert not (tmp_path / "never-bound.sock").exists()  # it bound none of its own
+        assert proc.wait(timeout=30) == 0
+        assert "no run for 1 s: exiting" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_run_longer_than_the_idle_time_keeps_the_server(tmp_path):
+    sock, proc = activated_server(tmp_path, idle=0.5)
+    pidfile = tmp_path / "run.pid"
+    try:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "demo_wine.warm", "run", PROBE, "0", str(pidfile)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+            env={**os.environ, "DEMO_WINE_WARM_SOCKET": str(sock), "PYTHONPATH": str(REPO)},
+        )
+        run.stdin.write("x\n")
+        run.stdin.flush()
+        wait_for(pidfile.exists)
+        time.sleep(2.0)  # four idle periods while the run goes on
+        assert proc.poll() is None
+        os.kill(int(pidfile.read_text()), signal.SIGTERM)
+        run.wait(timeout=30)
+        assert proc.wait(timeout=30) == 0  # idle once the run is over
+    finally:
+        proc.kill()
+        proc.wait()

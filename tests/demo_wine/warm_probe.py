@@ -2,9 +2,9 @@
 
     python -m tests.demo_wine.warm_probe CODE [PIDFILE]
 
-Prints its process mark, working directory and one line read from stdin, then (from a
-thread and an exit handler) two more lines; with PIDFILE it writes its pid there and waits to
-be killed.
+Prints its process mark, working directory, one line read from stdin and its process name,
+then (from a thread and an exit handler) two more lines; with PIDFILE it writes its pid there
+and waits to be killed.
 """
 
 import atexit
@@ -19,7 +19,9 @@ if __name__ == "__main__":
     print(f"cwd={os.getcwd()}")
     print(f"probe={os.environ.get('PROBE', '')}")
     print(f"stdin={sys.stdin.readline().strip()}")
-    print(f"umask={os.umask(0o22):o}", flush=True)
+    print(f"umask={os.umask(0o22):o}")
+    with open("/proc/self/comm") as comm:
+        print(f"comm={comm.read().strip()}", flush=True)
     sys.stderr.write("to stderr\n")
     atexit.register(print, "atexit ran")  # a run ends like a process: exit handlers run...
     threading.Thread(

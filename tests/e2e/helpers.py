@@ -22,7 +22,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def target(info, name: str = "e2e") -> Target:
-    return Target(name, info.address, info.port, info.user, info.key_file, info.known_hosts)
+    """How the tool reaches sandbox `info`: its own pinned key, checked strictly."""
+    return Target(
+        name, info.address, info.port, info.user, info.key_file, info.known_hosts,
+        host_key_policy="strict",
+    )  # fmt: skip
 
 
 def host(info, name: str = "e2e") -> Host:
@@ -64,6 +68,13 @@ def changed_steps(report: dict, host_name: str = "e2e") -> list[str]:
     return [
         f"{s['role']}: {s['step']}" for s in report["hosts"][host_name] if s["status"] == "changed"
     ]
+
+
+def secret_forms(value: str) -> set[str]:
+    """A secret as it may appear in output: plain, URL-encoded, JSON-escaped."""
+    from urllib.parse import quote, quote_plus
+
+    return {value, quote(value, safe=""), quote_plus(value), json.dumps(value)[1:-1]}
 
 
 def sh(h: Host, script: str, **kwargs) -> str:

@@ -238,7 +238,8 @@ def test_wrong_key_and_sudo_password_are_clear_errors(stack, tmp_path):
     )
     h.close()
     inv = tmp_path / "inventory.yaml"
-    inv.write_text(
+    inv.write_text(  # reached by address: its own known_hosts (never the user's ~/.ssh)
+        f"defaults:\n  known_hosts: {tmp_path / 'known_hosts'}\n"
         "hosts:\n"
         f"  badkey:\n    address: {info.address}\n    key: {stranger}\n"
         f"  nosudo:\n    address: {info.address}\n    user: nosudo\n"

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tests.e2e.helpers import invoke
+from tests.e2e.helpers import host, invoke, secret_forms, sh
 
 pytestmark = pytest.mark.e2e
 
@@ -55,6 +55,14 @@ def test_demo_walkthrough_and_a_safe_rerun(stack):
     assert math.isfinite(float(table["prediction (sample wine)"]))
     assert table["check-mysql"] == "passed"
     assert "token=" not in out  # the login is shown by `invoke urls --reveal`, not here
+    h = host(stack.info)
+    try:
+        for name in ("db_password", "jupyter_token"):
+            secret = sh(h, f"cat /etc/mlflow-stack/secrets/{name}").strip()
+            for form in secret_forms(secret):  # plain, URL-encoded, JSON-escaped
+                assert form not in out, name
+    finally:
+        h.close()
     assert "curl -s http://127.0.0.1:54410/invocations" in out
     assert "`invoke tunnel` forwards them" in out
 

@@ -40,7 +40,8 @@ def probe_role(port: int, fail: bool = False) -> Role:
         steps = [
             Apt(("jq",)),
             SystemUser("probe", home="/opt/probe"),
-            Directory("/opt/probe", "probe", "probe", 0o755),
+            # Root writes only where root alone controls the directory (see root_only).
+            Directory("/opt/probe", "root", "root", 0o755),
             File(
                 "/opt/probe/setenv.sh",
                 render(
@@ -49,8 +50,8 @@ def probe_role(port: int, fail: bool = False) -> Role:
                     data_path="/opt/probe/data.csv",
                     env_prefix="/opt/probe/env",
                 ),
-                "probe",
-                "probe",
+                "root",
+                "root",
                 0o644,
             ),
             File(f"/etc/systemd/system/{UNIT}", unit, notify=(UNIT,), unit_file=True),

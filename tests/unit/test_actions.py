@@ -11,6 +11,7 @@ from mlflow_stack.actions import check_mysql, predict, serve, status, tune, tunn
 from mlflow_stack.actions.remote import ActionError, demo_command, last_json_line
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.host import RunResult
+from mlflow_stack.errors import UserError
 from mlflow_stack.layout import Layout
 from mlflow_stack.secrets import Secret, mask
 from mlflow_stack.vars import defaults, validate
@@ -120,16 +121,23 @@ def test_server_errors_become_one_line():
     assert len(predict.server_error("x" * 5000)) == 400
 
 
+RUN = "0123456789abcdef" * 2
+
+
 def test_serve_request_validation():
-    serve.ServeRequest("wine", "r", 54321, 1).validate()
-    serve.ServeRequest("wine", "r", 54321, 0).validate()  # one worker per CPU
+    serve.ServeRequest("wine", RUN, 54321, 1).validate()
+    serve.ServeRequest("wine", RUN, 54321, 0).validate()  # one worker per CPU
+    serve.ServeRequest("wine", "models:/a'b\"$(x);`y`@champion", 54321, 0).validate()  # quoted
     for bad, message in [
-        (("Wine!", "r", 54321, 1), "--name"),
-        (("w", "r", 80, 1), "--port 80"),
-        (("w", "r", 54321, -1), "--workers -1"),
-        (("w", "r", 54321, 17), "--workers 17"),
+        (("Wine!", RUN, 54321, 1), "--name"),
+        (("$(touch /tmp/x)", RUN, 54321, 1), "--name"),
+        (("w", RUN, 80, 1), "--port 80"),
+        (("w", RUN, 54321, -1), "--workers -1"),
+        (("w", RUN, 54321, 17), "--workers 17"),
+        (("w", "r; touch /tmp/x", 54321, 1), "--run"),
+        (("w", "models:/a\nb@c", 54321, 1), "--model"),
     ]:
-        with pytest.raises(ActionError, match=message):
+        with pytest.raises(UserError, match=message):
             serve.ServeRequest(*bad).validate()
 
 

@@ -77,7 +77,7 @@ CASES = [
     (
         "serve port out of range",
         GOOD,
-        ["serve", "--run", "x", "--port", "80"],
+        ["serve", "--run", "0" * 32, "--port", "80"],
         "--port 80: must be 1024 to 65535",
     ),
 ]

@@ -28,7 +28,9 @@ hosts:
     roles: [mysql, demo_files]
     vars:
       mlflow: {public: true}
-      python: {miniforge_sha256: {x86_64: abc}}
+      python:
+        miniforge_sha256:
+          x86_64: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa
   box:
     sandbox: nosuch-sandbox
 """
@@ -59,7 +61,7 @@ def test_the_second_resolution_comes_from_the_cache_unchanged(inv, monkeypatch):
     assert (second[0].roles, second[0].groups) == (("mysql", "demo_files"), ("server",))
     assert second[0].vars == first[0].vars
     assert second[0].vars.mlflow.workers == 2 and second[0].vars.mlflow.public is True
-    assert second[0].vars.python.miniforge_sha256 == {"x86_64": "abc"}
+    assert second[0].vars.python.miniforge_sha256 == {"x86_64": "a" * 64}
 
 
 def test_an_edited_inventory_is_read_again(inv):

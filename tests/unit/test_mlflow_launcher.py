@@ -86,5 +86,65 @@ def test_launcher_flags_are_the_units():
     args = launcher.parse_args(
         [*flags.split(), "--allowed-hosts", "h,h:5001", "--app-name", "basic-auth"]
     )
-    assert (args.host, args.port, args.workers, args.app_name) == ("0.0.0.0", 5001, 2, "basic-auth")
+    assert (args.host, args.port, args.workers, args.app_name) == (
+        ["0.0.0.0"],
+        5001,
+        2,
+        "basic-auth",
+    )
+    both = launcher.parse_args(
+        ["--host", "127.0.0.1", "--host", "10.0.0.5", "--artifacts-destination", "/a"]
+    )
+    assert both.host == ["127.0.0.1", "10.0.0.5"]
     assert launcher.APPS["basic-auth"] == ("mlflow.server.auth:create_app", True)
+
+
+ASGI_APP = """
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_launcher_listens_on_every_address_it_is_given(tmp_path, workers):
+    """Loopback for the host's own clients and a private address for tuning workers."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    (tmp_path / "tiny.py").write_text(ASGI_APP)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code = (
+        "import importlib.util, sys, uvicorn; "
+        f"spec = importlib.util.spec_from_file_location('l', {str(LAUNCHER)!r}); "
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+        f"m.serve_on(['127.0.0.1', '127.0.0.2'], uvicorn.Config('tiny:app', port={port}, "
+        f"workers={workers}, log_level='warning'))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        start_new_session=True,
+    )
+    try:
+        for address in ("127.0.0.1", "127.0.0.2"):
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://{address}:{port}/", timeout=2) as r:
+                        assert r.read() == b"ok"
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, f"nothing answers on {address}:{port}"
+                    time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -6,22 +6,28 @@ import json
 
 import pytest
 
-from mlflow_stack import layout
+from mlflow_stack import layout, sizing
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
 from mlflow_stack.engine.steps import File, PlanContext, Run, Schedule
 from mlflow_stack.vars import defaults, validate
 from roles import anaconda, demo_files, jupyter, mlflow_server, mysql
+from roles.db_passwords import native_password_hash
+from tests.unit.test_db_passwords import MYSQL_97_S3CRET
 from tests.unit.test_facts import DEBIAN_12, UBUNTU_2204, UBUNTU_2404
 
 DEBIAN = F.OsRelease().parse(DEBIAN_12, 0)
+# this machine's sandboxes, as the size fact reads them (recorded)
+SANDBOX_SIZE = F.parse_host_size("memory_bytes=25276071936 cpus=2")
+T2_MICRO = F.parse_host_size("memory_bytes=1073741824 cpus=1")
 
 
-def context(os_text: str = DEBIAN_12, **vars) -> RoleContext:
+def context(os_text: str = DEBIAN_12, size: F.HostSize = SANDBOX_SIZE, **vars) -> RoleContext:
     return RoleContext(
         "h",
         F.OsRelease().parse(os_text, 0),
         validate(vars),
+        size,
         {"db_password": "pw-from-host\n", "jupyter_token": "tok-from-host"},
     )
 
@@ -43,16 +49,17 @@ def test_database_flavor_from_os(os_text, package, service):
     assert masked == (["mariadb.socket"] if package == "mariadb-server" else [])
 
 
-def test_native_password_hash_matches_mysql():
-    # recorded from MariaDB 10.11 on the sandbox: SELECT PASSWORD('mlflow')
-    assert mysql.native_password_hash("mlflow") == "*AC2B0B9B71979126F965FAF297BF132698E1BB53"
+def user_row(user, host, password, ssl=""):
+    """A `mysql.user` row as STATE_QUERY prints it (MariaDB's native password hash)."""
+    stored = native_password_hash(password).encode().hex().upper()
+    return f"user\t{user}\t{host}\tmysql_native_password\t{stored}\t{ssl}"
 
 
 FRESH_MARIADB = "\n".join(
     [
-        "user\troot\tlocalhost\tinvalid",
-        "user\tmariadb.sys\tlocalhost\t",
-        "user\t\tlocalhost\t",
+        "user\troot\tlocalhost\tmysql_native_password\t696E76616C6964\t",
+        "user\tmariadb.sys\tlocalhost\tmysql_native_password\t\t",
+        "user\t\tlocalhost\tmysql_native_password\t\t",
         "db\tinformation_schema\tutf8mb3\tutf8mb3_general_ci",
         "db\tmysql\tutf8mb4\tutf8mb4_general_ci",
         "db\ttest\tlatin1\tlatin1_swedish_ci",
@@ -61,9 +68,9 @@ FRESH_MARIADB = "\n".join(
 )
 
 
-def wanted(password="s3cret", hosts=("localhost", "127.0.0.1"), server=layout.MARIADB):
+def wanted(password="s3cret", hosts=("localhost", "127.0.0.1")):
     """The tracking server's account alone (the tuning account: its own test)."""
-    return mysql.Wanted((mysql.Account("mlflow", password, hosts, ("mlflow",)),), server)
+    return mysql.Wanted((mysql.Account("mlflow", password, hosts, ("mlflow",)),))
 
 
 def test_fresh_server_gets_secured_and_provisioned():
@@ -73,7 +80,7 @@ def test_fresh_server_gets_secured_and_provisioned():
     assert "DROP DATABASE test;" in sql and "DELETE FROM mysql.db WHERE Db='test'" in sql
     assert "CREATE DATABASE `mlflow` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin;" in sql
     assert "CREATE DATABASE `optuna` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin;" in sql
-    assert "CREATE USER 'mlflow'@'localhost' IDENTIFIED BY 's3cret';" in sql
+    assert "CREATE USER 'mlflow'@'localhost' IDENTIFIED BY 's3cret' REQUIRE NONE;" in sql
     assert "GRANT ALL PRIVILEGES ON `mlflow`.* TO 'mlflow'@'127.0.0.1';" in sql
     assert "*.*" not in sql and "WITH GRANT OPTION" not in sql
     assert statements[-1] == ("flush privileges", "FLUSH PRIVILEGES;")
@@ -81,12 +88,12 @@ def test_fresh_server_gets_secured_and_provisioned():
 
 def converged_state(password="s3cret", hosts=("localhost", "127.0.0.1"), extra=()):
     rows = [
-        "user\troot\tlocalhost\tinvalid",
+        "user\troot\tlocalhost\tmysql_native_password\t696E76616C6964\t",
         "db\tmlflow\tutf8mb4\tutf8mb4_bin",
         "db\toptuna\tutf8mb4\tutf8mb4_bin",
     ]
     for host in hosts:
-        rows.append(f"user\tmlflow\t{host}\t{mysql.native_password_hash(password)}")
+        rows.append(user_row("mlflow", host, password))
         rows += [f"dbpriv\t'mlflow'@'{host}'\tmlflow\t{p}" for p in mysql.REQUIRED_PRIVILEGES]
     return mysql.parse_state("\n".join([*rows, *extra]))
 
@@ -122,10 +129,22 @@ def test_password_quotes_are_escaped():
     assert "BY 'it\\'s\\\\x'" in sql
 
 
-def test_ubuntu_users_use_native_password():
-    w = wanted("pw", ("localhost",), layout.MYSQL)
-    sql = "".join(s for _, s in mysql.plan_sql(mysql.DbState(), w))
-    assert "IDENTIFIED WITH mysql_native_password BY 'pw'" in sql
+def test_accounts_keep_the_servers_default_plugin():
+    """No deprecated plugin asked for (MySQL 9 has no mysql_native_password at all)."""
+    sql = "".join(s for _, s in mysql.plan_sql(mysql.DbState(), wanted("pw", ("localhost",))))
+    assert "IDENTIFIED BY 'pw'" in sql and "WITH" not in sql
+
+
+def test_mysql_caching_sha2_account_with_our_password_needs_no_sql():
+    """A real MySQL 9.7 row (CREATE USER … IDENTIFIED BY 'S3cret-pw', caching_sha2_password):
+    no ALTER USER with the same password, one with another."""
+    row = f"user\tmlflow\tlocalhost\tcaching_sha2_password\t{MYSQL_97_S3CRET}\t"
+    grants = [f"dbpriv\t'mlflow'@'localhost'\tmlflow\t{p}" for p in mysql.REQUIRED_PRIVILEGES]
+    dbs = ["db\tmlflow\tutf8mb4\tutf8mb4_bin", "db\toptuna\tutf8mb4\tutf8mb4_bin"]
+    state = mysql.parse_state("\n".join([row, *grants, *dbs]))
+    assert mysql.plan_sql(state, wanted("S3cret-pw", ("localhost",))) == []
+    whats = [w for w, _ in mysql.plan_sql(state, wanted("another-pw", ("localhost",)))]
+    assert whats == ["set password of mlflow@localhost", "flush privileges"]
 
 
 def test_two_accounts_each_with_rights_on_its_own_database_only():
@@ -136,7 +155,6 @@ def test_two_accounts_each_with_rights_on_its_own_database_only():
             mysql.Account("mlflow", "a" * 16, ("localhost",), ("mlflow",)),
             mysql.Account("optuna", "b" * 16, ("localhost", "10.0.0.9"), ("optuna",)),
         ),
-        layout.MARIADB,
     )
     sql = "\n".join(s for _, s in mysql.plan_sql(mysql.DbState(), w))
     assert "GRANT ALL PRIVILEGES ON `mlflow`.* TO 'mlflow'@'localhost';" in sql
@@ -145,7 +163,7 @@ def test_two_accounts_each_with_rights_on_its_own_database_only():
     assert "`mlflow`.* TO 'optuna'" not in sql
     # an older layout's grant of both databases to the mlflow account is taken back
     state = mysql.parse_state(
-        "user\tmlflow\tlocalhost\t" + mysql.native_password_hash("a" * 16) + "\n"
+        user_row("mlflow", "localhost", "a" * 16) + "\n"
         + "\n".join(f"dbpriv\t'mlflow'@'localhost'\t{db}\t{p}"
                     for db in ("mlflow", "optuna") for p in mysql.REQUIRED_PRIVILEGES)
     )  # fmt: skip
@@ -176,7 +194,7 @@ def test_secrets_come_from_host_then_env(monkeypatch):
     assert ctx.secret("db_password", env="MLFLOW_DB_PASSWORD").reveal() == "pw-from-host"
     monkeypatch.setenv("MLFLOW_DB_PASSWORD", "from-env-var")
     assert context().secret("db_password", env="MLFLOW_DB_PASSWORD").reveal() == "from-env-var"
-    fresh = RoleContext("h", DEBIAN, defaults())
+    fresh = RoleContext("h", DEBIAN, defaults(), SANDBOX_SIZE)
     assert len(fresh.secret("db_password").reveal()) >= 30
 
 
@@ -487,9 +505,13 @@ def test_the_warm_runner_is_the_demo_users_and_can_be_turned_off():
     steps = demo_files.build(context(demo={"data_file": None}))
     unit = find(steps, f"file /etc/systemd/system/{layout.WARM_UNIT}")
     assert unit.notify == (layout.WARM_UNIT,) and unit.unit_file
-    for line in ("User=demo", "RuntimeDirectoryMode=0700", "Restart=always", "NoNewPrivileges=yes"):
+    for line in ("User=demo", "Restart=always", "NoNewPrivileges=yes"):
         assert line in unit.content
-    assert f"-m demo_wine.warm serve {layout.WARM_SOCKET}" in unit.content
+    assert f"Requires={layout.WARM_SOCKET_UNIT}" in unit.content
+    assert f"-m demo_wine.warm serve {layout.WARM_SOCKET}\n" in unit.content  # no idle exit
+    socket = find(steps, f"file /etc/systemd/system/{layout.WARM_SOCKET_UNIT}").content
+    for line in (f"ListenStream={layout.WARM_SOCKET}", "SocketUser=demo", "SocketMode=0600"):
+        assert line in socket
     code = [
         s
         for s in steps
@@ -501,10 +523,84 @@ def test_the_warm_runner_is_the_demo_users_and_can_be_turned_off():
     service = find(steps, f"service {layout.WARM_UNIT}")
     assert service.enabled and service.running
 
+    assert find(steps, f"service {layout.WARM_SOCKET_UNIT}").running
+
     off = demo_files.build(context(demo={"warm_runner": False}))
-    service = find(off, f"service {layout.WARM_UNIT}")
-    assert not service.enabled and not service.running
+    for name in (layout.WARM_UNIT, layout.WARM_SOCKET_UNIT):
+        service = find(off, f"service {name}")
+        assert not service.enabled and service.running is False
     assert all(layout.WARM_UNIT not in s.notify for s in off)
+
+
+def test_on_the_small_profile_the_warm_runner_starts_on_demand_and_exits_when_idle():
+    steps = demo_files.build(context(size=T2_MICRO))
+    unit = find(steps, f"file /etc/systemd/system/{layout.WARM_UNIT}")
+    assert f"--idle {sizing.WARM_IDLE_S}" in unit.content and "Restart=on-failure" in unit.content
+    assert "MALLOC_ARENA_MAX=2" in unit.content
+    assert not unit.notify  # a running one is stopped instead (the next run starts it)
+    assert all(layout.WARM_UNIT not in s.notify for s in steps)
+    service = find(steps, f"service {layout.WARM_UNIT}")
+    assert not service.enabled and service.running is None  # its socket starts it
+    socket = find(steps, f"service {layout.WARM_SOCKET_UNIT}")
+    assert socket.enabled and socket.running
+    # asked for explicitly, it runs always on a small host too
+    always = demo_files.build(context(size=T2_MICRO, demo={"warm_runner": True}))
+    assert find(always, f"service {layout.WARM_UNIT}").running
+
+
+def test_a_runner_from_before_its_socket_unit_lets_go_of_the_socket():
+    """Older hosts: the runner bound the socket itself (no socket unit). It is stopped and
+    its socket file removed before the socket unit binds the path."""
+    steps = demo_files.build(context())
+    step = find(steps, "warm runner stopped (it starts again on demand)")
+    active = F.UnitInfo("loaded", "active", "running", "enabled", False)
+    absent = F.UnitInfo("not-found", "inactive", "dead", "", False)
+    facts = {F.Unit(layout.WARM_UNIT).key: active, F.Unit(layout.WARM_SOCKET_UNIT).key: absent}
+    (cmd,) = step.plan(PlanContext(facts)).commands
+    assert cmd.script == f"systemctl stop {layout.WARM_UNIT} && rm -f {layout.WARM_SOCKET}"
+    facts[F.Unit(layout.WARM_SOCKET_UNIT).key] = active
+    assert step.plan(PlanContext(facts)) is None  # today's layout: nothing to do
+
+
+def test_mysql_settings_by_server_and_profile():
+    """MySQL: no binary log (MLflow's trigger migration, error 1419) and no X protocol, on
+    every profile; the small profile's buffers and limits for the engine it is."""
+
+    def conf(size, server):
+        steps = mysql.build(context(UBUNTU_2404, size=size, mysql={"server": server}))
+        return next(s for s in steps if isinstance(s, File) and s.path.endswith(".cnf")).content
+
+    big, small = conf(SANDBOX_SIZE, "mysql"), conf(T2_MICRO, "mysql")
+    assert "skip-log-bin\n" in big and "mysqlx = OFF" in big
+    assert "innodb_buffer_pool_size" not in big
+    for line in (
+        "innodb_buffer_pool_size = 64M",
+        "max_connections = 50",
+        "temptable_max_ram = 32M",
+        "performance_schema = OFF",
+        "skip-log-bin",
+    ):
+        assert line in small
+    maria = conf(T2_MICRO, "mariadb")
+    assert "aria_pagecache_buffer_size = 8M" in maria and "temptable" not in maria
+    assert "skip-log-bin" not in conf(SANDBOX_SIZE, "mariadb")
+
+
+def test_the_mysql_config_is_read_after_the_packages_own():
+    """MySQL's mysqld.cnf sets bind-address: ours sorts after it; an older 60-… is removed."""
+    steps = mysql.build(context(UBUNTU_2404))
+    conf = next(s for s in steps if isinstance(s, File) and s.path.endswith(".cnf"))
+    assert (
+        conf.path
+        == "/etc/mysql/mysql.conf.d/zz-mlflow-stack.cnf"
+        > "/etc/mysql/mysql.conf.d/mysqld.cnf"
+    )
+    old = "/etc/mysql/mysql.conf.d/60-mlflow-stack.cnf"
+    cleanup = find(steps, f"older {old} gone")
+    present = F.PathInfo("file", 0o644, "root", "root", 10)
+    assert "rm -f" in cleanup.plan(PlanContext({F.PathState(old).key: present})).commands[0].script
+    assert cleanup.plan(PlanContext({F.PathState(old).key: None})) is None
+    assert not [s for s in mysql.build(context()) if s.label.startswith("older ")]
 
 
 def test_no_mlflow_process_on_the_host_sends_usage_data():
@@ -567,3 +663,56 @@ def test_no_root_step_writes_or_runs_code_where_a_service_account_can_write():
                 script = step.script if isinstance(step.script, str) else ""
                 for area in areas:
                     assert f"PYTHONPYCACHEPREFIX={area}" not in script, f"{name}: {step.label}"
+
+
+def test_a_server_with_workers_opens_its_private_address_to_them_alone_with_tls():
+    ctx = context()
+    ctx.private_address, ctx.workers = "10.77.0.3", ("10.77.0.4", "10.77.0.5")
+    steps = mysql.build(ctx)
+    conf = find(steps, f"file {layout.MARIADB.conf_file}").content
+    assert "bind-address = 127.0.0.1,10.77.0.3\n" in conf  # never 0.0.0.0
+    assert f"ssl_ca = {layout.DB_CA}\n" in conf
+    tls = find(steps, "database TLS certificate")
+    fact = tls.needs[0]
+    made = tls.plan(PlanContext({fact.key: F.ShellResult(1, "")}))
+    assert (
+        "subjectAltName=IP:%s" in made.commands[0].script and "10.77.0.3" in made.commands[0].script
+    )
+    current = F.ShellResult(0, "X509v3 Subject Alternative Name:\n    IP Address:10.77.0.3\n")
+    assert tls.plan(PlanContext({fact.key: current})) is None
+    (db,) = [s for s in steps if isinstance(s, mysql.SecureDatabase)]
+    sql = "\n".join(stmt for _, stmt in mysql.plan_sql(mysql.DbState(), db.wanted))
+    for worker in ctx.workers:
+        assert f"CREATE USER 'optuna'@'{worker}' IDENTIFIED BY " in sql
+        assert f"@'{worker}' IDENTIFIED BY '{db.wanted.accounts[1].password}' REQUIRE SSL;" in sql
+        assert f"`optuna`.* TO 'optuna'@'{worker}'" in sql and f"'mlflow'@'{worker}'" not in sql
+    unit = find(mlflow_server.build(ctx), "file /etc/systemd/system/mlflow-server.service").content
+    assert "--host 127.0.0.1 --host 10.77.0.3 --port 5000" in unit
+    assert "--allowed-hosts" not in unit  # MLflow's default: loopback and private ranges
+    assert "IPAddressAllow=localhost 10.77.0.4 10.77.0.5\n" in unit
+
+
+def test_a_server_without_workers_stays_on_loopback():
+    steps = mysql.build(context())
+    assert "bind-address = 127.0.0.1\n" in find(steps, f"file {layout.MARIADB.conf_file}").content
+    assert not [s for s in steps if s.label == "database TLS certificate"]
+    unit = find(mlflow_server.build(context()), "file /etc/systemd/system/mlflow-server.service")
+    assert "--host 127.0.0.1 --port" in unit.content
+
+
+def test_requiring_tls_of_an_existing_account_is_planned():
+    w = mysql.Wanted(
+        (mysql.Account("optuna", "p" * 16, ("10.0.0.9",), ("optuna",), ("10.0.0.9",)),),
+    )
+    rows = (
+        user_row("optuna", "10.0.0.9", "p" * 16)
+        + "\n"
+        + "\n".join(f"dbpriv\t'optuna'@'10.0.0.9'\toptuna\t{p}" for p in mysql.REQUIRED_PRIVILEGES)
+    )
+    dbs = "db\tmlflow\tutf8mb4\tutf8mb4_bin\ndb\toptuna\tutf8mb4\tutf8mb4_bin\n"
+    whats = [what for what, _ in mysql.plan_sql(mysql.parse_state(dbs + rows), w)]
+    assert whats == ["require TLS of optuna@10.0.0.9", "flush privileges"]
+    rows = rows.replace(
+        user_row("optuna", "10.0.0.9", "p" * 16), user_row("optuna", "10.0.0.9", "p" * 16, "ANY"), 1
+    )
+    assert mysql.plan_sql(mysql.parse_state(dbs + rows), w) == []

@@ -4,6 +4,8 @@ process ever gets the tracking database's credential."""
 
 from __future__ import annotations
 
+import re
+
 from mlflow_stack.actions import tune
 from mlflow_stack.actions.remote import demo_command, secret_stdin
 from mlflow_stack.engine.host import Target
@@ -34,10 +36,17 @@ def test_shared_studies_use_the_tuning_account_and_workers_log_through_the_serve
     assert on_server["DEMO_WINE_STORAGE"].reveal() == (
         "mysql+pymysql://optuna:p%40ss%2Fword@127.0.0.1:3307/optuna"
     )
-    assert elsewhere["DEMO_WINE_STORAGE"].reveal().endswith("@10.0.0.1:3307/optuna")
+    assert (
+        elsewhere["DEMO_WINE_STORAGE"]
+        .reveal()
+        .endswith(
+            "@10.0.0.1:3307/optuna?ssl_ca=/etc/mlflow-stack/db-ca.pem"  # over TLS, its CA pinned
+        )
+    )
     assert tune.process_env(SERVER, WORKER) == {}  # the server's REST API
-    for env in (on_server, elsewhere):
-        assert "/mlflow" not in str({k: v.reveal() for k, v in env.items()})  # never MLflow's DB
+    for env in (on_server, elsewhere):  # never MLflow's database nor its account
+        assert all(re.match(r"mysql\+pymysql://optuna:[^@]+@[\d.]+:3307/optuna(\?|$)", v.reveal())
+                   for v in env.values())  # fmt: skip
 
 
 def test_secrets_travel_on_stdin_and_never_on_the_command_line():
@@ -52,3 +61,16 @@ def test_secrets_travel_on_stdin_and_never_on_the_command_line():
     assert cmd.startswith("IFS= read -r DEMO_WINE_STORAGE && export DEMO_WINE_STORAGE && ")
     assert "DEMO_WINE_RECORDER=/run/mlflow-recorder.sock" in cmd
     assert secret_stdin(*env.values()).splitlines() == [v.reveal() for v in env.values()]
+
+
+def test_a_failed_process_is_reported_with_how_to_add_the_missing_trials():
+    outcome = tune.TuneOutcome("field", {"e2e": 31}, {"e2e#0": "service"}, requested=60)
+    outcome.failures.append("e2e#1: cannot open Optuna storage")
+    lines = tune.render_outcome(outcome)
+    assert lines[-2] == "warning: e2e#1: cannot open Optuna storage"
+    assert lines[-1] == (
+        "warning: 31 of 60 trials done; the study keeps them: "
+        "invoke tune --study field --n-trials 29 adds the rest"
+    )
+    outcome.failures.clear()
+    assert not any(line.startswith("warning") for line in tune.render_outcome(outcome))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mlflow_stack import layout
+from mlflow_stack import layout, role_facts
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.steps import Apt, PlanContext, Schedule, Service, StepError
 from roles import anaconda, mlflow_server
@@ -35,9 +35,9 @@ def env_steps(**vars):
 def facts(step, stamp, exists=None, beside=NONE, leftover=None) -> PlanContext:
     values = {}
     for fact in step.needs:
-        if fact.key.startswith("shell:env mlflow.next"):
+        if fact.key.startswith("env-stamp:") and fact.key.endswith(".next"):
             values[fact.key] = beside
-        elif fact.key.startswith("shell:"):
+        elif fact.key.startswith("env-stamp:"):
             values[fact.key] = stamp
         elif fact.key.endswith("pyvenv.cfg"):
             values[fact.key] = exists
@@ -225,3 +225,12 @@ def test_a_controller_backup_is_taken_only_when_the_mlflow_env_would_change():
     host = Recorded(1, "")  # a bare host: its first env is no upgrade
     assert not pending_upgrade(host, v)
     assert "/opt/anaconda/envs/mlflow/pyvenv.cfg" in host.scripts[0]
+
+
+def test_the_facts_of_upgrades_and_the_admin_check_are_rebuilt_from_their_keys():
+    """The probe plan keeps keys only: these facts are prefetched like the rest."""
+    for fact in (
+        anaconda.next_stamp_fact("/opt/anaconda"),
+        role_facts.AuthAdmin("/opt/anaconda/envs/mlflow"),
+    ):
+        assert F.from_key(fact.key) == fact
