@@ -137,8 +137,18 @@ def have_zstd() -> bool:
 # --- MySQL/MariaDB as root (the local socket) ----------------------------------------------
 
 
+def mariadb_tools() -> bool:
+    """MariaDB's own client and dump tool are there (`mariadb`, `mariadb-dump`; the `mysql*`
+    names are only a compatibility package on newer Debian); else Oracle MySQL's."""
+    return shutil.which("mariadb") is not None and shutil.which("mariadb-dump") is not None
+
+
+def sql_client() -> str:
+    return "mariadb" if mariadb_tools() else "mysql"
+
+
 def mysql_rows(sql: str) -> list[list[str]]:
-    out = run(["mysql", "-N", "-B", "-e", sql])
+    out = run([sql_client(), "-N", "-B", "-e", sql])
     return [line.split("\t") for line in out.splitlines() if line]
 
 
@@ -161,7 +171,7 @@ class MysqlLock:
 
     def __enter__(self) -> MysqlLock:
         self.proc = subprocess.Popen(
-            ["mysql", "-N", "-B", "--unbuffered"],
+            [sql_client(), "-N", "-B", "--unbuffered"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -441,7 +451,7 @@ def describe(kind: str) -> dict:
     }
     if kind == "mysql":
         info["optuna"] = optuna_info()
-        info["db_server"] = run(["mysql", "-V"]).strip()
+        info["db_server"] = run([sql_client(), "-V"]).strip()
     return info
 
 
@@ -625,10 +635,12 @@ def part_name(base: str, level: int | None) -> str:
 
 def dump_argv(databases: tuple[str, ...] = DATABASES) -> list[str]:
     """One consistent snapshot (one transaction) of the databases while the server runs:
-    every MLflow and Optuna table is InnoDB."""
+    every MLflow and Optuna table is InnoDB. MySQL's dump leaves out GTID statements (a
+    restore onto another server must not claim its transactions)."""
     present = {r[0] for r in mysql_rows("SELECT schema_name FROM information_schema.schemata")}
+    tool = ["mariadb-dump"] if mariadb_tools() else ["mysqldump", "--set-gtid-purged=OFF"]
     return [
-        "mysqldump",
+        *tool,
         "--single-transaction",
         "--quick",
         "--routines",
@@ -682,7 +694,7 @@ class Snapshot:
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
-            ["mysql", "-N", "-B", "--unbuffered"],
+            [sql_client(), "-N", "-B", "--unbuffered"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -845,7 +857,7 @@ def cmd_restore_db(args: argparse.Namespace) -> int:
             f"DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db} {spec}" for db in DATABASES
         )
         with data_lock(kind, 60):
-            run(["mysql", "-e", reset])
+            run([sql_client(), "-e", reset])
             load_mysql(sys.stdin.buffer, args.compression)
     else:
         restore_file_as(MLFLOW_USER, SQLITE_DB, sys.stdin.buffer, args.compression, sqlite=True)
@@ -860,7 +872,9 @@ def load_mysql(stream, compression: str) -> None:
     """Decompress `stream` into `mysql` (the dump names its databases), without MariaDB's
     sandbox line, which MySQL's client refuses."""
     unpack = subprocess.Popen(decompress_argv(compression), stdin=stream, stdout=subprocess.PIPE)
-    client = subprocess.Popen(["mysql", "--batch"], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    client = subprocess.Popen(
+        [sql_client(), "--batch"], stdin=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     errors: list[bytes] = []
     reader = threading.Thread(target=lambda: errors.append(client.stderr.read()), daemon=True)
     reader.start()
@@ -1215,7 +1229,7 @@ def restore_from(kind: str, made: dict, level: int | None) -> None:
     compression = "zstd" if level is not None else "none"
     if kind == "mysql":
         spec = f"CHARACTER SET {CHARSET} COLLATE {COLLATION}"
-        run(["mysql", "-e", f"DROP DATABASE IF EXISTS mlflow; CREATE DATABASE mlflow {spec}"])
+        run([sql_client(), "-e", f"DROP DATABASE IF EXISTS mlflow; CREATE DATABASE mlflow {spec}"])
         with open(made["mlflow.sql"], "rb") as dump:
             load_mysql(dump, compression)
     else:

@@ -277,3 +277,24 @@ def test_the_agent_runs_only_when_it_is_this_versions():
     assert command.endswith(
         f"/opt/anaconda/envs/mlflow/bin/python -I {layout.STACKDATA} backup --level 1"
     )
+
+
+@pytest.mark.parametrize(
+    ("installed", "client", "dump"),
+    [
+        ({"mariadb", "mariadb-dump", "mysql", "mysqldump"}, "mariadb", ["mariadb-dump"]),
+        ({"mysql", "mysqldump"}, "mysql", ["mysqldump", "--set-gtid-purged=OFF"]),
+    ],
+)
+def test_the_dump_and_client_are_the_servers_own(monkeypatch, installed, client, dump):
+    """MariaDB's tools by their own names; Oracle MySQL's without GTID statements (a
+    restore onto another server must not claim its transactions)."""
+    monkeypatch.setattr(
+        S.shutil, "which", lambda name: f"/usr/bin/{name}" if name in installed else None
+    )
+    monkeypatch.setattr(S, "mysql_rows", lambda sql: [["mlflow"], ["optuna"], ["mysql"]])
+    argv = S.dump_argv()
+    assert S.sql_client() == client
+    assert argv[: len(dump)] == dump
+    assert "--single-transaction" in argv
+    assert argv[-3:] == ["--databases", "mlflow", "optuna"]
