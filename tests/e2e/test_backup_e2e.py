@@ -1,15 +1,17 @@
 """Nothing lost (issue #19), on real sandboxes: backup and restore, safe MLflow upgrades, gc.
 
-Three hosts. A is the session's stack. B (a fresh host, the restore target) and OLD (a fresh
-host provisioned with MLflow 2.22.5 through `python.requirements`) are booted and provisioned
-in the background as soon as the module starts, while A is filled: their cold converges
-overlap the drill's setup and each other.
+Four hosts. A is the session's stack. B (a fresh host, the restore target), OLD (a fresh host
+provisioned with MLflow 2.22.5 through `python.requirements`) and SID (Debian sid with Oracle
+MySQL 9) are booted and provisioned in the background as soon as the module starts, while A
+is filled: their cold converges overlap the drill's setup and each other.
 
 - the drill: A trained, tuned (a shared study of 50 trials), the champion registered, a
   multi-MB artifact, a user with a permission (public mode, then back); backed up; restored onto
   B; everything is there on B, byte for byte, and B's champion predicts what A's does;
 - a backup killed mid-way leaves only a `.partial` directory, which restore refuses; the lock
   goes with it; a corrupted part is refused with one line naming it;
+- Oracle MySQL: SID trained and tuned, backed up (mysqldump), changed, restored with --force
+  (the mysql client): the counts and every artifact are the backup's again;
 - gc: the timer's service removes deleted runs (rows and files), keeps the one a model version
   still needs, leaves the rest alone;
 - upgrades for real: OLD filled by MLflow 2.22.5, upgraded to 3.0.1 (backup, migration,
@@ -83,9 +85,9 @@ class Provisioning:
 class Spare:
     """A fresh host of this module: its sandbox, inventory, background converge, tunnel."""
 
-    def __init__(self, directory: Path, name: str, vars_yaml: str = "") -> None:
+    def __init__(self, directory: Path, name: str, vars_yaml: str = "", **options) -> None:
         self.name = name
-        self.info = boot()
+        self.info = boot(**options)
         directory.mkdir()
         self.inv = inventory(directory, self.info, name=name, vars_yaml=vars_yaml)
         self.provisioning: Provisioning | None = Provisioning(self.inv, name)
@@ -118,11 +120,12 @@ class Spare:
 
 @pytest.fixture(scope="module")
 def spares(stack, tmp_path_factory):
-    """B and OLD, booted and converging in the background from the module's start."""
+    """B, OLD and SID, booted and converging in the background from the module's start."""
     base = tmp_path_factory.mktemp("spares")
     made = {}
     try:
         made["b"] = Spare(base / "b", "b")
+        made["sid"] = Spare(base / "sid", "sid", "mysql: {server: mysql}", distro="sid")
         made["old"] = Spare(
             base / "old", "old", f"python: {{requirements: {{mlflow: {OLD_PINS['2.22.5']}}}}}"
         )
@@ -363,6 +366,52 @@ def test_a_killed_backup_is_refused_and_a_corrupt_part_is_named(stack, backup_a,
     part.write_bytes(bytes(data))
     refused = error_line(cli(stack.inv, "restore", "--from", str(corrupt), "--host", "e2e"))
     assert "part artifacts.tar.zst is corrupt" in refused and "nothing was restored" in refused
+
+
+# --- Oracle MySQL --------------------------------------------------------------------------
+
+
+def mysql_counts(info) -> list[str]:
+    h = host(info, "sid")
+    try:
+        return sh(h, 'mysql -N -B -e "SELECT COUNT(*) FROM mlflow.runs; '
+                     'SELECT COUNT(*) FROM optuna.trials; SELECT VERSION()"').split()  # fmt: skip
+    finally:
+        h.close()
+
+
+@pytest.mark.timeout(2400)
+def test_a_backup_restores_on_oracle_mysql(spares, tmp_path):
+    """The drill's database half on Debian sid with Oracle MySQL 9 (mysqldump, the mysql
+    client, caching_sha2_password accounts): backed up, changed, restored with --force."""
+    sid = spares["sid"].ready()
+    trained = ok(cli(sid.inv, "train", "--alpha", "0.5"))
+    run_id = re.search(r"^run ([0-9a-f]{32}) ", trained, re.M).group(1)
+    ok(cli(sid.inv, "tune", "--n-trials", "6", "--jobs-per-host", "1", "--study", "e2e-mysql",
+           "--quiet"))  # fmt: skip
+    runs, trials, version = mysql_counts(sid.info)
+    assert version.startswith("9.") and int(runs) >= 7 and int(trials) == 6
+    artifacts = tree_digest(sid.info, "/var/lib/mlflow/artifacts")
+
+    out = ok(cli(sid.inv, "backup", "--to", str(tmp_path), "--quiet"))
+    path = Path(re.search(r"^backup of sid: (\S+)$", out, re.M).group(1))
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["backend"] == "mysql" and "9." in manifest["db_server"]
+    assert manifest["counts"]["after"]["runs"] == int(runs)
+
+    ok(cli(sid.inv, "train", "--alpha", "0.1"))  # data the restore must replace
+    assert int(mysql_counts(sid.info)[0]) == int(runs) + 1
+    refused = error_line(cli(sid.inv, "restore", "--from", str(path), "--host", "sid"))
+    assert "holds data of its own" in refused
+    out = ok(cli(sid.inv, "restore", "--from", str(path), "--host", "sid", "--force",
+                 timeout=1200))  # fmt: skip
+    assert "counts match the backup's manifest" in out, out
+    assert mysql_counts(sid.info) == [runs, trials, version]
+    assert tree_digest(sid.info, "/var/lib/mlflow/artifacts") == artifacts
+    from mlflow import MlflowClient
+
+    client = MlflowClient(sid.tracking_uri)
+    assert float(client.get_run(run_id).data.params["alpha"]) == 0.5
 
 
 # --- gc ----------------------------------------------------------------------------------
