@@ -89,24 +89,27 @@ def payload(info) -> tuple[list[str], int, int]:
     return files, total, len(files) - 1
 
 
+def timed(info, command: str, what: str, **streams) -> float:
+    """Wall seconds of one `ssh host COMMAND` with `streams` (stdin, stdout)."""
+    started = time.perf_counter()
+    proc = ssh(info, command, **streams)
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed")
+    return time.perf_counter() - started
+
+
 def raw_down(info, files: list[str], local: Path) -> float:
     """`ssh host cat FILES > local`: the same bytes, no tar, no compression, no hashing."""
     out(info, "cat > /var/tmp/bench-files", stdin="\n".join(files) + "\n")
-    started = time.perf_counter()
     with open(local, "wb") as sink:
-        proc = ssh(info, "tr '\\n' '\\0' < /var/tmp/bench-files | xargs -0 cat", stdout=sink)
-    if proc.returncode != 0:
-        raise SystemExit("raw cat failed")
-    return time.perf_counter() - started
+        return timed(info, "tr '\\n' '\\0' < /var/tmp/bench-files | xargs -0 cat", "raw cat",
+                     stdout=sink)  # fmt: skip
 
 
 def raw_up(info, local: Path) -> float:
-    started = time.perf_counter()
+    """`ssh host 'cat > /dev/null' < local`."""
     with open(local, "rb") as source:
-        proc = ssh(info, "cat > /dev/null", stdin=source)
-    if proc.returncode != 0:
-        raise SystemExit("raw upload failed")
-    return time.perf_counter() - started
+        return timed(info, "cat > /dev/null", "raw upload", stdin=source)
 
 
 def inventory(directory: Path, name: str) -> Path:
