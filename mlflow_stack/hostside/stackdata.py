@@ -159,6 +159,34 @@ def mysql_tables(database: str) -> set[str]:
     return {r[0] for r in rows}
 
 
+class MysqlSession:
+    """One `mysql` client session as root, fed statements on stdin and read line by line:
+    what it holds (a lock, a read view) lasts as long as the session, and no longer than this
+    process."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sql_client(), "-N", "-B", "--unbuffered"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def say(self, sql: str) -> None:
+        self.proc.stdin.write(sql + "\n")
+        self.proc.stdin.flush()
+
+    def answer(self) -> str:
+        return self.proc.stdout.readline().strip()
+
+    def end(self, sql: str = "") -> None:
+        with contextlib.suppress(OSError):
+            if sql:
+                self.say(sql)
+            self.proc.stdin.close()
+        self.proc.wait()
+
+
 class MysqlLock:
     """The named lock, held by a `mysql` client session for as long as this is entered.
 
@@ -167,20 +195,14 @@ class MysqlLock:
 
     def __init__(self, wait: int) -> None:
         self.wait = wait
-        self.proc: subprocess.Popen | None = None
+        self.session: MysqlSession | None = None
 
     def __enter__(self) -> MysqlLock:
-        self.proc = subprocess.Popen(
-            [sql_client(), "-N", "-B", "--unbuffered"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.proc.stdin.write(f"SELECT GET_LOCK('{LOCK_NAME}', {self.wait});\n")
-        self.proc.stdin.flush()
-        answer = self.proc.stdout.readline().strip()
+        self.session = MysqlSession()
+        self.session.say(f"SELECT GET_LOCK('{LOCK_NAME}', {self.wait});")
+        answer = self.session.answer()
         if answer != "1":
-            self.proc.kill()
+            self.session.proc.kill()
             raise Failure(
                 f"another backup, migration or gc held the data lock for {self.wait} s"
                 if answer == "0"
@@ -189,11 +211,8 @@ class MysqlLock:
         return self
 
     def __exit__(self, *exc) -> None:
-        assert self.proc is not None
-        with contextlib.suppress(OSError):
-            self.proc.stdin.write(f"DO RELEASE_LOCK('{LOCK_NAME}');\n")
-            self.proc.stdin.close()
-        self.proc.wait()
+        assert self.session is not None
+        self.session.end(f"DO RELEASE_LOCK('{LOCK_NAME}');")
 
 
 @contextlib.contextmanager
@@ -687,39 +706,28 @@ def estimate(kind: str) -> dict[str, int]:
     return sizes
 
 
-class Snapshot:
+class Snapshot(MysqlSession):
     """A MySQL read view opened now (`START TRANSACTION WITH CONSISTENT SNAPSHOT`) whose
     counts can be read later, while a dump that started after it runs: they are then a lower
     bound of the dump's own (what it holds was appended after, never before)."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sql_client(), "-N", "-B", "--unbuffered"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self._say("START TRANSACTION WITH CONSISTENT SNAPSHOT; SELECT 'ready';")
-        if self.proc.stdout.readline().strip() != "ready":
+        super().__init__()
+        self.say("START TRANSACTION WITH CONSISTENT SNAPSHOT; SELECT 'ready';")
+        if self.answer() != "ready":
             raise Failure("could not open a read snapshot of the databases")
-
-    def _say(self, sql: str) -> None:
-        self.proc.stdin.write(sql + "\n")
-        self.proc.stdin.flush()
 
     def counts(self) -> dict[str, int]:
         query = count_union()
         values: dict[str, int] = {}
         if query:
-            self._say(f"{query}; SELECT 'end', 0;")
+            self.say(f"{query}; SELECT 'end', 0;")
             for line in self.proc.stdout:
                 name, _, value = line.rstrip("\n").partition("\t")
                 if name == "end":
                     break
                 values[name] = int(value)
-        self._say("COMMIT;")
-        self.proc.stdin.close()
-        self.proc.wait()
+        self.end("COMMIT;")
         return values
 
 
