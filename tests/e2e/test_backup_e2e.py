@@ -161,6 +161,20 @@ def admin_password(info) -> str:
         h.close()
 
 
+def optuna_schema(info, name: str = "e2e") -> None:
+    """Optuna's schema made once, before two processes join a study: two workers creating it
+    at the same moment on a fresh database can both stamp its Alembic revision, and the loser
+    keeps failing (tune's retry does not always get past it; not this module's topic)."""
+    h = host(info, name)
+    try:
+        make = "import sys, optuna; optuna.storages.RDBStorage(sys.stdin.readline().strip())"
+        sh(h, "pw=$(cat /etc/mlflow-stack/secrets/db_tuning_password) && "
+              "echo \"mysql+pymysql://optuna:$pw@127.0.0.1:3306/optuna\" | "
+              f"runuser -u demo -- /opt/anaconda/envs/demo/bin/python -c '{make}'")  # fmt: skip
+    finally:
+        h.close()
+
+
 @pytest.fixture(scope="module")
 def filled(stack, spares, tmp_path_factory):
     """A with a trained run, a tuned study (shared, in MariaDB), the champion, a several-MB
@@ -169,17 +183,7 @@ def filled(stack, spares, tmp_path_factory):
 
     out = ok(cli(stack.inv, "train", "--alpha", "0.37", "--experiment", "e2e-drill"))
     train_run = re.search(r"^run ([0-9a-f]{32}) ", out, re.M).group(1)
-    # Optuna's schema made once, before two processes join the study: two workers creating it
-    # at the same moment on a fresh database can both stamp its Alembic revision, and the
-    # loser keeps failing (tune's retry does not always get past it; not this module's topic)
-    h = host(stack.info)
-    try:
-        make = "import sys, optuna; optuna.storages.RDBStorage(sys.stdin.readline().strip())"
-        sh(h, "pw=$(cat /etc/mlflow-stack/secrets/db_tuning_password) && "
-              "echo \"mysql+pymysql://optuna:$pw@127.0.0.1:3306/optuna\" | "
-              f"runuser -u demo -- /opt/anaconda/envs/demo/bin/python -c '{make}'")  # fmt: skip
-    finally:
-        h.close()
+    optuna_schema(stack.info)
     out = ok(cli(stack.inv, "tune", "--n-trials", "50", "--jobs-per-host", "2", "--study",
                  TUNING, "--experiment", "e2e-drill-tune", "--quiet"))  # fmt: skip
     assert re.search(r"study e2e-drill: 50 trials", out), out
@@ -387,7 +391,8 @@ def test_a_backup_restores_on_oracle_mysql(spares, tmp_path):
     sid = spares["sid"].ready()
     trained = ok(cli(sid.inv, "train", "--alpha", "0.5"))
     run_id = re.search(r"^run ([0-9a-f]{32}) ", trained, re.M).group(1)
-    ok(cli(sid.inv, "tune", "--n-trials", "6", "--jobs-per-host", "1", "--study", "e2e-mysql",
+    optuna_schema(sid.info, "sid")  # a shared study (two processes), in MySQL
+    ok(cli(sid.inv, "tune", "--n-trials", "6", "--jobs-per-host", "2", "--study", "e2e-mysql",
            "--quiet"))  # fmt: skip
     runs, trials, version = mysql_counts(sid.info)
     assert version.startswith("9.") and int(runs) >= 7 and int(trials) == 6
