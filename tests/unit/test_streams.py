@@ -97,3 +97,16 @@ def test_host_stream_reports_a_stalled_transfer():
     host = Host(Target("web", "192.0.2.7"), _link=Stalled())
     with pytest.raises(HostError, match="no progress for 3 s"):
         host.stream("cat", sink=lambda c: None, timeout=3)
+
+
+def test_host_run_reports_a_silent_command():
+    class Silent:
+        is_open = True
+
+        def run(self, command, stdin, timeout, on_output):
+            return streams.Output(None, "", "")
+
+    host = Host(Target("web", "192.0.2.7"), _link=Silent())
+    with pytest.raises(HostError, match="gave no output for 2 s and was stopped"):
+        host.run("sleep 9", timeout=2)
+    assert host.commands == 1
