@@ -44,6 +44,12 @@ def provision(c, host=None, roles=None, check=False, diff=False, json=False, inv
     with cli.reporting(code=2):
         secrets.check_given()  # a secret given too short is refused before anything connects
     hosts = cli.hosts_for(host, inventory)
+    if any(h.vars.backup.before_upgrade == "controller" for h in hosts):  # issue #19
+        from mlflow_stack.actions.backup import before_upgrades
+
+        with cli.reporting():
+            for line in before_upgrades(hosts, check=check):
+                cli.say(line)
     with cli.reporting():
         recaps = provisioning.provision(
             hosts,
@@ -158,14 +164,16 @@ def check_mysql(c, host=None, inventory=None):
 
 @task(help={"host": HOST_HELP, "inventory": INVENTORY_HELP})
 def status(c, host=None, inventory=None):
-    """Show every unit (database, MLflow, Jupyter, served models): state, health, version."""
+    """Show every unit (database, MLflow, Jupyter, served models), data sizes and free disk."""
     from mlflow_stack.actions import status as statuses
+    from mlflow_stack.actions import storage
     from mlflow_stack.layout import Layout
 
     with cli.on_host(host, inventory) as (resolved, h):
         rows = statuses.gather(h, Layout.of(resolved.vars))
-        cli.say(statuses.render_status(h.name, rows))
+        usage = storage.gather(h, resolved.vars)  # sizes, free disk (issue #19)
         outside = statuses.outside_in(h, resolved)  # public mode: the site from outside
+    cli.say(statuses.render_status(h.name, rows), *storage.render(usage))
     failed = [f"{r.unit} {r.state}/{r.health}" for r in rows if not r.ok]
     if outside is not None:
         cli.say(outside[0])
@@ -327,8 +335,98 @@ def demo(c, fresh=False, keep=True, trials="300", host="sandbox", port=54321, in
                 cli.say(f"sandbox {stopped} stopped (--no-keep)")
 
 
+# --- backup and restore (issue #19) ------------------------------------------------------
+
+
+@task(
+    help={
+        "to": "directory the backup goes into, as <host>-<UTC time>/ (default: backups)",
+        "with_secrets": "also back up the host's secrets (the backup is then 0600: keep it safe)",
+        "level": "zstd level on the host, 1-19 (default 1: fast); 0 sends it uncompressed",
+        "quiet": "no progress line",
+        "host": HOST_HELP,
+        "inventory": INVENTORY_HELP,
+    }
+)
+def backup(c, to="backups", with_secrets=False, level="1", quiet=False, host=None,
+           inventory=None):  # fmt: skip
+    """Back up a host (databases, auth DB, artifacts, notebooks, manifest) to a directory here."""
+    from pathlib import Path
+
+    from mlflow_stack.actions import backup as backups
+    from mlflow_stack.actions.progress import Progress
+    from mlflow_stack.layout import Layout
+
+    with cli.reporting(code=2):
+        zstd_level = inputs.whole_number(level, "--level", 0, 19)
+        to = inputs.local_path(to, "--to")
+    with cli.on_host(host, inventory) as (resolved, h):
+        progress = None if quiet else Progress(f"backup of {h.name}")
+        with cli.reporting():
+            result = backups.backup(
+                h,
+                Layout.of(resolved.vars),
+                Path(to),
+                with_secrets=with_secrets,
+                level=zstd_level,
+                progress=progress,
+            )
+    cli.say(*backups.summary(result))
+
+
+@task(
+    name="restore",
+    help={
+        "from_": "a backup directory made by invoke backup",
+        "host": "the host to restore onto (required: restoring replaces its data)",
+        "force": "restore onto a host that holds data of its own (it is replaced)",
+        "with_secrets": "also put the backup's secrets in place (then run invoke provision)",
+        "quiet": "no progress line",
+        "inventory": INVENTORY_HELP,
+    },
+)
+def restore(c, from_=None, host=None, force=False, with_secrets=False, quiet=False,
+            inventory=None):  # fmt: skip
+    """Restore a backup onto a provisioned host; refuses a newer, corrupt or partial backup."""
+    from pathlib import Path
+
+    from mlflow_stack.actions import restore as restoring
+    from mlflow_stack.actions.progress import Progress
+    from mlflow_stack.layout import Layout
+
+    with cli.reporting(code=2):
+        if not from_:
+            raise inputs.InputError("--from: give the backup directory to restore")
+        if not host:
+            raise inputs.InputError("--host: name the host to restore onto")
+        from_ = inputs.local_path(from_, "--from")
+    with cli.reporting():
+        checking = None if quiet else Progress(f"backup {from_}")
+        loaded = restoring.load(Path(from_), checking)
+        if checking is not None:
+            checking.finish()
+    with cli.on_host(host, inventory) as (resolved, h):
+        progress = None if quiet else Progress(f"restore onto {h.name}")
+        with cli.reporting():
+            result = restoring.restore(
+                h,
+                Layout.of(resolved.vars),
+                loaded,
+                force=force,
+                with_secrets=with_secrets,
+                progress=progress,
+            )
+    cli.say(*restoring.summary(result, loaded))
+    if with_secrets:
+        cli.say(f"secrets restored: run `invoke provision --host {h.name}` to apply them")
+    if result.mismatches:
+        raise cli.fail(f"{h.name}: restored, but " + "; ".join(result.mismatches))
+
+
 ns = Collection(demo, provision, train, tune, serve, predict, check_mysql, status, urls, tunnel)
 ns.add_collection(users_tasks.ns)  # MLflow accounts: users.add, .list, .passwd, .grant, .remove
+ns.add_task(backup)
+ns.add_task(restore)
 try:
     from mlflow_stack import sandbox_tasks
 except ImportError:  # the sandbox module is optional on machines that only provision

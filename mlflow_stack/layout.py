@@ -75,6 +75,17 @@ RECORDER_SOCKET = "/run/mlflow-recorder.sock"
 RECORDER_SOCKET_UNIT = "mlflow-recorder.socket"
 RECORDER_UNIT = "mlflow-recorder.service"
 
+# --- backup, restore, safe upgrades, gc (issue #19) ----------------------------------------
+
+# The host side of backup, restore, upgrade and gc (run with the mlflow env's Python).
+STACKDATA = f"{MLFLOW_HOME}/stackdata.py"
+# Root's: the database dumps a safe upgrade takes before it migrates (the newest few kept).
+UPGRADE_BACKUPS = "/var/backups/mlflow-stack"
+GC_UNIT = "mlflow-gc.service"  # `mlflow gc` for deleted runs older than gc.older_than
+GC_TIMER = "mlflow-gc.timer"
+# The env a new MLflow is built in beside the serving one, switched to once migrated.
+NEXT_SUFFIX = ".next"
+
 # --- the database server -----------------------------------------------------------------
 
 DATABASES = ("mlflow", "optuna")  # MLflow's tracking store, Optuna's shared studies

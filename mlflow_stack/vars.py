@@ -60,6 +60,9 @@ class PythonVars(_Section):
         f"{MINIFORGE_VERSION}/Miniforge3-{MINIFORGE_VERSION}-Linux-{{arch}}.sh"
     )
     miniforge_sha256: dict[Arch, Sha256] = Field(default_factory=dict)  # {x86_64: …, aarch64: …}
+    # uv only: an env's hashed requirements file on the controller instead of the pinned one
+    # (roles/files/requirements/<env>.txt), e.g. an older MLflow to test upgrades from.
+    requirements: dict[Literal["mlflow", "demo"], LocalPath] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _conda_needs_checksums(self, info: ValidationInfo) -> PythonVars:
@@ -153,6 +156,32 @@ class PublicVars(_Section):
         return self
 
 
+# --- backup, restore, safe upgrades, gc (issue #19) ----------------------------------------
+
+# `mlflow gc --older-than`'s format: 30d, 12h, 1d2h3m4s (empty: gc off)
+GC_AGE = r"^(\d+(\.\d+)?d)?(\d+(\.\d+)?h)?(\d+(\.\d+)?m)?(\d+(\.\d+)?s)?$"
+SIZE = r"^\d+(\.\d+)?\s*([kKMGT]i?B?|B)?$"
+
+
+class BackupVars(_Section):
+    # Before a converge migrates the schema to a new MLflow: `host` keeps a dump of the
+    # tracking and auth databases on the host (the newest 3, /var/backups/mlflow-stack), put
+    # back if the migration fails; `controller` also streams a whole `invoke backup` into `dir`.
+    before_upgrade: Literal["host", "controller"] = "host"
+    dir: LocalPath = "backups"  # on the controller (relative to where invoke runs)
+
+
+class GcVars(_Section):
+    # A systemd timer runs `mlflow gc` for runs deleted longer ago than this ("" turns it off).
+    older_than: str = Field(default="30d", pattern=GC_AGE)
+    on_calendar: str = Field(default="daily", pattern=r"^[\w*:,./~ -]+$")  # systemd OnCalendar
+
+
+class DiskVars(_Section):
+    # `invoke status` warns when the disk holding MLflow's data has less free than this.
+    warn_free_below: str = Field(default="2GB", pattern=SIZE)
+
+
 class StackVars(_Section):
     sizing: SizingVars = Field(default_factory=SizingVars)
     python: PythonVars = Field(default_factory=PythonVars)
@@ -161,6 +190,10 @@ class StackVars(_Section):
     jupyter: JupyterVars = Field(default_factory=JupyterVars)
     demo: DemoVars = Field(default_factory=DemoVars)
     public: PublicVars = Field(default_factory=PublicVars)
+
+    backup: BackupVars = Field(default_factory=BackupVars)
+    gc: GcVars = Field(default_factory=GcVars)
+    disk: DiskVars = Field(default_factory=DiskVars)
     test: dict = Field(default_factory=dict)  # free-form, for engine tests only
 
     @model_validator(mode="before")

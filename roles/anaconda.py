@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlflow_stack import layout, role_facts
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
 from mlflow_stack.engine.role import Role
-from mlflow_stack.engine.steps import Apt, Directory, File, Run, Step, q
+from mlflow_stack.engine.steps import Apt, Directory, File, Run, Step, StepError, q
 from roles import mlflow_server
+
+if TYPE_CHECKING:
+    from mlflow_stack.host_vars import HostVars
 
 FILES = Path(__file__).parent / "files"
 # env → the unit restarted when it is synced again
@@ -57,6 +62,33 @@ def requirements(env: str, manager: str = "uv") -> str:
     return (FILES / "requirements" / f"{env}.txt").read_text()
 
 
+def requirements_for(ctx: RoleContext, env: str) -> str:
+    """The requirements an env is synced from: the pinned file, or (uv) the file the
+    `python.requirements` variable names for it, read on the controller."""
+    return requirements_of(ctx.vars, env)
+
+
+def requirements_of(host_vars: HostVars, env: str) -> str:
+    """`requirements_for`, from a host's variables."""
+    pv = host_vars.python
+    given = pv.requirements.get(env) if pv.manager == "uv" else None
+    if not given:
+        return requirements(env, pv.manager)
+    try:
+        return Path(given).expanduser().read_text()
+    except OSError as exc:
+        raise StepError(f"python.requirements.{env}: cannot read {given}: {exc.strerror}") from None
+
+
+MLFLOW_PIN = re.compile(r"^mlflow(?:\[[^\]]*\])?==([\w.+-]+)", re.M)
+
+
+def mlflow_version(text: str) -> str:
+    """The MLflow version a requirements (or environment) file pins ("" if none)."""
+    found = MLFLOW_PIN.search(text) or re.search(r"- mlflow(?:\[[^\]]*\])?=+([\w.+-]+)", text)
+    return found[1] if found else ""
+
+
 def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -94,12 +126,16 @@ def install_uv_script(prefix: str) -> str:
     )
 
 
-def sync_env_script(prefix: str, env: str) -> str:
-    """Create the env if needed, sync it exactly to the hashed requirements, stamp it."""
-    path, req = layout.env_dir(prefix, env), f"{prefix}/requirements/{env}.txt"
+def sync_env_script(prefix: str, env: str, into: str = "") -> str:
+    """Create the env if needed, sync it exactly to the hashed requirements, stamp it.
+    `into`: another directory (the env beside the serving one), made relocatable so that it
+    can be renamed into place."""
+    path, req = into or layout.env_dir(prefix, env), f"{prefix}/requirements/{env}.txt"
+    relocatable = " --relocatable" if into else ""
     return (
         f"set -e; {UV_ENV}; "
-        f"[ -x {path}/bin/python ] || {prefix}/bin/uv venv -q --python /usr/bin/python3 {path}; "
+        f"[ -x {path}/bin/python ] || "
+        f"{prefix}/bin/uv venv -q{relocatable} --python /usr/bin/python3 {path}; "
         f"{prefix}/bin/uv pip sync -q --require-hashes "
         f"--python {path}/bin/python {req}; "
         f"sha256sum < {req} | cut -d' ' -f1 > {path}/{STAMP}"
@@ -119,10 +155,15 @@ def uv_steps(ctx: RoleContext, prefix: str) -> list[Step]:
         ),
     ]
     for env, unit in ENVS.items():
-        text = requirements(env)
+        text = requirements_for(ctx, env)
         stamp = stamp_fact(prefix, env)
-        steps += [
-            File(f"{prefix}/requirements/{env}.txt", text, label=f"requirements of env {env}"),
+        steps.append(
+            File(f"{prefix}/requirements/{env}.txt", text, label=f"requirements of env {env}")
+        )
+        if env == layout.MLFLOW_ENV:
+            steps += mlflow_env_steps(prefix, text, stamp)
+            continue
+        steps.append(
             Run(
                 f"env {env}",
                 sync_env_script(prefix, env),
@@ -130,14 +171,10 @@ def uv_steps(ctx: RoleContext, prefix: str) -> list[Step]:
                 needs=(stamp,),
                 notify=(unit,),
                 id=env_step_id(env),
-            ),
-        ]
-        if env == layout.MLFLOW_ENV:  # its bytecode compiles while MariaDB installs
-            steps.append(
-                mlflow_server.warm_bytecode_step(layout.env_dir(prefix, env), env_step_id(env))
             )
+        )
     cache = F.PathState(UV_CACHE)
-    synced = {env_step_id(env) for env in ENVS}
+    synced = {env_step_id(env) for env in ENVS} | {NEXT_ENV_ID}
     steps.append(
         Run(
             "prune uv cache",
@@ -147,6 +184,63 @@ def uv_steps(ctx: RoleContext, prefix: str) -> list[Step]:
         )
     )
     return steps
+
+
+# --- the mlflow env: a new one is built beside the serving one (issue #19) ----------------
+
+
+def next_env(prefix: str) -> str:
+    """Where a changed mlflow env is built while the current one serves on."""
+    return layout.env_dir(prefix, layout.MLFLOW_ENV) + layout.NEXT_SUFFIX
+
+
+NEXT_ENV_ID = env_step_id(layout.MLFLOW_ENV + layout.NEXT_SUFFIX)
+
+
+def next_stamp_fact(prefix: str) -> F.Fact:
+    """The requirements hash of the env built beside the serving one (after its sync)."""
+    return role_facts.EnvStamp(next_env(prefix))
+
+
+def mlflow_env_steps(prefix: str, text: str, stamp: F.Fact) -> list[Step]:
+    """The tracking server's env. A first one is synced in place. A changed one is synced
+    beside it (`mlflow.next`) while the server goes on serving; the mlflow_server role backs
+    up, migrates and switches to it once that worked (`stackdata.py upgrade`), so a failed
+    migration leaves the previous MLflow serving. A leftover `mlflow.next` whose wanted
+    requirements are the serving env's again (a pin reverted) is removed."""
+    env = layout.MLFLOW_ENV
+    path, beside = layout.env_dir(prefix, env), next_env(prefix)
+    exists = F.PathState(f"{path}/pyvenv.cfg")
+    next_stamp = next_stamp_fact(prefix)
+    leftover = F.PathState(beside)
+    current = lambda c: env_is_current(c[stamp], text)  # noqa: E731
+    return [
+        Run(
+            f"env {env}",
+            sync_env_script(prefix, env),
+            when=lambda c: not current(c) and c[exists] is None,
+            needs=(stamp, exists),
+            notify=(ENVS[env],),
+            id=env_step_id(env),
+        ),
+        # its bytecode compiles while MariaDB installs
+        mlflow_server.warm_bytecode_step(path, env_step_id(env)),
+        Run(
+            f"env {env} (new, beside the serving one)",
+            sync_env_script(prefix, env, into=beside),
+            when=lambda c: (
+                not current(c) and c[exists] is not None and not env_is_current(c[next_stamp], text)
+            ),
+            needs=(stamp, exists, next_stamp),
+            id=NEXT_ENV_ID,
+        ),
+        Run(
+            f"env {env}.next removed (the serving env is the wanted one)",
+            f"rm -rf {q(beside)}",
+            when=lambda c: current(c) and c[leftover] is not None,
+            needs=(stamp, leftover),
+        ),
+    ]
 
 
 # --- conda (verified as a plan only: conda channels are unreachable from CI) -----------
@@ -200,7 +294,7 @@ def conda_steps(ctx: RoleContext, prefix: str) -> list[Step]:
         Directory(f"{prefix}/requirements"),
     ]
     for env, unit in ENVS.items():
-        text = requirements(env, "conda")
+        text = requirements_for(ctx, env)
         stamp = stamp_fact(prefix, env)
         path = layout.env_dir(prefix, env)
         steps += [

@@ -15,6 +15,7 @@ from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
 from mlflow_stack.engine.role import Role
 from mlflow_stack.engine.steps import (
+    Apt,
     Directory,
     File,
     Run,
@@ -39,6 +40,15 @@ from roles.accounts import mlflow_account
 
 # Alembic head of the pinned mlflow (3.17.2); tests check it against the installed mlflow.
 SCHEMA_HEAD = "dc11669786a5"
+PINNED = "3.17.2"
+# Heads of the MLflow versions an env may be pinned to instead (python.requirements, for
+# upgrade tests): 2.22.5 is the last 2.x; 3.0 and 3.1 share theirs.
+SCHEMA_HEADS = {
+    PINNED: SCHEMA_HEAD,
+    "3.1.4": "bda7b8c39065",
+    "3.0.1": "bda7b8c39065",
+    "2.22.5": "0584bdc529eb",
+}
 SNAPSHOT = hostside.HERE / "schema-mariadb.sql"  # that head, as MLflow builds it
 LOADING = "mlflow_stack_schema_loading"  # table marking a snapshot load not finished yet
 WARM_ID = "mlflow_server:bytecode"
@@ -53,6 +63,7 @@ WARM_IMPORTS = (
     "mlflow.store.tracking.sqlalchemy_store",
     "mlflow.store.model_registry.sqlalchemy_store",
 )
+ADMIN_SECRET = "mlflow_admin_password"
 TABLES_QUERY = role_facts.TABLES_QUERY
 
 
@@ -102,7 +113,7 @@ def warm_bytecode_step(env_prefix: str, env_synced: str) -> Run:
     MariaDB installs and the server's first start only imports. The cache is root's (root
     writes it, the server only reads it): no account can plant bytecode root would run."""
     cache = F.PathState(MLFLOW_PYCACHE)
-    imports = q("import " + ", ".join(WARM_IMPORTS))
+    imports = q(warm_code())
     return Run(
         "bytecode of the MLflow server",
         f"install -d -m 0755 {layout.STACK_CACHE} {MLFLOW_PYCACHE} && cd / && "
@@ -115,9 +126,19 @@ def warm_bytecode_step(env_prefix: str, env_synced: str) -> Run:
     )
 
 
-def needs_migration(version: str) -> bool:
-    """An existing schema older than the pinned MLflow's (an empty one the server creates)."""
-    return version.strip() not in ("", SCHEMA_HEAD)
+def warm_code() -> str:
+    """Python importing what the server imports (a module another MLflow lacks is skipped)."""
+    return (
+        "import importlib\n"
+        f"for name in {WARM_IMPORTS!r}:\n"
+        "    try:\n        importlib.import_module(name)\n"
+        "    except Exception:\n        pass"
+    )
+
+
+def needs_migration(version: str, head: str = SCHEMA_HEAD) -> bool:
+    """An existing schema other than the wanted MLflow's (an empty one the server creates)."""
+    return version.strip() not in ("", head)
 
 
 def allowed_hosts(ctx: RoleContext) -> list[str]:
@@ -168,8 +189,12 @@ def recorder_steps(env_prefix: str, sizing: Sizing) -> list[Step]:
 
 
 def build(ctx: RoleContext) -> list[Step]:
+    from roles import anaconda
+
     mv = ctx.vars.mlflow
     env_prefix = layout.env_dir(ctx.vars.python.prefix, layout.MLFLOW_ENV)
+    version = anaconda.mlflow_version(anaconda.requirements_for(ctx, layout.MLFLOW_ENV))
+    pinned = version in ("", PINNED)  # conda's environment file pins no exact version
     uses_mysql = mv.backend == "mysql"
     password = ctx.secret("db_password", env=mysql.PASSWORD_ENV) if uses_mysql else None
     env_vars = {
@@ -184,21 +209,29 @@ def build(ctx: RoleContext) -> list[Step]:
         Directory(MLFLOW_CONF_DIR, "root", user, 0o750),
     ]
     # --- public mode: MLflow's basic-auth app behind the proxy (roles/mlflow_auth.py) ---
+    admin_checked: list[Step] = []
     if mv.public:
         auth_steps, auth_env = mlflow_auth.config_steps(ctx)
         steps += auth_steps
         env_vars.update(auth_env)
+        # the auth database's admin password is the secret's, also after another host's
+        # users came back with a restore (stackdata auth-admin, as the mlflow account)
+        admin_checked = admin_steps(env_prefix, f"file:{layout.secret_path(ADMIN_SECRET)}")
     # ---
     schema = schema_fact(mv.backend)
+    binds = listen_on(ctx)
+    if not pinned and len(binds) > 1:  # `mlflow server` takes one --host (the unit's
+        binds = ["0.0.0.0"]  # IPAddressAllow= still admits only loopback and the workers)
     unit = render(
         "systemd/mlflow-server.service.j2",
         user=user,
         state=layout.MLFLOW_STATE,
         pycache=MLFLOW_PYCACHE,
-        launcher=layout.MLFLOW_LAUNCHER,
         env_file=MLFLOW_ENV_FILE,
         env_prefix=env_prefix,
-        binds=listen_on(ctx),
+        # another MLflow than the pinned one (an upgrade test's) runs as `mlflow server`
+        launcher=layout.MLFLOW_LAUNCHER if pinned else "-m mlflow server",
+        binds=binds,
         workers=ctx.workers,
         port=mv.port,
         uvicorn_workers=ctx.sizing.tracking_workers(mv.workers),
@@ -211,7 +244,7 @@ def build(ctx: RoleContext) -> list[Step]:
         db_unit=layout.db_server(ctx.os, ctx.vars.mysql.server).service if uses_mysql else "",
     )
     snapshot: list[Step] = []
-    if uses_mysql and layout.db_server(ctx.os, ctx.vars.mysql.server) == layout.MARIADB:
+    if uses_mysql and layout.db_server(ctx.os, ctx.vars.mysql.server) == layout.MARIADB and pinned:
         tables = tables_fact()
         snapshot.append(
             Run(
@@ -244,20 +277,14 @@ def build(ctx: RoleContext) -> list[Step]:
             notify=(MLFLOW_UNIT,),
         ),
         *snapshot,
-        Run(
-            "migrate tracking schema",
-            f"PYTHONPYCACHEPREFIX={MLFLOW_PYCACHE} "
-            f"{env_prefix}/bin/python {layout.MLFLOW_DB_UPGRADE} {MLFLOW_ENV_FILE}",
-            when=lambda c: needs_migration(c[schema].output),
-            needs=(schema,),
-            user=user,
-            notify=(MLFLOW_UNIT,),
-        ),
+        *data_steps(ctx, env_prefix, schema, version),
+        *admin_checked,
         File(layout.unit_file(MLFLOW_UNIT), unit, notify=(MLFLOW_UNIT,), unit_file=True),
         Service(MLFLOW_UNIT),
         *recorder_steps(env_prefix, ctx.sizing),
         # public mode: the admin's password and the workload account, through MLflow's API
         *(mlflow_auth.account_steps(ctx) if mv.public else mlflow_auth.off_steps()),
+        *gc_steps(ctx, env_prefix),
         WaitHttp(
             "mlflow answers /health",
             f"http://127.0.0.1:{mv.port}/health",
@@ -267,6 +294,112 @@ def build(ctx: RoleContext) -> list[Step]:
         ),
     ]
     return steps
+
+
+# --- backup, safe upgrades, gc (issue #19) ----------------------------------------------
+
+UPGRADE_ID = "mlflow_server:upgrade"
+
+
+def zstd_step() -> Apt:
+    """zstd, which backups compress with: installed in the background (MariaDB's install is
+    over by this role's turn, so it never waits for dpkg's lock nor holds the early one up)."""
+    return Apt(("zstd",), schedule=Schedule.BACKGROUND, exclusive="")
+
+
+def upgrade_script(env_prefix: str, beside: str | None, port: int = 5000) -> str:
+    """`stackdata.py upgrade`, as root: lock, back up, migrate with the MLflow that will
+    serve, put the backup back if that fails, switch envs only if it worked."""
+    args = f"upgrade --env {q(env_prefix)} --port {port} --warm {q(warm_code())}"
+    if beside:
+        args += f" --next {q(beside)}"
+    return f"cd / && {env_prefix}/bin/python -I {layout.STACKDATA} {args}"
+
+
+def data_steps(ctx: RoleContext, env_prefix: str, schema: F.Fact, version: str) -> list[Step]:
+    """The host program of backup, restore, upgrade and gc; the schema brought to the MLflow
+    that serves: a new mlflow env (built beside by the anaconda role) is switched to only
+    once the database was backed up and migrated with it, so a failed migration puts the
+    backup back and leaves the previous MLflow serving. The auth database's migrations go
+    with it. Replaces the plain `db_upgrade.py` step (the backup comes first now)."""
+    from roles import anaconda
+
+    prefix = ctx.vars.python.prefix
+    text = anaconda.requirements_for(ctx, layout.MLFLOW_ENV)
+    beside = anaconda.next_env(prefix)
+    next_stamp = anaconda.next_stamp_fact(prefix)
+    head = SCHEMA_HEADS.get(version or PINNED)
+
+    def next_ready(c) -> bool:
+        return anaconda.NEXT_ENV_ID in c.changed or anaconda.env_is_current(c[next_stamp], text)
+
+    def wanted(c) -> bool:
+        return next_ready(c) or (head is not None and needs_migration(c[schema].output, head))
+
+    notify = (MLFLOW_UNIT, layout.RECORDER_SOCKET_UNIT)
+    if ctx.vars.gc.older_than:
+        notify += (layout.GC_TIMER,)
+    zstd = zstd_step()
+    return [
+        zstd,
+        File(layout.STACKDATA, hostside.read("stackdata.py"), "root", "root", 0o644),
+        Run(
+            "MLflow schema and env: back up, migrate, switch",
+            lambda c: upgrade_script(
+                env_prefix, beside if next_ready(c) else None, ctx.vars.mlflow.port
+            ),
+            when=wanted,
+            needs=(schema, next_stamp),
+            notify=notify,
+            waits_for=(zstd.id,),
+            timeout=3600,
+            id=UPGRADE_ID,
+        ),
+    ]
+
+
+def gc_steps(ctx: RoleContext, env_prefix: str) -> list[Step]:
+    """`mlflow gc` on a timer (gc.older_than, gc.on_calendar), as the mlflow account; off
+    (timer stopped and disabled) when gc.older_than is empty."""
+    gv, mv = ctx.vars.gc, ctx.vars.mlflow
+    enabled = bool(gv.older_than)
+    service = render(
+        "systemd/mlflow-gc.service.j2",
+        user=MLFLOW_USER,
+        state=layout.MLFLOW_STATE,
+        env_file=MLFLOW_ENV_FILE,
+        pycache=MLFLOW_PYCACHE,
+        env_prefix=env_prefix,
+        program=layout.STACKDATA,
+        older_than=gv.older_than or "30d",
+        port=mv.port,
+        artifacts=MLFLOW_ARTIFACTS,
+        public=mv.public,
+        admin_secret=layout.secret_path("mlflow_admin_password"),
+    )
+    timer = render("systemd/mlflow-gc.timer.j2", on_calendar=gv.on_calendar)
+    notify = (layout.GC_TIMER,) if enabled else ()
+    return [
+        File(layout.unit_file(layout.GC_UNIT), service, unit_file=True),
+        File(layout.unit_file(layout.GC_TIMER), timer, notify=notify, unit_file=True),
+        Service(layout.GC_TIMER, enabled=enabled, running=enabled),
+    ]
+
+
+def admin_steps(env_prefix: str, secret_step: str) -> list[Step]:
+    """Public mode: the auth database's admin password is the host's secret, also after a
+    restore brought another host's users (or the secret was changed)."""
+    state = role_facts.AuthAdmin(env_prefix)
+    return [
+        Run(
+            "MLflow admin password is the secret's",
+            f"cd / && {q(env_prefix)}/bin/python -I {layout.STACKDATA} auth-admin --set",
+            when=lambda c: (
+                (c[state].ok and c[state].output.strip() == "differs") or secret_step in c.changed
+            ),
+            needs=(state,),
+        )
+    ]
 
 
 role = Role("mlflow_server", build)

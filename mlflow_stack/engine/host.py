@@ -164,25 +164,45 @@ class Host:
 
         `timeout`: stop the command after that many seconds without output (`HostError`).
         """
-        self.connect()
-        assert self._link is not None
-        command = self.wrap(script, sudo=sudo, user=user)
-        started = time.monotonic()
-        with self._lock:
-            self.commands += 1
+        command, started = self._start(script, sudo, user)
         data = stdin.encode() if isinstance(stdin, str) else stdin
         stream = None if on_output is None else (lambda line: on_output(mask(line)))
         output = self._link.run(command, data, timeout, stream)
-        if output.rc is None:
-            raise HostError(
-                f"{self.name}: a command gave no output for {timeout:g} s and was stopped"
-            )
-        return RunResult(
-            rc=output.rc,
-            stdout=output.stdout,
-            stderr=output.stderr,
-            seconds=time.monotonic() - started,
-        )
+        self._stopped_if_silent(output.rc, timeout, "a command gave no output")
+        return RunResult(output.rc, output.stdout, output.stderr, time.monotonic() - started)
+
+    def stream(
+        self,
+        script: str,
+        *,
+        sink,
+        source=None,
+        sudo: bool = True,
+        user: str | None = None,
+        timeout: float | None = None,
+    ) -> RunResult:
+        """Run `script` like `run`, but hand its stdout to `sink(chunk)` as it arrives (the
+        result's stdout stays empty) and feed stdin from `source`, an iterable of byte chunks:
+        for data too large to hold in memory (`engine.streams`). `timeout`: stop the command
+        after that many seconds without data moving (`HostError`)."""
+        command, started = self._start(script, sudo, user)
+        output = self._link.stream(command, source, sink, timeout)
+        self._stopped_if_silent(output.rc, timeout, "a transfer made no progress")
+        return RunResult(output.rc, "", output.stderr, time.monotonic() - started)
+
+    def _start(self, script: str, sudo: bool, user: str | None) -> tuple[str, float]:
+        """Connected; the command line of `script`, counted; when it started."""
+        self.connect()
+        assert self._link is not None
+        command = self.wrap(script, sudo=sudo, user=user)
+        with self._lock:
+            self.commands += 1
+        return command, time.monotonic()
+
+    def _stopped_if_silent(self, rc: int | None, timeout: float | None, what: str) -> None:
+        """A link returns no exit code for a command it stopped after `timeout` s idle."""
+        if rc is None:
+            raise HostError(f"{self.name}: {what} for {timeout:g} s and was stopped")
 
     def check(self, script: str, what: str, **kwargs) -> RunResult:
         """`run`, raising `CommandError` (naming `what`) on a non-zero exit."""

@@ -55,6 +55,12 @@ class Link(Protocol):
         """Run `command`; `timeout`: stop it after that many seconds without output."""
         ...
 
+    def stream(self, command: str, source, sink, timeout: float | None) -> Output:
+        """Run `command` with stdin from `source` (an iterable of byte chunks, or None) and
+        every chunk of stdout handed to `sink` as it comes, never kept (`engine.streams`);
+        `timeout`: stop it after that many seconds without data moving."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -544,6 +544,20 @@ class OpenSshLink:
         )
         return _collect(proc, stdin, timeout, on_output)
 
+    def stream(self, command: str, source, sink, timeout: float | None) -> Output:
+        """Run `command`, stdin from `source`, stdout to `sink` (`engine.streams`)."""
+        from mlflow_stack.engine import streams
+
+        assert self._control is not None, "open() first"
+        proc = subprocess.Popen(
+            command_argv(self.target, self._control, command),
+            stdin=subprocess.PIPE if source is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=ssh_env(),
+        )
+        return streams.pump_process(proc, source, sink, timeout)
+
     def close(self) -> None:
         """Nothing to close: the master stays for the next commands and runs."""
         self._control = None

@@ -112,6 +112,14 @@ class ParamikoLink:
         channel.close()
         return Output(rc, out, b"".join(errors).decode(errors="replace"))
 
+    def stream(self, command: str, source, sink, timeout: float | None) -> Output:
+        """Run `command`, stdin from `source`, stdout to `sink` (`engine.streams`)."""
+        from mlflow_stack.engine import streams
+
+        channel = self.transport.open_session(timeout=CONNECT_TIMEOUT)
+        channel.exec_command(command)
+        return streams.pump_channel(channel, source, sink, timeout)
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()

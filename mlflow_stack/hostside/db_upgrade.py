@@ -1,7 +1,8 @@
 """Create or migrate the MLflow tracking schema; the store URI comes from an env file.
 
-Run as the service user: `python db_upgrade.py /etc/mlflow/mlflow.env`. The URI holds the
-database password, so it is read from the 0600 file, never taken from the command line.
+Run as the service user: `python db_upgrade.py /etc/mlflow/mlflow.env [--no-lock]`. The URI
+holds the database password, so it is read from the 0600 file, never taken from the command
+line. `--no-lock`: the caller holds the lock (`stackdata.py upgrade`, which backs up first).
 
 One migration at a time: a run whose controller was killed leaves its migration running on the
 host, and a second one started meanwhile would replay the same DDL. MySQL/MariaDB: a named lock
@@ -48,9 +49,15 @@ def exclusive(engine):
         yield
 
 
+def is_empty(engine) -> bool:
+    """No tables yet (MLflow before 3.x has no `_is_empty_database`)."""
+    check = getattr(utils, "_is_empty_database", None)
+    return check(engine) if check else not sqlalchemy.inspect(engine).get_table_names()
+
+
 engine = utils.create_sqlalchemy_engine_with_retry(store_uri(sys.argv[1]))
-with exclusive(engine):
-    if utils._is_empty_database(engine):
+with contextlib.nullcontext() if "--no-lock" in sys.argv[2:] else exclusive(engine):
+    if is_empty(engine):
         utils._initialize_tables(engine)
     else:
         utils._upgrade_db(engine)

@@ -220,14 +220,22 @@ def test_mlflow_server_env_file_unit_and_schema():
     assert "ExecStart=/opt/anaconda/envs/mlflow/bin/python /opt/mlflow/server.py --host" in unit
     launcher = find(steps, f"file {layout.MLFLOW_LAUNCHER}")
     assert launcher.notify == ("mlflow-server.service",) and "uvicorn.run(" in launcher.content
-    schema = find(steps, "migrate tracking schema")
-    assert isinstance(schema, Run) and schema.user == "mlflow"
-    fact = schema.needs[0]
+    # the migration backs up first and puts the backup back if it fails (stackdata.py upgrade,
+    # as root: the account's parts as the account); tests/unit/test_upgrade.py has the rest
+    schema = find(steps, "MLflow schema and env: back up, migrate, switch")
+    assert isinstance(schema, Run) and schema.user is None
+    fact, ready = schema.needs
     assert fact.live  # read again once the run has started or created the database
-    assert schema.plan(PlanContext({fact.key: F.ShellResult(0, "dc11669786a5\n")})) is None
-    assert schema.plan(PlanContext({fact.key: F.ShellResult(0, "4465047574b1\n")})) is not None
+    none = F.ShellResult(1, "")
+
+    def plans(version: str) -> str:
+        change = schema.plan(PlanContext({fact.key: F.ShellResult(0, version), ready.key: none}))
+        return change.commands[0].script if change else ""
+
+    assert not plans("dc11669786a5\n")
+    assert "stackdata.py upgrade --env /opt/anaconda/envs/mlflow" in plans("4465047574b1\n")
     # an empty database: loaded from the snapshot (MariaDB) or created by the server's first start
-    assert schema.plan(PlanContext({fact.key: F.ShellResult(1, "")})) is None
+    assert schema.plan(PlanContext({fact.key: F.ShellResult(1, ""), ready.key: none})) is None
 
 
 def snapshot_step(steps):
@@ -351,11 +359,11 @@ def test_sqlite_backend_needs_no_database_password():
 def test_anaconda_uv_plan():
     steps = anaconda.build(context())
     sync = find(steps, "env mlflow")
-    stamp = sync.needs[0]
+    stamp, exists = sync.needs
     text = anaconda.requirements("mlflow")
     current = F.ShellResult(0, anaconda.digest(text) + "\n")
-    assert sync.plan(PlanContext({stamp.key: current})) is None
-    change = sync.plan(PlanContext({stamp.key: F.ShellResult(1, "")}))
+    assert sync.plan(PlanContext({stamp.key: current, exists.key: None})) is None
+    change = sync.plan(PlanContext({stamp.key: F.ShellResult(1, ""), exists.key: None}))
     script = change.commands[0].script
     assert "uv pip sync -q --require-hashes" in script
     assert "UV_PYTHON_DOWNLOADS=never" in script and sync.notify == ("mlflow-server.service",)
