@@ -6,10 +6,11 @@ test that would skip (no sandbox host on this machine, a missing library) fails 
 its skip reason, so the suite cannot go green by skipping.
 
 Processes: every test on the session's sandbox (the `sandbox` fixture, so `stack` too) runs
-in one process, in collection order (tests that reboot it last); every other module goes
-whole to one process, so its module fixtures are made once. The sandbox's chain, the longest,
-is handed out first, then the other e2e modules, then the fast tier. `-n 0` runs it all in
-this process, in the same order.
+in one process, in collection order (tests that reboot it last), except the modules marked
+SECOND_STACK, which run on a sandbox and stack of their own in the other process; every other
+module goes whole to one process, so its module fixtures are made once. The two sandbox
+chains, the longest, are handed out first, then the other e2e modules, then the fast tier
+(`--no-loadscope-reorder` keeps this order). `-n 0` runs it all in one process.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import pytest
 STRICT_ENV = ("CI", "MLFLOW_STACK_NO_SKIP")
 E2E = Path(__file__).parent / "e2e"
 SANDBOX_GROUP = "session-sandbox"
+# Modules marked with this group run on a session sandbox (and stack) of their own, in the
+# other process, beside the first chain: the long chain is split in two.
+SECOND_STACK = pytest.mark.xdist_group("second-stack")
 _e2e_ran = False  # set on the controller as reports arrive
 
 
@@ -60,6 +64,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return (0 if "sandbox" in item.fixturenames else 1 if e2e else 2), restart
 
     for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue  # a module that asks for a stack of its own (SECOND_STACK)
         on_sandbox = "sandbox" in item.fixturenames
         module = item.nodeid.split("::", 1)[0]
         item.add_marker(pytest.mark.xdist_group(SANDBOX_GROUP if on_sandbox else module))

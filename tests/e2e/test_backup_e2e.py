@@ -41,6 +41,7 @@ import pytest
 from mlflow_stack import sandbox as sb
 from mlflow_stack.actions.predict import SAMPLE_WINE
 from mlflow_stack.layout import UPGRADE_BACKUPS
+from tests.conftest import SECOND_STACK
 from tests.e2e.conftest import boot
 from tests.e2e.helpers import (
     ROOT,
@@ -55,7 +56,8 @@ from tests.e2e.helpers import (
     wait_until,
 )
 
-pytestmark = pytest.mark.e2e
+# a session sandbox and stack of their own, in the other test process (tests/conftest.py)
+pytestmark = [pytest.mark.e2e, SECOND_STACK]
 HERE = Path(__file__).parent
 OLD_PINS = {v: HERE / "requirements" / f"mlflow-{v}.txt" for v in ("2.22.5", "3.0.1")}
 PASSWORD = "alice-pw-" + "x" * 12  # a test user's, not a secret of the stack
