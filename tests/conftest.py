@@ -1,16 +1,17 @@
 """Suite-wide rules: under CI a skipped test is a failure; elsewhere skips are reported loudly.
-The suite runs in two processes (pytest-xdist, `--dist loadgroup`).
+The suite runs in two processes (pytest-xdist), in chains.
 
 CI runs `.ci/run` with `CI=true`; `MLFLOW_STACK_NO_SKIP=1` asks for the same anywhere. Then a
 test that would skip (no sandbox host on this machine, a missing library) fails instead, with
 its skip reason, so the suite cannot go green by skipping.
 
-Processes: every test on the session's sandbox (the `sandbox` fixture, so `stack` too) runs
-in one process, in collection order (tests that reboot it last), except the modules marked
-SECOND_STACK, which run on a sandbox and stack of their own in the other process; every other
-module goes whole to one process, so its module fixtures are made once. The two sandbox
-chains, the longest, are handed out first, then the other e2e modules, then the fast tier
-(`--no-loadscope-reorder` keeps this order). `-n 0` runs it all in one process.
+Processes: the modules on the session's sandbox (the `sandbox` fixture, so `stack` too) run as
+one chain in one process, in collection order (tests that reboot it last); those of
+SECOND_CHAIN as another, on a sandbox and stack of their own, in the other process; every
+other module goes whole to one process (its module fixtures are made once). The two chains,
+the longest, are handed out first, then the other e2e modules, then the fast tier. A module
+that uses the session sandbox without being in a chain is a collection error (it would make
+a stack of its own). `-n 0` runs everything in one process, in the same order.
 """
 
 from __future__ import annotations
@@ -22,10 +23,14 @@ import pytest
 
 STRICT_ENV = ("CI", "MLFLOW_STACK_NO_SKIP")
 E2E = Path(__file__).parent / "e2e"
-SANDBOX_GROUP = "session-sandbox"
-# Modules marked with this group run on a session sandbox (and stack) of their own, in the
-# other process, beside the first chain: the long chain is split in two.
-SECOND_STACK = pytest.mark.xdist_group("second-stack")
+SANDBOX_CHAIN = tuple(
+    f"tests/e2e/test_{name}.py"
+    for name in (
+        "actions_e2e", "demo_e2e", "engine_e2e", "faults_e2e", "least_privilege_e2e",
+        "multihost_e2e", "sandbox", "stack_e2e", "walkthrough_e2e", "wire_trust_e2e",
+    )
+)  # fmt: skip
+SECOND_CHAIN = ("tests/e2e/test_backup_e2e.py", "tests/e2e/test_public_https_e2e.py")
 _e2e_ran = False  # set on the controller as reports arrive
 
 
@@ -54,22 +59,44 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         )
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Each test's process group, and the order the groups are handed out in."""
+def chain_of(nodeid: str) -> str:
+    """The process chain a test belongs to: a sandbox chain, else its module."""
+    module = nodeid.split("::", 1)[0]
+    if module in SANDBOX_CHAIN:
+        return "sandbox chain"
+    if module in SECOND_CHAIN:
+        return "second sandbox chain"
+    return module
 
-    def rank(item: pytest.Item) -> tuple[int, bool]:
-        e2e = E2E in Path(str(item.path)).parents
-        restart = item.get_closest_marker("host_restart") is not None
-        return (0 if "sandbox" in item.fixturenames else 1 if e2e else 2), restart
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The order chains are handed out in (and run in with `-n 0`)."""
+
+    def rank(item: pytest.Item) -> int:
+        if chain_of(item.nodeid) != item.nodeid.split("::", 1)[0]:
+            return 0
+        return 1 if E2E in Path(str(item.path)).parents else 2
 
     for item in items:
-        if item.get_closest_marker("xdist_group"):
-            continue  # a module that asks for a stack of its own (SECOND_STACK)
-        on_sandbox = "sandbox" in item.fixturenames
-        module = item.nodeid.split("::", 1)[0]
-        item.add_marker(pytest.mark.xdist_group(SANDBOX_GROUP if on_sandbox else module))
+        if "sandbox" in item.fixturenames and rank(item) != 0:
+            raise pytest.UsageError(
+                f"{item.nodeid} uses the session sandbox: add its module to SANDBOX_CHAIN or "
+                "SECOND_CHAIN in tests/conftest.py"
+            )
     items.sort(key=rank)  # stable: collection order within a rank
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Whole chains to one process each, in the order above (pytest 9.2 ignores xdist's own
+    `xdist_group` marks: they rewrite a node id pytest no longer reads)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Chains(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return chain_of(nodeid)
+
+    return Chains(config, log)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

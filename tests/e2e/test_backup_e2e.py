@@ -41,7 +41,6 @@ import pytest
 from mlflow_stack import sandbox as sb
 from mlflow_stack.actions.predict import SAMPLE_WINE
 from mlflow_stack.layout import UPGRADE_BACKUPS
-from tests.conftest import SECOND_STACK
 from tests.e2e.conftest import boot
 from tests.e2e.helpers import (
     ROOT,
@@ -56,8 +55,8 @@ from tests.e2e.helpers import (
     wait_until,
 )
 
-# a session sandbox and stack of their own, in the other test process (tests/conftest.py)
-pytestmark = [pytest.mark.e2e, SECOND_STACK]
+# on a session sandbox and stack of their own, in the other test process (tests/conftest.py)
+pytestmark = pytest.mark.e2e
 HERE = Path(__file__).parent
 OLD_PINS = {v: HERE / "requirements" / f"mlflow-{v}.txt" for v in ("2.22.5", "3.0.1")}
 PASSWORD = "alice-pw-" + "x" * 12  # a test user's, not a secret of the stack

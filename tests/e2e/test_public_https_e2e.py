@@ -28,7 +28,6 @@ from pathlib import Path
 import pytest
 
 from mlflow_stack.sandbox import network
-from tests.conftest import SECOND_STACK
 from tests.e2e.helpers import (
     ROOT,
     changed_steps,
@@ -40,8 +39,8 @@ from tests.e2e.helpers import (
     wait_until,
 )
 
-# a session sandbox and stack of their own, in the other test process (tests/conftest.py)
-pytestmark = [pytest.mark.e2e, SECOND_STACK]
+# on a session sandbox and stack of their own, in the other test process (tests/conftest.py)
+pytestmark = pytest.mark.e2e
 ARTIFACTS = Path(__file__).parent / "artifacts"
 DOMAIN = "mlflow.e2e.test"
 SEARCH = "/api/2.0/mlflow/experiments/search?max_results=5"
