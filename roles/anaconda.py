@@ -7,23 +7,17 @@ environment files. Either way an env is rebuilt only when its requirements chang
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from mlflow_stack import layout, role_facts
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
 from mlflow_stack.engine.role import Role
-from mlflow_stack.engine.steps import Apt, Directory, File, Run, Step, StepError, q
+from mlflow_stack.engine.steps import Apt, Directory, File, Run, Step, q
+from mlflow_stack.env_requirements import digest, requirements_of
 from roles import mlflow_server
 
-if TYPE_CHECKING:
-    from mlflow_stack.host_vars import HostVars
-
-FILES = Path(__file__).parent / "files"
 # env → the unit restarted when it is synced again
 ENVS = {layout.MLFLOW_ENV: layout.MLFLOW_UNIT, layout.DEMO_ENV: layout.JUPYTER_UNIT}
 STAMP = role_facts.STAMP
@@ -55,29 +49,10 @@ PRUNE_CACHE = (
 )
 
 
-def requirements(env: str, manager: str = "uv") -> str:
-    """The pinned requirement (uv) or environment (conda) file of an env."""
-    if manager == "conda":
-        return (FILES / "environments" / f"{env}.yml").read_text()
-    return (FILES / "requirements" / f"{env}.txt").read_text()
-
-
 def requirements_for(ctx: RoleContext, env: str) -> str:
     """The requirements an env is synced from: the pinned file, or (uv) the file the
     `python.requirements` variable names for it, read on the controller."""
     return requirements_of(ctx.vars, env)
-
-
-def requirements_of(host_vars: HostVars, env: str) -> str:
-    """`requirements_for`, from a host's variables."""
-    pv = host_vars.python
-    given = pv.requirements.get(env) if pv.manager == "uv" else None
-    if not given:
-        return requirements(env, pv.manager)
-    try:
-        return Path(given).expanduser().read_text()
-    except OSError as exc:
-        raise StepError(f"python.requirements.{env}: cannot read {given}: {exc.strerror}") from None
 
 
 MLFLOW_PIN = re.compile(r"^mlflow(?:\[[^\]]*\])?==([\w.+-]+)", re.M)
@@ -87,10 +62,6 @@ def mlflow_version(text: str) -> str:
     """The MLflow version a requirements (or environment) file pins ("" if none)."""
     found = MLFLOW_PIN.search(text) or re.search(r"- mlflow(?:\[[^\]]*\])?=+([\w.+-]+)", text)
     return found[1] if found else ""
-
-
-def digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def env_step_id(env: str) -> str:

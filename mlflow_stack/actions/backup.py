@@ -387,11 +387,12 @@ def summary(result: BackupResult) -> list[str]:
 def pending_upgrade(host: Host, host_vars) -> bool:
     """Whether a converge would change the host's serving mlflow env (its recorded
     requirements differ from the wanted ones), which migrates the schema."""
-    from roles import anaconda
+    from mlflow_stack.env_requirements import digest, requirements_of
+    from mlflow_stack.role_facts import STAMP
 
-    wanted = anaconda.digest(anaconda.requirements_of(host_vars, layout.MLFLOW_ENV))
+    wanted = digest(requirements_of(host_vars, layout.MLFLOW_ENV))
     path = layout.env_dir(host_vars.python.prefix, layout.MLFLOW_ENV)
-    found = host.run(f"[ -f {path}/pyvenv.cfg ] && cat {path}/{anaconda.STAMP}")
+    found = host.run(f"[ -f {path}/pyvenv.cfg ] && cat {path}/{STAMP}")
     return found.ok and found.stdout.strip() != wanted
 
 

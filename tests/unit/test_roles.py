@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mlflow_stack import layout, sizing
+from mlflow_stack import env_requirements, layout, sizing
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.context import RoleContext
 from mlflow_stack.engine.steps import File, PlanContext, Run, Schedule
@@ -360,8 +360,8 @@ def test_anaconda_uv_plan():
     steps = anaconda.build(context())
     sync = find(steps, "env mlflow")
     stamp, exists = sync.needs
-    text = anaconda.requirements("mlflow")
-    current = F.ShellResult(0, anaconda.digest(text) + "\n")
+    text = env_requirements.requirements("mlflow")
+    current = F.ShellResult(0, env_requirements.digest(text) + "\n")
     assert sync.plan(PlanContext({stamp.key: current, exists.key: None})) is None
     change = sync.plan(PlanContext({stamp.key: F.ShellResult(1, ""), exists.key: None}))
     script = change.commands[0].script

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from mlflow_stack import layout, role_facts
+from mlflow_stack import env_requirements, layout, role_facts
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.steps import Apt, PlanContext, Schedule, Service, StepError
 from roles import anaconda, mlflow_server
 from tests.unit.test_roles import context, find
 
 OLD = Path(__file__).resolve().parents[1] / "e2e" / "requirements" / "mlflow-2.22.5.txt"
-TEXT = anaconda.requirements("mlflow")
-CURRENT = F.ShellResult(0, anaconda.digest(TEXT) + "\n")
+TEXT = env_requirements.requirements("mlflow")
+CURRENT = F.ShellResult(0, env_requirements.digest(TEXT) + "\n")
 STALE = F.ShellResult(0, "0" * 64 + "\n")
 NONE = F.ShellResult(1, "")
 ENV_INFO = F.PathInfo("file", 0o644, "root", "root", 10)
@@ -80,7 +80,7 @@ def test_requirements_from_a_file_named_in_the_inventory(tmp_path):
     assert anaconda.requirements_for(ctx, "mlflow") == OLD.read_text()
     assert anaconda.mlflow_version(OLD.read_text()) == "2.22.5"
     assert anaconda.mlflow_version(TEXT) == mlflow_server.PINNED
-    assert anaconda.requirements_for(ctx, "demo") == anaconda.requirements("demo")
+    assert anaconda.requirements_for(ctx, "demo") == env_requirements.requirements("demo")
     missing = context(python={"requirements": {"mlflow": str(tmp_path / "nope.txt")}})
     with pytest.raises(StepError, match=r"python\.requirements\.mlflow: cannot read .*nope\.txt"):
         anaconda.build(missing)
@@ -221,7 +221,7 @@ def test_a_controller_backup_is_taken_only_when_the_mlflow_env_would_change():
 
     v = defaults()
     assert pending_upgrade(Recorded(0, "0" * 64 + "\n"), v)
-    assert not pending_upgrade(Recorded(0, anaconda.digest(TEXT) + "\n"), v)
+    assert not pending_upgrade(Recorded(0, env_requirements.digest(TEXT) + "\n"), v)
     host = Recorded(1, "")  # a bare host: its first env is no upgrade
     assert not pending_upgrade(host, v)
     assert "/opt/anaconda/envs/mlflow/pyvenv.cfg" in host.scripts[0]
