@@ -204,12 +204,19 @@ class Tunnel:
             return
         self.proc.send_signal(signal.SIGINT)
         try:
-            self.proc.wait(timeout=20)
+            self.proc.wait(timeout=60)  # its masters close first (slow on a loaded machine)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
 
     def restart(self) -> None:
-        """Open it again (after the host rebooted, say), on the same local ports."""
+        """Open it again (after the host rebooted, say), on the same local ports if they are
+        still free (some may have gone to other connections meanwhile), else on new ones."""
         self.stop()
-        self.start()
+        try:
+            self.start()
+        except AssertionError as exc:
+            if "already in use" not in str(exc):
+                raise
+            self.offset, self.ports = None, {}
+            self.start()

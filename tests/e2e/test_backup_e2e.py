@@ -29,6 +29,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -139,15 +140,27 @@ def spares(stack, tmp_path_factory):
 # --- A, filled ---------------------------------------------------------------------------
 
 
-def request(url: str, user: str, password: str, body: dict | None = None) -> tuple[int, dict]:
-    """(HTTP status, JSON answer) of an MLflow REST call with basic auth."""
+def public_site(inv: Path, address: str) -> tuple[str, Path]:
+    """(base URL, pinned CA) of a public host: MLflow behind its HTTPS proxy, the host's own
+    CA as `invoke urls` pins it."""
+    pin = re.search(r"pinned at (\S+)", ok(cli(inv, "urls")))
+    assert pin, "invoke urls pinned no CA"
+    return f"https://{address}", Path(pin[1])
+
+
+def request(
+    url: str, user: str, password: str, body: dict | None = None, ca: Path | None = None
+) -> tuple[int, dict]:
+    """(HTTP status, JSON answer) of an MLflow REST call with basic auth (TLS verified
+    against `ca`)."""
     auth = base64.b64encode(f"{user}:{password}".encode()).decode()
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, headers={"Authorization": f"Basic {auth}"})
     if data is not None:
         req.add_header("Content-Type", "application/json")
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
     try:
-        with urllib.request.urlopen(req, timeout=30) as answer:
+        with urllib.request.urlopen(req, timeout=30, context=context) as answer:
             text = answer.read().decode()
             return answer.status, (json.loads(text) if text.strip().startswith("{") else {})
     except urllib.error.HTTPError as exc:
@@ -203,14 +216,17 @@ def filled(stack, spares, tmp_path_factory):
     code, _, proc = provision_json(public)
     assert code == 0, proc.stderr[-2000:]
     try:
-        # on the host's own address: public mode allows only its names in the Host header
-        admin, server = admin_password(stack.info), f"http://{stack.info.address}:5000"
+        # through the proxy, on the host's own address (its name in the Host header)
+        admin = admin_password(stack.info)
+        server, ca = public_site(public, stack.info.address)
         created = request(f"{server}/api/2.0/mlflow/users/create", "admin", admin,
-                          {"username": "alice", "password": PASSWORD})  # fmt: skip
+                          {"username": "alice", "password": PASSWORD}, ca)  # fmt: skip
         assert created[0] == 200, created
         grant = {"username": "alice", "resource_type": "experiment", "resource_id": experiment,
                  "permission": "MANAGE"}  # fmt: skip
-        granted = request(f"{server}/api/3.0/mlflow/users/permissions/grant", "admin", admin, grant)
+        granted = request(
+            f"{server}/api/3.0/mlflow/users/permissions/grant", "admin", admin, grant, ca
+        )
         assert granted[0] == 200, granted
     finally:
         code, _, proc = provision_json(stack.inv)  # back to loopback only, no auth
@@ -323,18 +339,20 @@ def test_backup_of_a_restored_onto_a_fresh_host_b_is_all_there(stack, filled, ba
 
     # the users: B in public mode, alice logs in with her password, her permission is there;
     # admin's password is B's own secret
-    code, _, proc = provision_json(b.with_vars("mlflow: {public: true}"), host_name="b")
+    b_public = b.with_vars("mlflow: {public: true}")
+    code, _, proc = provision_json(b_public, host_name="b")
     assert code == 0, proc.stderr[-2000:]
-    server = f"http://{b.info.address}:5000"  # public: its own name in the Host header
+    server, ca = public_site(b_public, b.info.address)
     search = f"{server}/api/2.0/mlflow/experiments/search?max_results=1"
-    assert request(search, "alice", PASSWORD)[0] == 200
-    assert request(search, "alice", "wrong")[0] == 401
-    assert request(search, "admin", admin_password(b.info))[0] == 200
+    assert request(search, "alice", PASSWORD, ca=ca)[0] == 200
+    assert request(search, "alice", "wrong", ca=ca)[0] == 401
+    assert request(search, "admin", admin_password(b.info), ca=ca)[0] == 200
     permission = request(
         f"{server}/api/3.0/mlflow/users/permissions/get?username=alice"
         f"&resource_type=experiment&resource_id={filled['experiment']}",
         "admin",
         admin_password(b.info),
+        ca=ca,
     )
     assert permission == (200, {"allowed": True, "permission": "MANAGE"}), permission
 
