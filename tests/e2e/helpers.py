@@ -157,6 +157,9 @@ class Tunnel:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
+            # as from a shell: a test process (an xdist worker) may ignore SIGINT, and Python
+            # then gives its child no KeyboardInterrupt for the Ctrl-C `stop` sends
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         lines: queue.Queue[str | None] = queue.Queue()
 
@@ -204,7 +207,7 @@ class Tunnel:
             return
         self.proc.send_signal(signal.SIGINT)
         try:
-            self.proc.wait(timeout=60)  # its masters close first (slow on a loaded machine)
+            self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()

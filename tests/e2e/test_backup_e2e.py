@@ -300,7 +300,8 @@ def test_backup_of_a_restored_onto_a_fresh_host_b_is_all_there(stack, filled, ba
     manifest = json.loads((backup_a / "manifest.json").read_text())
     assert manifest["schema"] == manifest["schema_head"] and manifest["backend"] == "mysql"
     assert manifest["counts"]["after"]["optuna_trials"] >= 50
-    assert manifest["counts"]["after"]["auth_users"] == 2  # admin and alice
+    # admin, the host's own workload account (layout.MLFLOW_WORKLOAD_USER) and alice
+    assert manifest["counts"]["after"]["auth_users"] == 3
     assert {p["name"] for p in manifest["parts"].values()} == {
         "databases.sql.zst", "basic_auth.db.zst", "artifacts.tar.zst", "workspace.tar.zst",
     }  # fmt: skip

@@ -204,7 +204,7 @@ def test_both_readmes_print_the_walkthrough_the_issue_asks_for(stack):
     assert "'metrics.rmse < 0.8'" in steps[4]
     assert "mlflow models serve -m runs:/$run/model -p 54321 --env-manager local" in steps[5]
     assert "format=pandas-split" in steps[7]
-    assert steps[8] == "kill $server"
+    assert steps[8] == "pkill -P $server; kill $server"  # uvicorn too: it outlives its parent
     assert steps[9] == "sudo mysql -e 'use mlflow; show tables;'"
     # The original's sample wine, in MLflow 2+'s form and in the original's.
     bodies = {
