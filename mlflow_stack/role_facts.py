@@ -124,6 +124,21 @@ class MlflowTables(_Script):
 
 
 @dataclass(frozen=True)
+class AuthAdmin(_Script):
+    """Public mode: "differs" when the auth database's admin password is not the host's
+    secret (a restore brought another host's users), as `stackdata.py` of the env checks it."""
+
+    env: str  # the mlflow env's directory
+    kind: ClassVar[str] = "auth-admin"
+
+    def check(self) -> None:
+        F.checked_path(self.env)
+
+    def command(self) -> str:
+        return f"cd / && {q(self.env)}/bin/python -I {layout.STACKDATA} auth-admin --check"
+
+
+@dataclass(frozen=True)
 class MysqlState(_Script):
     """Users, databases and grants, read from the running server (again after a change: the
     server may have been stopped, or reinstalled over old data, when the run began)."""

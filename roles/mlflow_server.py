@@ -209,10 +209,12 @@ def build(ctx: RoleContext) -> list[Step]:
         Directory(MLFLOW_CONF_DIR, "root", user, 0o750),
     ]
     # --- public mode: MLflow's basic-auth app behind the proxy (roles/mlflow_auth.py) ---
+    admin_checked: list[Step] = []
     if mv.public:
         auth_steps, auth_env = mlflow_auth.config_steps(ctx)
         steps += auth_steps
         env_vars.update(auth_env)
+        admin_checked = admin_steps(env_prefix, f"file:{layout.secret_path(ADMIN_SECRET)}")
     # ---
     schema = schema_fact(mv.backend)
     binds = listen_on(ctx)
@@ -274,6 +276,7 @@ def build(ctx: RoleContext) -> list[Step]:
         ),
         *snapshot,
         *data_steps(ctx, env_prefix, schema, version),
+        *admin_checked,
         File(layout.unit_file(MLFLOW_UNIT), unit, notify=(MLFLOW_UNIT,), unit_file=True),
         Service(MLFLOW_UNIT),
         *recorder_steps(env_prefix, ctx.sizing),
@@ -378,6 +381,25 @@ def gc_steps(ctx: RoleContext, env_prefix: str) -> list[Step]:
         File(layout.unit_file(layout.GC_UNIT), service, unit_file=True),
         File(layout.unit_file(layout.GC_TIMER), timer, notify=notify, unit_file=True),
         Service(layout.GC_TIMER, enabled=enabled, running=enabled),
+    ]
+
+
+def admin_steps(env_prefix: str, secret_step: str) -> list[Step]:
+    """Public mode: the auth database's admin password is the host's secret, also when a
+    restore brought another host's users before this host had a secret (the API cannot log
+    in then). Written straight into the database, so MLflow restarts after it: its auth app
+    caches good credentials, and an old password must not stay valid."""
+    state = role_facts.AuthAdmin(env_prefix)
+    return [
+        Run(
+            "MLflow admin password is the secret's",
+            f"cd / && {q(env_prefix)}/bin/python -I {layout.STACKDATA} auth-admin --set",
+            when=lambda c: (
+                (c[state].ok and c[state].output.strip() == "differs") or secret_step in c.changed
+            ),
+            needs=(state,),
+            notify=(MLFLOW_UNIT,),
+        )
     ]
 
 

@@ -373,7 +373,8 @@ def test_a_real_browser_uses_mlflow_and_jupyterlab_over_https(stack, ip_site, tm
             page.goto(f"{base}/jupyter/lab/tree/e2e-https.ipynb?token={token}", timeout=90000)
             cell = page.locator(".jp-Notebook .jp-Cell.jp-CodeCell").first
             cell.wait_for(timeout=90000)
-            page.get_by_text("Python 3 (ipykernel) | Idle").first.wait_for(timeout=90000)
+            # a kernel's start (its imports) on a machine other tests keep busy: minutes
+            page.get_by_text("Python 3 (ipykernel) | Idle").first.wait_for(timeout=240000)
             dialog = page.locator(".jp-Dialog")
             if dialog.count():
                 dialog.locator(".jp-Dialog-button.jp-mod-accept").first.click()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mlflow_stack import env_requirements, layout
+from mlflow_stack import env_requirements, layout, role_facts
 from mlflow_stack.engine import facts as F
 from mlflow_stack.engine.steps import Apt, PlanContext, Schedule, Service, StepError
 from roles import anaconda, mlflow_server
@@ -162,15 +162,28 @@ def test_gc_runs_on_a_timer_as_the_mlflow_account():
     )
 
 
-def test_the_admin_password_changes_only_through_mlflows_api():
-    """MLflow's auth app caches good credentials for a while (auth_cache_ttl_seconds): a
-    password written straight into its database would leave the old one valid until then.
-    Rotation goes through the API (roles/mlflow_auth.py); only a restore, before the
-    restored database replaces the served one, sets it directly (stackdata restore-auth)."""
+def test_public_mode_keeps_the_auth_dbs_admin_password_the_secrets():
+    """Set straight in the database only with MLflow restarted after (its auth app caches
+    good credentials: an old password would stay valid), and before the accounts step,
+    which rotates through the API."""
     steps = mlflow_server.build(context(mlflow={"public": True}))
-    scripts = [s.script for s in steps if isinstance(getattr(s, "script", None), str)]
-    assert scripts and not any("auth-admin" in script for script in scripts)
-    assert any(s.label == "MLflow accounts (admin password, workload account)" for s in steps)
+    step = find(steps, "MLflow admin password is the secret's")
+    assert step.notify == (layout.MLFLOW_UNIT,)
+    accounts = next(s for s in steps if s.label.startswith("MLflow accounts"))
+    assert steps.index(step) < steps.index(accounts) and accounts.flush_before
+    (state,) = step.needs
+    assert "auth-admin --check" in state.command() and step.user is None
+
+    def plans(rc, out, changed=()):
+        return step.plan(PlanContext({state.key: F.ShellResult(rc, out)}, changed=set(changed)))
+
+    assert plans(0, "differs\n") is not None and "auth-admin --set" in (
+        plans(0, "differs\n").commands[0].script
+    )
+    assert plans(0, "ok\n") is None and plans(0, "absent\n") is None
+    assert plans(2, "") is None  # the program not there yet (first converge): nothing to fix
+    secret = f"file:{layout.secret_path('mlflow_admin_password')}"
+    assert plans(0, "ok\n", [secret]) is not None  # a new secret: the database follows it
 
 
 @pytest.mark.parametrize(
@@ -217,7 +230,10 @@ def test_a_controller_backup_is_taken_only_when_the_mlflow_env_would_change():
     assert "/opt/anaconda/envs/mlflow/pyvenv.cfg" in host.scripts[0]
 
 
-def test_the_facts_of_upgrades_are_rebuilt_from_their_keys():
+def test_the_facts_of_upgrades_and_the_admin_check_are_rebuilt_from_their_keys():
     """The probe plan keeps keys only: these facts are prefetched like the rest."""
-    for fact in (anaconda.next_stamp_fact("/opt/anaconda"),):
+    for fact in (
+        anaconda.next_stamp_fact("/opt/anaconda"),
+        role_facts.AuthAdmin("/opt/anaconda/envs/mlflow"),
+    ):
         assert F.from_key(fact.key) == fact
