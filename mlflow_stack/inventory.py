@@ -384,22 +384,31 @@ def resolve(spec: str, inv: Inventory, *, ssh_config: Path | None = None) -> lis
 
 def _resolve_one(part: str, inv: Inventory, ssh_config: Path) -> list[ResolvedHost]:
     m = inv.model
-    if part in m.groups:
-        return [h for member in m.groups[part].hosts for h in _resolve_one(member, inv, ssh_config)]
+    if part in m.groups:  # its members are inventory hosts (checked on load), even one
+        # named like the group itself
+        return [_inventory_host(member, inv) for member in m.groups[part].hosts]
     if part in m.hosts:
-        entry = m.hosts[part]
-        target = _entry_target(inv, part, entry)
-        return [
-            ResolvedHost(
-                part,
-                target,
-                inv.roles_for(part, entry),
-                inv.vars_for(part),
-                inv.groups_of(part),
-                entry.private_address or "",
-                inv.workers_of(part),
-            )
-        ]
+        return [_inventory_host(part, inv)]
+    return _outside_host(part, inv, ssh_config)
+
+
+def _inventory_host(part: str, inv: Inventory) -> ResolvedHost:
+    """Host `part` as the inventory's `hosts` define it."""
+    entry = inv.model.hosts[part]
+    return ResolvedHost(
+        part,
+        _entry_target(inv, part, entry),
+        inv.roles_for(part, entry),
+        inv.vars_for(part),
+        inv.groups_of(part),
+        entry.private_address or "",
+        inv.workers_of(part),
+    )
+
+
+def _outside_host(part: str, inv: Inventory, ssh_config: Path) -> list[ResolvedHost]:
+    """`part` not in the inventory: an ~/.ssh/config alias, a sandbox or user@address:port."""
+    m = inv.model
     adhoc_roles = inv.roles_for(part, None)
     if not _looks_like_address(part):
         inputs.name(part, "--host")

@@ -56,6 +56,15 @@ def test_good_inventory_resolves_hosts_groups_and_vars(tmp_path):
     assert [h.name for h in resolve("web,w1", inv, ssh_config=tmp_path / "none")] == ["web", "w1"]
 
 
+def test_a_host_named_like_its_group(tmp_path):
+    """A group's members are inventory hosts: `server` in group `server` is that host (it
+    once recursed without end, found by bench/bench_multihost.py)."""
+    text = "groups:\n  server:\n    hosts: [server]\nhosts:\n  server:\n    address: 10.0.0.7\n"
+    inv = Inventory.load(write(tmp_path, text))
+    (server,) = resolve("server", inv, ssh_config=tmp_path / "none")
+    assert server.name == "server" and server.target.address == "10.0.0.7"
+
+
 def test_adhoc_address_gets_defaults_and_all_roles(tmp_path):
     inv = Inventory.load(write(tmp_path, GOOD))
     (h,) = resolve("admin@192.0.2.7:2022", inv, ssh_config=tmp_path / "none")
