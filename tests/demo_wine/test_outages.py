@@ -67,7 +67,14 @@ def test_a_trial_whose_creation_lost_its_answer_is_found_by_its_owner_mark():
                 raise StorageInternalError("Lost connection to MySQL server during query")
             return trial_id
 
-    study = optuna.create_study(storage=LosesAnswer())
+    trial_two_is_cut_off_and_the_strangers_left_running(LosesAnswer())
+
+
+def trial_two_is_cut_off_and_the_strangers_left_running(storage) -> None:
+    """4 trials through the guard on `storage`, whose creation of trial 2 misbehaves, beside
+    another worker's running trial: trial 2 failed and recorded, 4 complete, the other
+    worker's trial left alone, every trial of ours recorded once."""
+    study = optuna.create_study(storage=storage)
     other = optuna.load_study(study_name=study.study_name, storage=study._storage)
     stranger = other.ask()  # another worker's trial, running meanwhile: not ours to fail
     recorded = Recorded()
@@ -94,17 +101,7 @@ def test_a_creation_the_storage_retried_leaves_no_trial_of_ours_running():
                 trial_id = super().create_new_trial(study_id, template_trial)
             return trial_id
 
-    study = optuna.create_study(storage=RetriesAfterLostAnswer())
-    other = optuna.load_study(study_name=study.study_name, storage=study._storage)
-    stranger = other.ask()  # another worker's trial, running meanwhile: not ours to fail
-    recorded = Recorded()
-    guard = OutageGuard(study, recorded, patience_s=5)
-    guard.optimize(lambda t: t.suggest_float("x", -1, 1) ** 2, n_trials=4)
-    states = {t.number: t.state for t in study.trials}
-    assert [n for n, s in states.items() if s == TrialState.RUNNING] == [stranger.number]
-    assert states[2] == TrialState.FAIL and guard.cut_off == [2]
-    assert list(states.values()).count(TrialState.COMPLETE) == 4
-    assert sorted(n for n, _ in recorded) == [n for n in states if n != stranger.number]
+    trial_two_is_cut_off_and_the_strangers_left_running(RetriesAfterLostAnswer())
 
 
 def test_other_errors_stop_the_search():
